@@ -1,0 +1,1 @@
+"""pytorch-example: personalised federated learning on Fashion-MNIST with Flower and PyTorch."""

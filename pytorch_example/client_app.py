@@ -1,0 +1,100 @@
+"""The ClientApp: trains and evaluates the global model with this client's own head.
+
+Each client keeps its classification head (`fc2`) in `context.state`, which Flower
+carries from one message to the next for the whole run: the head this client trained
+last time replaces the global one before training and before evaluating.
+"""
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from pytorch_example import task
+from pytorch_example.config import AppConfig
+from pytorch_example.data import load_partition
+
+HEAD_STATE_KEY = "classification-head"
+
+app = ClientApp()
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    """Train the received model on this client's partition and send it back."""
+    config = AppConfig.from_run_config(context.run_config)
+    partition_id = int(context.node_config["partition-id"])
+    partition = load_partition(config.data_settings(num_partitions(context)), partition_id)
+    server_round = int(msg.content["config"]["server-round"])
+
+    net = model_with_own_head(msg.content["arrays"], context.state)
+    train_loss = task.train(
+        net,
+        partition.train,
+        epochs=config.local_epochs,
+        batch_size=config.batch_size,
+        learning_rate=float(msg.content["config"]["lr"]),
+        momentum=config.momentum,
+        device=device(),
+        generator=client_generator(config.seed, server_round, partition_id),
+    )
+    save_head(net, context.state)
+
+    reply = RecordDict(
+        {
+            "arrays": ArrayRecord(net.state_dict()),
+            "metrics": MetricRecord(
+                {"train_loss": train_loss, "num-examples": len(partition.train)}
+            ),
+        }
+    )
+    return Message(content=reply, reply_to=msg)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    """Evaluate the received model, with this client's head, on its validation rows."""
+    config = AppConfig.from_run_config(context.run_config)
+    partition_id = int(context.node_config["partition-id"])
+    partition = load_partition(config.data_settings(num_partitions(context)), partition_id)
+
+    net = model_with_own_head(msg.content["arrays"], context.state)
+    eval_loss, eval_acc = task.test(net, partition.val, config.eval_batch_size, device())
+    reply = RecordDict(
+        {
+            "metrics": MetricRecord(
+                {"eval_loss": eval_loss, "eval_acc": eval_acc, "num-examples": len(partition.val)}
+            )
+        }
+    )
+    return Message(content=reply, reply_to=msg)
+
+
+def model_with_own_head(global_arrays: ArrayRecord, state: RecordDict) -> task.Net:
+    """The global model, with the head this client saved in `state` if it has one."""
+    net = task.Net()
+    net.load_state_dict(global_arrays.to_torch_state_dict())
+    if HEAD_STATE_KEY in state:
+        net.fc2.load_state_dict(state[HEAD_STATE_KEY].to_torch_state_dict())
+    return net
+
+
+def save_head(net: task.Net, state: RecordDict) -> None:
+    """Keep this client's head for the next round it takes part in."""
+    state[HEAD_STATE_KEY] = ArrayRecord(net.fc2.state_dict())
+
+
+def num_partitions(context: Context) -> int:
+    """How many partitions the federation's data is split into (from the node config)."""
+    return int(context.node_config["num-partitions"])
+
+
+def client_generator(seed: int, server_round: int, partition_id: int) -> torch.Generator:
+    """RNG for batch order and augmentation: reproducible whatever runs in parallel."""
+    state = np.random.SeedSequence([seed, server_round, partition_id]).generate_state(1)[0]
+    return torch.Generator().manual_seed(int(state))
+
+
+def device() -> torch.device:
+    """CUDA when this ClientApp was given a GPU, otherwise CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")

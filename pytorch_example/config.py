@@ -1,0 +1,210 @@
+"""The run-config, read and validated once into typed values.
+
+Every knob lives in `[tool.flwr.app.config]` of `pyproject.toml`; both the ServerApp
+and the ClientApp turn `context.run_config` into an `AppConfig` here, so a bad value
+stops the run with one line that names the key, the value and the fix.
+"""
+
+import json
+from dataclasses import dataclass
+from importlib.metadata import PackageNotFoundError, distribution
+from pathlib import Path
+from urllib.parse import unquote, urlparse
+
+from flwr.app import UserConfig
+
+from pytorch_example.data import DataSettings
+
+DISTRIBUTION_NAME = "pytorchexample"
+DEFAULT_CACHE_DIR = Path.home() / ".cache" / "pytorch-example"
+
+
+class ConfigError(ValueError):
+    """A run-config value the app cannot use; the message is one line for the user."""
+
+
+@dataclass(frozen=True)
+class AppConfig:
+    """All run-config keys, typed and checked. Field names are the keys in snake_case."""
+
+    num_server_rounds: int
+    fraction_train: float
+    fraction_evaluate: float
+    local_epochs: int
+    batch_size: int
+    eval_batch_size: int
+    learning_rate: float
+    momentum: float
+    lr_decay_rounds: tuple[int, ...]
+    lr_decay_factor: float
+    server_device: str
+    seed: int
+    partition_seed: int
+    dirichlet_alpha: float
+    val_fraction: float
+    dataset_name: str
+    dataset_path: Path | None
+    data_cache_dir: Path
+    output_dir: Path
+    use_wandb: bool
+    wandb_project: str
+
+    @classmethod
+    def from_run_config(cls, run_config: UserConfig) -> "AppConfig":
+        """Validate `run_config` and return it typed; raise `ConfigError` on bad input."""
+        reader = _Reader(run_config)
+        config = cls(
+            num_server_rounds=reader.integer("num-server-rounds", minimum=1),
+            fraction_train=reader.fraction("fraction-train"),
+            fraction_evaluate=reader.fraction("fraction-evaluate", allow_zero=True),
+            local_epochs=reader.integer("local-epochs", minimum=1),
+            batch_size=reader.integer("batch-size", minimum=1),
+            eval_batch_size=reader.integer("eval-batch-size", minimum=1),
+            learning_rate=reader.positive("learning-rate"),
+            momentum=reader.number("momentum", low=0.0, high=1.0, high_open=True),
+            lr_decay_rounds=reader.rounds("lr-decay-rounds"),
+            lr_decay_factor=reader.positive("lr-decay-factor"),
+            server_device=reader.device("server-device"),
+            seed=reader.integer("seed", minimum=0),
+            partition_seed=reader.integer("partition-seed", minimum=0),
+            dirichlet_alpha=reader.positive("dirichlet-alpha"),
+            val_fraction=reader.number("val-fraction", low=0.0, high=1.0, low_open=True, high_open=True),
+            dataset_name=reader.text("dataset-name"),
+            dataset_path=reader.optional_path("dataset-path"),
+            data_cache_dir=reader.optional_path("data-cache-dir") or DEFAULT_CACHE_DIR,
+            output_dir=reader.path("output-dir"),
+            use_wandb=reader.boolean("use-wandb"),
+            wandb_project=reader.text("wandb-project"),
+        )
+        if config.dataset_path is not None and not config.dataset_path.is_dir():
+            raise ConfigError(
+                f"run-config key 'dataset-path' = '{config.dataset_path}' is not a folder: "
+                "point it at the folder holding the Fashion-MNIST .gz or parquet files"
+            )
+        return config
+
+    def data_settings(self, num_partitions: int) -> DataSettings:
+        """What decides the data a node sees, given the federation's partition count."""
+        return DataSettings(
+            dataset_name=self.dataset_name,
+            dataset_path=self.dataset_path,
+            cache_dir=self.data_cache_dir,
+            num_partitions=num_partitions,
+            alpha=self.dirichlet_alpha,
+            partition_seed=self.partition_seed,
+            val_fraction=self.val_fraction,
+        )
+
+    def learning_rate_at(self, server_round: int) -> float:
+        """Step schedule: multiply by `lr_decay_factor` at each round in `lr_decay_rounds`."""
+        passed = sum(1 for milestone in self.lr_decay_rounds if milestone <= server_round)
+        return self.learning_rate * self.lr_decay_factor**passed
+
+
+class _Reader:
+    """Reads one key at a time and names it in every error."""
+
+    def __init__(self, run_config: UserConfig) -> None:
+        self.run_config = run_config
+
+    def _get(self, key: str):
+        if key not in self.run_config:
+            raise ConfigError(
+                f"run-config key '{key}' is missing: add it to [tool.flwr.app.config] "
+                "in pyproject.toml or pass --run-config"
+            )
+        return self.run_config[key]
+
+    def _fail(self, key: str, value, expected: str) -> ConfigError:
+        return ConfigError(
+            f"run-config key '{key}' = {value!r} is invalid: expected {expected} "
+            f"(e.g. --run-config \"{key}=...\")"
+        )
+
+    def integer(self, key: str, minimum: int) -> int:
+        value = self._get(key)
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            raise self._fail(key, value, f"an integer >= {minimum}")
+        return value
+
+    def number(
+        self,
+        key: str,
+        low: float,
+        high: float,
+        low_open: bool = False,
+        high_open: bool = False,
+    ) -> float:
+        value = self._get(key)
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if ok:
+            ok = (value > low if low_open else value >= low) and (
+                value < high if high_open else value <= high
+            )
+        if not ok:
+            interval = f"{'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+            raise self._fail(key, value, f"a number in {interval}")
+        return float(value)
+
+    def fraction(self, key: str, allow_zero: bool = False) -> float:
+        return self.number(key, low=0.0, high=1.0, low_open=not allow_zero)
+
+    def positive(self, key: str) -> float:
+        return self.number(key, low=0.0, high=float("inf"), low_open=True, high_open=True)
+
+    def boolean(self, key: str) -> bool:
+        value = self._get(key)
+        if not isinstance(value, bool):
+            raise self._fail(key, value, "true or false")
+        return value
+
+    def text(self, key: str) -> str:
+        value = self._get(key)
+        if not isinstance(value, str) or not value.strip():
+            raise self._fail(key, value, "a non-empty string")
+        return value.strip()
+
+    def rounds(self, key: str) -> tuple[int, ...]:
+        value = self._get(key)
+        parts = [part.strip() for part in str(value).split(",") if part.strip()]
+        if isinstance(value, bool) or not all(part.isdigit() and int(part) >= 1 for part in parts):
+            raise self._fail(key, value, 'comma-separated round numbers >= 1, e.g. "5" or "5,8"')
+        return tuple(sorted(int(part) for part in parts))
+
+    def device(self, key: str) -> str:
+        value = self.text(key)
+        if value != "cpu" and not (value == "cuda" or value.startswith("cuda:")):
+            raise self._fail(key, value, '"cpu", "cuda" or "cuda:N"')
+        return value
+
+    def path(self, key: str) -> Path:
+        return resolve_path(self.text(key))
+
+    def optional_path(self, key: str) -> Path | None:
+        value = self._get(key)
+        if not isinstance(value, str):
+            raise self._fail(key, value, 'a path, or "" for the default')
+        return resolve_path(value) if value.strip() else None
+
+
+def project_dir() -> Path:
+    """The folder this app was installed from with `pip install -e .`, else the cwd.
+
+    A local SuperLink runs the ServerApp in whatever folder the SuperLink was started
+    from, so relative paths in the run-config are anchored to the project instead.
+    """
+    try:
+        direct_url = distribution(DISTRIBUTION_NAME).read_text("direct_url.json")
+    except PackageNotFoundError:
+        direct_url = None
+    if direct_url:
+        info = json.loads(direct_url)
+        if info.get("dir_info", {}).get("editable") and info.get("url", "").startswith("file:"):
+            return Path(unquote(urlparse(info["url"]).path))
+    return Path.cwd()
+
+
+def resolve_path(value: str) -> Path:
+    """Absolute paths as given (with `~` expanded); relative ones under `project_dir()`."""
+    path = Path(value).expanduser()
+    return path if path.is_absolute() else project_dir() / path

@@ -1,0 +1,82 @@
+"""The ServerApp: run-config in, federated training with central evaluation, outputs out."""
+
+from datetime import datetime
+from logging import ERROR, INFO
+from pathlib import Path
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
+from flwr.common.logger import log
+from flwr.serverapp import Grid, ServerApp
+
+from pytorch_example import task
+from pytorch_example.config import AppConfig, ConfigError
+from pytorch_example.data import DataError, ImageSet, load_test_set
+from pytorch_example.strategy import CustomFedAvg
+
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    """Validate the run-config, then train for `num-server-rounds` rounds."""
+    try:
+        config = AppConfig.from_run_config(context.run_config)
+        if config.server_device.startswith("cuda") and not torch.cuda.is_available():
+            raise ConfigError(
+                f"run-config key 'server-device' = '{config.server_device}' but the "
+                "ServerApp sees no CUDA device: use server-device=\"cpu\""
+            )
+        # The test split is decoded (or mapped from the cache) once for the whole run.
+        test_set = load_test_set(config.data_settings(num_partitions=1))
+    except (ConfigError, DataError) as err:
+        # One readable line first; re-raising marks the run failed with it as the reason.
+        log(ERROR, "%s", err)
+        raise
+
+    torch.manual_seed(config.seed)
+    initial_model = task.Net()
+    run_dir = create_run_dir(config.output_dir)
+    log(INFO, "Outputs of this run go to %s", run_dir)
+
+    strategy = CustomFedAvg(
+        run_dir=run_dir,
+        run_config=dict(context.run_config),
+        learning_rate_at=config.learning_rate_at,
+        wandb_project=config.wandb_project if config.use_wandb else None,
+        fraction_train=config.fraction_train,
+        fraction_evaluate=config.fraction_evaluate,
+    )
+    strategy.start(
+        grid=grid,
+        initial_arrays=ArrayRecord(initial_model.state_dict()),
+        num_rounds=config.num_server_rounds,
+        evaluate_fn=central_evaluation(test_set, config),
+    )
+
+
+def central_evaluation(test_set: ImageSet, config: AppConfig):
+    """Evaluate a global model on the test split, on `server-device`."""
+    device = torch.device(config.server_device)
+    net = task.Net()
+
+    def evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord:
+        net.load_state_dict(arrays.to_torch_state_dict())
+        loss, accuracy = task.test(net, test_set, config.eval_batch_size, device)
+        return MetricRecord({"accuracy": accuracy, "loss": loss})
+
+    return evaluate
+
+
+def create_run_dir(output_dir: Path) -> Path:
+    """A new `<output-dir>/<date>/<time>` folder; a suffix keeps same-second runs apart."""
+    stamp = datetime.now()
+    base = output_dir / stamp.strftime("%Y-%m-%d") / stamp.strftime("%H-%M-%S")
+    for attempt in range(100):
+        run_dir = base if attempt == 0 else base.with_name(f"{base.name}-{attempt}")
+        try:
+            run_dir.mkdir(parents=True)
+            return run_dir
+        except FileExistsError:
+            continue
+    raise RuntimeError(f"could not create a fresh run folder under {base.parent}")

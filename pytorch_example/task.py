@@ -1,0 +1,100 @@
+"""The model and what is done with it: the CNN, batch augmentation, train and test.
+
+Data arrives as uint8 tensors (see `data.py`); augmentation and normalisation run on
+whole tensors on the training device, so no Python code runs per image.
+"""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pytorch_example.data import ImageSet
+
+# The reference example's normalisation constants, kept so accuracies stay comparable.
+NORMALIZE_MEAN = 0.1307
+NORMALIZE_STD = 0.3081
+CROP_PADDING = 4
+
+
+class Net(nn.Module):
+    """Small CNN for 28x28 grey images; `fc2` is the classification head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 16, 5)
+        self.pool = nn.MaxPool2d(2, 2)
+        self.conv2 = nn.Conv2d(16, 32, 5)
+        self.fc1 = nn.Linear(32 * 4 * 4, 128)
+        self.fc2 = nn.Linear(128, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.pool(F.relu(self.conv1(x)))
+        x = self.pool(F.relu(self.conv2(x)))
+        x = F.relu(self.fc1(x.flatten(1)))
+        return self.fc2(x)
+
+
+def normalize(images: torch.Tensor) -> torch.Tensor:
+    """uint8 `[N, 28, 28]` -> normalised float `[N, 1, 28, 28]`."""
+    return ((images.float() / 255.0 - NORMALIZE_MEAN) / NORMALIZE_STD).unsqueeze(1)
+
+
+def augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Random 28x28 crop of the zero-padded image and random horizontal flip, per image.
+
+    The same distribution as torchvision's `RandomCrop(28, padding=4)` followed by
+    `RandomHorizontalFlip()`, drawn for the whole batch at once.
+    """
+    count, height, width = images.shape
+    device = images.device
+    padded = F.pad(images, (CROP_PADDING,) * 4)
+    offsets = torch.randint(0, 2 * CROP_PADDING + 1, (2, count, 1), generator=generator).to(device)
+    rows = (offsets[0] + torch.arange(height, device=device)).unsqueeze(2)
+    cols = (offsets[1] + torch.arange(width, device=device)).unsqueeze(1)
+    cropped = padded[torch.arange(count, device=device).view(-1, 1, 1), rows, cols]
+    flip = (torch.rand(count, generator=generator) < 0.5).to(device).view(-1, 1, 1)
+    return torch.where(flip, cropped.flip(-1), cropped)
+
+
+def train(
+    net: nn.Module,
+    data: ImageSet,
+    epochs: int,
+    batch_size: int,
+    learning_rate: float,
+    momentum: float,
+    device: torch.device,
+    generator: torch.Generator,
+) -> float:
+    """Train `net` with SGD on augmented `data`; return the mean loss over batches."""
+    net.to(device).train()
+    optimizer = torch.optim.SGD(net.parameters(), lr=learning_rate, momentum=momentum)
+    images, labels = data.images.to(device), data.labels.to(device)
+    loss_sum = torch.zeros((), device=device)
+    num_batches = 0
+    for _ in range(epochs):
+        inputs = normalize(augment(images, generator))
+        order = torch.randperm(len(labels), generator=generator).to(device)
+        for batch in order.split(batch_size):
+            loss = F.cross_entropy(net(inputs[batch]), labels[batch])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            loss_sum += loss.detach()
+            num_batches += 1
+    return (loss_sum / max(num_batches, 1)).item()
+
+
+@torch.inference_mode()
+def test(net: nn.Module, data: ImageSet, batch_size: int, device: torch.device) -> tuple[float, float]:
+    """Return mean cross-entropy loss and accuracy of `net` on `data`."""
+    net.to(device).eval()
+    loss_sum = torch.zeros((), device=device)
+    correct = torch.zeros((), device=device, dtype=torch.long)
+    for images, labels in zip(data.images.split(batch_size), data.labels.split(batch_size)):
+        images, labels = images.to(device), labels.to(device)
+        logits = net(normalize(images))
+        loss_sum += F.cross_entropy(logits, labels, reduction="sum")
+        correct += (logits.argmax(1) == labels).sum()
+    count = max(len(data), 1)
+    return loss_sum.item() / count, correct.item() / count

@@ -1,0 +1,90 @@
+"""Run-config validation and the learning-rate schedule."""
+
+import pytest
+
+from pytorch_example.config import DEFAULT_CACHE_DIR, AppConfig, ConfigError, project_dir
+from tests.conftest import REPO, default_run_config
+
+
+def test_pyproject_defaults_are_valid_and_the_reference_ones():
+    config = AppConfig.from_run_config(default_run_config())
+    assert config.num_server_rounds == 10
+    assert (config.fraction_train, config.fraction_evaluate) == (0.25, 0.5)
+    assert (config.local_epochs, config.batch_size, config.learning_rate) == (1, 32, 0.1)
+    assert config.server_device == "cpu"
+    assert config.dataset_path is None
+    assert config.data_cache_dir == DEFAULT_CACHE_DIR
+    assert config.output_dir == project_dir() / "outputs"
+
+
+def test_default_schedule_halves_the_learning_rate_at_round_5():
+    config = AppConfig.from_run_config(default_run_config())
+    assert [config.learning_rate_at(r) for r in range(1, 8)] == [0.1] * 4 + [0.05] * 3
+
+
+def test_schedule_with_several_milestones():
+    run_config = {**default_run_config(), "lr-decay-rounds": "8, 3", "lr-decay-factor": 0.1}
+    config = AppConfig.from_run_config(run_config)
+    assert config.lr_decay_rounds == (3, 8)
+    assert config.learning_rate_at(2) == pytest.approx(0.1)
+    assert config.learning_rate_at(3) == pytest.approx(0.01)
+    assert config.learning_rate_at(8) == pytest.approx(0.001)
+
+
+def test_empty_schedule_keeps_the_rate():
+    config = AppConfig.from_run_config({**default_run_config(), "lr-decay-rounds": ""})
+    assert config.learning_rate_at(100) == 0.1
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("num-server-rounds", 0),
+        ("num-server-rounds", 2.5),
+        ("fraction-train", 0.0),
+        ("fraction-train", 1.5),
+        ("fraction-evaluate", -0.1),
+        ("local-epochs", True),
+        ("batch-size", 0),
+        ("learning-rate", 0),
+        ("momentum", 1.0),
+        ("lr-decay-rounds", "five"),
+        ("lr-decay-rounds", "0"),
+        ("server-device", "gpu"),
+        ("dirichlet-alpha", -1.0),
+        ("val-fraction", 1.0),
+        ("use-wandb", "yes"),
+        ("dataset-name", ""),
+        ("dataset-path", 3),
+    ],
+)
+def test_bad_values_name_key_and_value(key, value):
+    with pytest.raises(ConfigError, match=f"run-config key '{key}' = {value!r} is invalid"):
+        AppConfig.from_run_config({**default_run_config(), key: value})
+
+
+def test_missing_key_is_named():
+    run_config = default_run_config()
+    del run_config["batch-size"]
+    with pytest.raises(ConfigError, match="'batch-size' is missing"):
+        AppConfig.from_run_config(run_config)
+
+
+def test_dataset_path_must_be_a_folder(tmp_path):
+    with pytest.raises(ConfigError, match="'dataset-path' .* is not a folder"):
+        AppConfig.from_run_config({**default_run_config(), "dataset-path": str(tmp_path / "nope")})
+
+
+def test_integers_are_accepted_for_float_keys():
+    config = AppConfig.from_run_config({**default_run_config(), "learning-rate": 1, "fraction-train": 1})
+    assert config.learning_rate == 1.0 and config.fraction_train == 1.0
+
+
+def test_relative_paths_are_anchored_to_the_project_not_the_cwd(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    config = AppConfig.from_run_config({**default_run_config(), "output-dir": "runs/x"})
+    # The test environment installs this repository with `pip install -e .`.
+    assert project_dir() == REPO
+    assert config.output_dir == REPO / "runs" / "x"
+    absolute = AppConfig.from_run_config({**default_run_config(), "output-dir": str(tmp_path)})
+    assert absolute.output_dir == tmp_path

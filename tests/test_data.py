@@ -1,0 +1,177 @@
+"""The cached data path against the straightforward flwr-datasets path."""
+
+import os
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pytorch_example import data
+from pytorch_example.data import DataError, DataSettings, load_partition, load_test_set
+from tests.synthetic_fmnist import make_split, write_idx_dataset, write_parquet_dataset
+
+NUM_TRAIN, NUM_TEST = 1500, 300
+
+
+def settings_for(dataset_path: Path, cache_dir: Path, **changes) -> DataSettings:
+    base = DataSettings(
+        dataset_name="zalando-datasets/fashion_mnist",
+        dataset_path=dataset_path,
+        cache_dir=cache_dir,
+        num_partitions=5,
+        alpha=1.0,
+        partition_seed=42,
+        val_fraction=0.2,
+    )
+    return replace(base, **changes)
+
+
+@pytest.fixture(scope="module")
+def idx_folder(tmp_path_factory) -> Path:
+    return write_idx_dataset(tmp_path_factory.mktemp("idx"), NUM_TRAIN, NUM_TEST)
+
+
+@pytest.fixture(scope="module")
+def parquet_folder(tmp_path_factory) -> Path:
+    return write_parquet_dataset(tmp_path_factory.mktemp("parquet"), NUM_TRAIN, NUM_TEST)
+
+
+def test_idx_files_decode_to_the_written_arrays(idx_folder, tmp_path):
+    images, labels = make_split(NUM_TEST, seed=1)
+    test_set = load_test_set(settings_for(idx_folder, tmp_path))
+    assert test_set.images.dtype.is_floating_point is False
+    np.testing.assert_array_equal(test_set.images.numpy(), images)
+    np.testing.assert_array_equal(test_set.labels.numpy(), labels)
+
+
+def test_partitions_match_federated_dataset_with_dirichlet_partitioner(parquet_folder, tmp_path):
+    """Same images per client as FederatedDataset + DirichletPartitioner + train_test_split."""
+    from flwr_datasets import FederatedDataset
+    from flwr_datasets.partitioner import DirichletPartitioner
+
+    settings = settings_for(parquet_folder, tmp_path)
+    reference = FederatedDataset(
+        dataset="parquet",
+        data_files={
+            "train": str(parquet_folder / "train-00000-of-00001.parquet"),
+            "test": str(parquet_folder / "test-00000-of-00001.parquet"),
+        },
+        partitioners={
+            "train": DirichletPartitioner(
+                num_partitions=settings.num_partitions, partition_by="label", alpha=1.0, seed=42
+            )
+        },
+    )
+    for partition_id in range(settings.num_partitions):
+        expected = reference.load_partition(partition_id).train_test_split(test_size=0.2, seed=42)
+        ours = load_partition(settings, partition_id)
+        for our_split, their_split in ((ours.train, expected["train"]), (ours.val, expected["test"])):
+            their = their_split.with_format("numpy")
+            assert sorted_rows(our_split.images.numpy(), our_split.labels.numpy()) == sorted_rows(
+                np.asarray(their["image"]), np.asarray(their["label"])
+            )
+
+
+def sorted_rows(images: np.ndarray, labels: np.ndarray) -> list[bytes]:
+    """A partition as an order-free multiset of (label, image) rows."""
+    return sorted(bytes([label]) + image.tobytes() for image, label in zip(images, labels))
+
+
+def test_idx_and_parquet_sources_give_identical_partitions(idx_folder, parquet_folder, tmp_path):
+    for partition_id in (0, 4):
+        from_idx = load_partition(settings_for(idx_folder, tmp_path / "a"), partition_id)
+        from_parquet = load_partition(settings_for(parquet_folder, tmp_path / "b"), partition_id)
+        np.testing.assert_array_equal(from_idx.train.images.numpy(), from_parquet.train.images.numpy())
+        np.testing.assert_array_equal(from_idx.val.labels.numpy(), from_parquet.val.labels.numpy())
+
+
+def test_partitions_are_disjoint_and_cover_the_train_split(idx_folder, tmp_path):
+    settings = settings_for(idx_folder, tmp_path)
+    labels = make_split(NUM_TRAIN, seed=0)[1].astype(np.int64)
+    rows = data.compute_partition_rows(labels, settings)
+    every_row = np.concatenate(list(rows.values()))
+    assert len(every_row) == len(set(every_row.tolist())) == NUM_TRAIN
+    for partition_id in range(settings.num_partitions):
+        train, val = rows[f"train-{partition_id}"], rows[f"val-{partition_id}"]
+        assert abs(len(val) - 0.2 * (len(train) + len(val))) <= 1
+
+
+def test_partitions_are_deterministic_and_depend_on_the_seed(idx_folder, tmp_path):
+    settings = settings_for(idx_folder, tmp_path)
+    labels = make_split(NUM_TRAIN, seed=0)[1].astype(np.int64)
+    first = data.compute_partition_rows(labels, settings)
+    again = data.compute_partition_rows(labels, settings)
+    other = data.compute_partition_rows(labels, replace(settings, partition_seed=7))
+    assert all(np.array_equal(first[key], again[key]) for key in first)
+    assert not all(np.array_equal(first[key], other[key]) for key in first)
+
+
+def test_warm_cache_never_decodes_again(idx_folder, tmp_path, monkeypatch):
+    settings = settings_for(idx_folder, tmp_path)
+    cold = load_partition(settings, 2)
+
+    def fail(*_):
+        raise AssertionError("decoded or partitioned again despite a warm cache")
+
+    monkeypatch.setattr(data, "_decode_source", fail)
+    monkeypatch.setattr(data, "compute_partition_rows", fail)
+    warm = load_partition(settings, 2)
+    np.testing.assert_array_equal(cold.train.images.numpy(), warm.train.images.numpy())
+    assert not list(tmp_path.rglob(".*.tmp"))
+
+
+def test_changed_partition_settings_never_reuse_a_stale_cache(idx_folder, tmp_path):
+    settings = settings_for(idx_folder, tmp_path)
+    load_partition(settings, 0)
+    for changed in (
+        replace(settings, alpha=0.3),
+        replace(settings, num_partitions=6),
+        replace(settings, partition_seed=1),
+        replace(settings, val_fraction=0.5),
+    ):
+        reference_rows = data.compute_partition_rows(
+            np.load(next(tmp_path.glob("fashion-mnist-*")) / "train-labels.npy"), changed
+        )
+        partition = load_partition(changed, 0)
+        assert len(partition.train) == len(reference_rows["train-0"])
+        assert len(partition.val) == len(reference_rows["val-0"])
+    assert len(list(tmp_path.glob("fashion-mnist-*/partitions-*.npz"))) == 5
+
+
+def test_changed_dataset_files_never_reuse_a_stale_cache(tmp_path):
+    folder = write_idx_dataset(tmp_path / "data", NUM_TRAIN, NUM_TEST, seed=0)
+    settings = settings_for(folder, tmp_path / "cache")
+    before = load_test_set(settings).images.numpy().copy()
+    write_idx_dataset(folder, NUM_TRAIN, NUM_TEST, seed=10)  # same names, new content
+    stat = (folder / "t10k-images-idx3-ubyte.gz").stat()
+    os.utime(folder / "t10k-images-idx3-ubyte.gz", ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    after = load_test_set(settings).images.numpy()
+    assert not np.array_equal(before, after)
+    np.testing.assert_array_equal(after, make_split(NUM_TEST, seed=11)[0])
+
+
+def test_folder_without_dataset_files_gives_one_clear_error(tmp_path):
+    with pytest.raises(DataError, match="'dataset-path' .* holds neither"):
+        load_test_set(settings_for(tmp_path, tmp_path / "cache"))
+
+
+def test_truncated_idx_file_is_reported(tmp_path):
+    folder = write_idx_dataset(tmp_path / "data", 100, 50)
+    import gzip
+
+    raw = gzip.decompress((folder / "t10k-images-idx3-ubyte.gz").read_bytes())
+    (folder / "t10k-images-idx3-ubyte.gz").write_bytes(gzip.compress(raw[:-100]))
+    with pytest.raises(DataError, match="truncated"):
+        load_test_set(settings_for(folder, tmp_path / "cache"))
+
+
+def test_unreachable_hub_names_dataset_and_key(tmp_path):
+    settings = settings_for(None, tmp_path / "cache", dataset_name="zalando-datasets/fashion_mnist")
+    with pytest.raises(DataError, match="zalando-datasets/fashion_mnist.*'dataset-path'"):
+        load_test_set(settings)
+
+
+def test_out_of_range_partition_id_is_rejected(idx_folder, tmp_path):
+    with pytest.raises(DataError, match="partition-id 5"):
+        load_partition(settings_for(idx_folder, tmp_path), 5)

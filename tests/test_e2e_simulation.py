@@ -1,0 +1,107 @@
+"""End to end: the real `flwr run` on a real SuperLink with the Simulation Engine."""
+
+import json
+import math
+import tomllib
+
+import torch
+
+from pytorch_example.task import Net
+
+RESULT_KEYS = {
+    "round",
+    "train_metrics",
+    "evaluate_metrics_clientapp",
+    "evaluate_metrics_serverapp",
+}
+
+
+def test_simulation_writes_every_output(superlink, app_dir, idx_dataset, tmp_path):
+    output_dir = tmp_path / "outputs"
+    run_config = {
+        "num-server-rounds": 3,
+        "fraction-train": 0.5,
+        "fraction-evaluate": 1.0,
+        "lr-decay-rounds": "2",
+        "dataset-path": str(idx_dataset),
+        "data-cache-dir": str(tmp_path / "cache"),
+        "output-dir": str(output_dir),
+    }
+    log, record = superlink.run(app_dir, run_config, num_supernodes=4)
+    assert record["status"] == "finished:completed", log
+
+    [run_dir] = [path for path in output_dir.glob("*/*") if path.is_dir()]
+    results = json.loads((run_dir / "results.json").read_text())
+    assert [entry["round"] for entry in results] == [1, 2, 3]
+    for entry in results:
+        assert set(entry) == RESULT_KEYS
+        assert set(entry["train_metrics"]) == {"train_loss"}
+        assert set(entry["evaluate_metrics_clientapp"]) == {"eval_loss", "eval_acc"}
+        assert set(entry["evaluate_metrics_serverapp"]) == {"accuracy", "loss"}
+        for section in RESULT_KEYS - {"round"}:
+            assert all(math.isfinite(value) for value in entry[section].values())
+        assert 0.0 <= entry["evaluate_metrics_serverapp"]["accuracy"] <= 1.0
+    # The generated classes are learnable: three rounds must beat chance (10%).
+    assert results[-1]["evaluate_metrics_serverapp"]["accuracy"] > 0.2
+    assert "Learning rate is now 0.05" in log
+
+    config = json.loads((run_dir / "config.json").read_text())
+    assert config["num-server-rounds"] == 3
+    assert config["dataset-path"] == str(idx_dataset)
+    assert config["learning-rate"] == 0.1
+
+    best_accuracy = max(entry["evaluate_metrics_serverapp"]["accuracy"] for entry in results)
+    checkpoints = sorted(run_dir.glob("best_model_round_*_acc_*.pt"))
+    assert checkpoints and checkpoints[-1].name.endswith(f"_acc_{best_accuracy:.4f}.pt")
+    for model_file in [*checkpoints, run_dir / "final_model.pt"]:
+        Net().load_state_dict(torch.load(model_file, weights_only=True))
+
+    # No W&B credentials in the test's HOME: the run is logged offline, next to the rest.
+    assert list((run_dir / "wandb").glob("offline-run-*"))
+    assert not list(run_dir.rglob(".*.tmp"))
+
+
+def test_flwr_run_migrates_the_two_federations(superlink, app_dir, idx_dataset, tmp_path):
+    """After any `flwr run .` both federations are SuperLink connections."""
+    superlink.run(
+        app_dir,
+        {"num-server-rounds": 1, "fraction-train": 1.0, "fraction-evaluate": 0.0,
+         "dataset-path": str(idx_dataset), "data-cache-dir": str(tmp_path / "cache"),
+         "output-dir": str(tmp_path / "outputs"), "use-wandb": False},
+        num_supernodes=2,
+    )
+    with open(superlink.flwr_home / "config.toml", "rb") as file:
+        connections = tomllib.load(file)["superlink"]
+    assert connections["default"] == "local-simulation"
+    assert connections["local-simulation"]["options"]["num-supernodes"] == 50
+    gpu = connections["local-sim-gpu"]
+    assert gpu["options"]["num-supernodes"] == 50
+    assert gpu["options"]["backend"]["client-resources"]["num-gpus"] == 0.25
+    assert "# [tool.flwr.federations]" in (app_dir / "pyproject.toml").read_text()
+    assert not list((tmp_path / "outputs").rglob("wandb"))
+
+
+def test_bad_flag_fails_the_run_with_one_line(superlink, app_dir, tmp_path):
+    output_dir = tmp_path / "outputs"
+    log, record = superlink.run(
+        app_dir, {"fraction-train": 1.5, "output-dir": str(output_dir)}, num_supernodes=2
+    )
+    assert record["status"] == "finished:failed"
+    assert "'fraction-train' = 1.5 is invalid" in record["status-details"]
+    assert "ERROR" in log and "run-config key 'fraction-train' = 1.5 is invalid" in log
+    assert not output_dir.exists()
+
+
+def test_unreachable_hub_fails_once_naming_dataset_and_key(superlink, app_dir, tmp_path):
+    log, record = superlink.run(
+        app_dir,
+        {"dataset-path": "", "data-cache-dir": str(tmp_path / "cache"),
+         "output-dir": str(tmp_path / "outputs")},
+        num_supernodes=2,
+    )
+    assert record["status"] == "finished:failed"
+    assert "zalando-datasets/fashion_mnist" in record["status-details"]
+    assert "dataset-path" in record["status-details"]
+    # It failed in the ServerApp before any round: no ClientApp ran, nothing was written.
+    assert "ClientApp" not in log
+    assert not (tmp_path / "outputs").exists()

@@ -1,0 +1,80 @@
+"""The model, batch augmentation, and the train/test loops."""
+
+import torch
+import torch.nn.functional as F
+
+from pytorch_example import task
+from pytorch_example.data import ImageSet
+from tests.synthetic_fmnist import make_split
+
+CPU = torch.device("cpu")
+
+
+def image_set(count: int, seed: int) -> ImageSet:
+    images, labels = make_split(count, seed)
+    return ImageSet(torch.from_numpy(images), torch.from_numpy(labels.astype("int64")))
+
+
+def test_net_has_the_reference_shape():
+    net = task.Net()
+    assert net(torch.zeros(7, 1, 28, 28)).shape == (7, 10)
+    shapes = {name: tuple(value.shape) for name, value in net.state_dict().items()}
+    assert shapes["conv1.weight"] == (16, 1, 5, 5)
+    assert shapes["conv2.weight"] == (32, 16, 5, 5)
+    assert shapes["fc1.weight"] == (128, 512)
+    assert shapes["fc2.weight"] == (10, 128)
+
+
+def test_normalize_maps_uint8_to_normalised_channels():
+    images = torch.tensor([[[0, 255]]], dtype=torch.uint8)
+    normalised = task.normalize(images)
+    assert normalised.shape == (1, 1, 1, 2)
+    expected = (torch.tensor([0.0, 1.0]) - task.NORMALIZE_MEAN) / task.NORMALIZE_STD
+    torch.testing.assert_close(normalised.flatten(), expected)
+
+
+def test_augment_is_a_padded_crop_optionally_flipped():
+    images = torch.randint(1, 256, (64, 28, 28), dtype=torch.uint8)
+    augmented = task.augment(images, torch.Generator().manual_seed(0))
+    assert augmented.shape == images.shape and augmented.dtype == torch.uint8
+    padded = F.pad(images, (4, 4, 4, 4))
+    flips = 0
+    for image, padded_image in zip(augmented, padded):
+        windows = padded_image.unfold(0, 28, 1).unfold(1, 28, 1)  # [9, 9, 28, 28]
+        straight = (windows == image).flatten(2).all(-1).any()
+        mirrored = (windows == image.flip(-1)).flatten(2).all(-1).any()
+        assert straight or mirrored
+        flips += int(mirrored and not straight)
+    assert 10 < flips < 54  # about half, as RandomHorizontalFlip(p=0.5)
+
+
+def test_augment_draws_every_offset():
+    images = torch.zeros(2000, 28, 28, dtype=torch.uint8)
+    images[:, 0, 0] = 255  # a marker whose position reveals the offset
+    augmented = task.augment(images, torch.Generator().manual_seed(1))
+    rows = augmented.flatten(1).argmax(1) // 28
+    # Offsets 0..8; the marker is visible for vertical offsets 0..4 at rows 4..0.
+    assert set(rows[augmented.flatten(1).amax(1) > 0].tolist()) == {0, 1, 2, 3, 4}
+
+
+def test_train_learns_and_is_reproducible():
+    train_set, test_set = image_set(1500, 0), image_set(500, 1)
+
+    def run(seed: int) -> tuple[float, float, float]:
+        torch.manual_seed(0)
+        net = task.Net()
+        loss = task.train(net, train_set, 2, 32, 0.1, 0.9, CPU, torch.Generator().manual_seed(seed))
+        return (loss, *task.test(net, test_set, 256, CPU))
+
+    first, again, other = run(0), run(0), run(1)
+    assert first == again
+    assert first != other
+    assert first[2] > 0.5  # accuracy well above chance (0.1)
+
+
+def test_test_does_not_depend_on_batch_size():
+    net, test_set = task.Net(), image_set(300, 2)
+    loss_small, acc_small = task.test(net, test_set, 7, CPU)
+    loss_big, acc_big = task.test(net, test_set, 1000, CPU)
+    assert abs(loss_small - loss_big) < 1e-5 and acc_small == acc_big
+    assert net.training is False
