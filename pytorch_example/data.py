@@ -7,6 +7,7 @@ process, including the fresh ClientApp process that a SuperNode starts for each 
 in a deployment, memory-maps those files in milliseconds instead of decoding again.
 """
 
+import functools
 import gzip
 import hashlib
 import os
@@ -217,9 +218,7 @@ def _ensure_partition_rows(settings: DataSettings, source_dir: Path) -> Path:
                 f"alpha={settings.alpha!r}",
                 f"seed={settings.partition_seed}",
                 f"val_fraction={settings.val_fraction!r}",
-                # Their partitioning and shuffling code decides the rows too.
-                f"flwr-datasets={version('flwr-datasets')}",
-                f"datasets={version('datasets')}",
+                *library_versions(),
             ]
         ).encode()
     ).hexdigest()[:16]
@@ -229,6 +228,12 @@ def _ensure_partition_rows(settings: DataSettings, source_dir: Path) -> Path:
         rows = compute_partition_rows(labels, settings)
         save_atomically(rows_file, lambda f: np.savez(f, **rows))
     return rows_file
+
+
+@functools.cache
+def library_versions() -> tuple[str, ...]:
+    """Flower Datasets and Datasets: their partitioning and shuffling decide the rows too."""
+    return tuple(f"{name}={version(name)}" for name in ("flwr-datasets", "datasets"))
 
 
 def compute_partition_rows(labels: np.ndarray, settings: DataSettings) -> dict[str, np.ndarray]:

@@ -59,6 +59,9 @@ def central_evaluation(test_set: ImageSet, config: AppConfig):
     """Evaluate a global model on the test split, on `server-device`."""
     device = torch.device(config.server_device)
     net = task.Net()
+    # It runs while the ClientApps evaluate (see the strategy): one CPU thread keeps it
+    # from fighting them for cores, at little cost to itself on this small model.
+    torch.set_num_threads(1)
 
     def evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord:
         net.load_state_dict(arrays.to_torch_state_dict())

@@ -3,7 +3,8 @@
 import pytest
 
 from pytorch_example.config import DEFAULT_CACHE_DIR, AppConfig, ConfigError, project_dir
-from tests.conftest import REPO, default_run_config
+from tests.conftest import default_run_config
+from tests.flower_processes import REPO
 
 
 def test_pyproject_defaults_are_valid_and_the_reference_ones():

@@ -27,7 +27,7 @@ def test_simulation_writes_every_output(superlink, app_dir, idx_dataset, tmp_pat
         "data-cache-dir": str(tmp_path / "cache"),
         "output-dir": str(output_dir),
     }
-    log, record = superlink.run(app_dir, run_config, num_supernodes=4)
+    log, record = superlink.run(app_dir, run_config, federation_config={"num-supernodes": 4})
     assert record["status"] == "finished:completed", log
 
     [run_dir] = [path for path in output_dir.glob("*/*") if path.is_dir()]
@@ -68,7 +68,7 @@ def test_flwr_run_migrates_the_two_federations(superlink, app_dir, idx_dataset, 
         {"num-server-rounds": 1, "fraction-train": 1.0, "fraction-evaluate": 0.0,
          "dataset-path": str(idx_dataset), "data-cache-dir": str(tmp_path / "cache"),
          "output-dir": str(tmp_path / "outputs"), "use-wandb": False},
-        num_supernodes=2,
+        federation_config={"num-supernodes": 2},
     )
     with open(superlink.flwr_home / "config.toml", "rb") as file:
         connections = tomllib.load(file)["superlink"]
@@ -84,7 +84,7 @@ def test_flwr_run_migrates_the_two_federations(superlink, app_dir, idx_dataset, 
 def test_bad_flag_fails_the_run_with_one_line(superlink, app_dir, tmp_path):
     output_dir = tmp_path / "outputs"
     log, record = superlink.run(
-        app_dir, {"fraction-train": 1.5, "output-dir": str(output_dir)}, num_supernodes=2
+        app_dir, {"fraction-train": 1.5, "output-dir": str(output_dir)}, federation_config={"num-supernodes": 2}
     )
     assert record["status"] == "finished:failed"
     assert "'fraction-train' = 1.5 is invalid" in record["status-details"]
@@ -97,7 +97,7 @@ def test_unreachable_hub_fails_once_naming_dataset_and_key(superlink, app_dir, t
         app_dir,
         {"dataset-path": "", "data-cache-dir": str(tmp_path / "cache"),
          "output-dir": str(tmp_path / "outputs")},
-        num_supernodes=2,
+        federation_config={"num-supernodes": 2},
     )
     assert record["status"] == "finished:failed"
     assert "zalando-datasets/fashion_mnist" in record["status-details"]

@@ -1,0 +1,269 @@
+"""What a round costs: the app under `flwr run` against the bare arithmetic it does.
+
+    python -m benchmarks.round_cost [--rounds 6] [--deployment-rounds 4]
+
+On a generated Fashion-MNIST-shaped set (60,000 train + 10,000 test images, IDX files
+read through `dataset-path`, the path real data takes) it measures, on this machine:
+
+- simulation: 50 SuperNodes, the default run-config (12 train and 25 evaluate
+  clients a round, central evaluation on 10,000 images);
+- deployment: 2 SuperNodes on loopback, each holding half of the data, every client
+  training and evaluating every round.
+
+For each it prints the compute floor (the same work as a plain PyTorch loop on tensors
+already in memory, with the same parallelism and no Flower), the app's steady-state
+seconds per round (first round excluded: it starts workers and fills the data cache),
+their ratio, and the peak memory of all processes involved. For deployment it also
+prints how long each fresh ClientApp process takes to be ready for its first batch.
+"""
+
+import argparse
+import json
+import os
+import re
+import tempfile
+import threading
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from pytorch_example import task
+from pytorch_example.config import AppConfig
+from pytorch_example.data import load_partition, load_test_set
+from tests.conftest import default_run_config
+from tests.flower_processes import LocalFederation, copy_app
+from tests.synthetic_fmnist import write_idx_dataset
+
+# The simulation federation's per-ClientApp CPUs (pyproject.toml, local-simulation).
+SIMULATION_CPUS_PER_CLIENT = 1
+
+
+# --- The floor: the same arithmetic, plain PyTorch, no Flower -------------------------
+
+
+def _worker_init() -> None:
+    torch.set_num_threads(1)
+
+
+def _floor_train(job) -> tuple[dict, int]:
+    config, num_partitions, partition_id, state = job
+    partition = load_partition(config.data_settings(num_partitions), partition_id)
+    net = task.Net()
+    net.load_state_dict(state)
+    optimizer = torch.optim.SGD(net.parameters(), lr=config.learning_rate, momentum=config.momentum)
+    inputs, labels = task.normalize(partition.train.images), partition.train.labels
+    for _ in range(config.local_epochs):
+        for batch in torch.randperm(len(labels)).split(config.batch_size):
+            loss = F.cross_entropy(net(inputs[batch]), labels[batch])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    return net.state_dict(), len(labels)
+
+
+def _floor_evaluate(job) -> None:
+    config, num_partitions, partition_id, state = job
+    partition = load_partition(config.data_settings(num_partitions), partition_id)
+    net = task.Net()
+    net.load_state_dict(state)
+    task.test(net, partition.val, config.eval_batch_size, torch.device("cpu"))
+
+
+def compute_floor(
+    config: AppConfig, num_partitions: int, train_per_round: int, evaluate_per_round: int,
+    workers: int, rounds: int,
+) -> float:
+    """Seconds per round of the same training, evaluation and averaging, without Flower.
+
+    Clients run on `workers` single-threaded processes, as the federation runs them;
+    loading a partition from the warm cache is timed too (it is milliseconds).
+    """
+    test_set = load_test_set(config.data_settings(num_partitions))
+    rng = np.random.default_rng(0)
+    net = task.Net()
+    times = []
+    with ProcessPoolExecutor(workers, initializer=_worker_init) as pool:
+        list(pool.map(_worker_init_probe, range(workers)))  # workers up before timing
+        for _ in range(rounds):
+            started = time.perf_counter()
+            state = net.state_dict()
+            train_ids = rng.choice(num_partitions, train_per_round, replace=False)
+            replies = list(pool.map(_floor_train, [(config, num_partitions, int(p), state) for p in train_ids]))
+            total = sum(count for _, count in replies)
+            net.load_state_dict(
+                {name: sum(s[name] * (count / total) for s, count in replies) for name in state}
+            )
+            evaluate_ids = rng.choice(num_partitions, evaluate_per_round, replace=False)
+            list(pool.map(_floor_evaluate, [(config, num_partitions, int(p), net.state_dict()) for p in evaluate_ids]))
+            task.test(net, test_set, config.eval_batch_size, torch.device("cpu"))
+            times.append(time.perf_counter() - started)
+    return float(np.mean(times[1:] if len(times) > 1 else times))
+
+
+def _worker_init_probe(_: int) -> int:
+    return os.getpid()
+
+
+# --- The app: real `flwr run` -----------------------------------------------------------
+
+
+class PeakMemory:
+    """Samples the summed RSS of given processes and all their descendants."""
+
+    def __init__(self, root_pids: list[int]) -> None:
+        self.root_pids = root_pids
+        self.peak_bytes = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+
+    def _sample(self) -> None:
+        page = os.sysconf("SC_PAGE_SIZE")
+        while not self._stop.wait(0.25):
+            children: dict[int, list[int]] = {}
+            rss: dict[int, int] = {}
+            for entry in Path("/proc").iterdir():
+                if not entry.name.isdigit():
+                    continue
+                try:
+                    fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+                    children.setdefault(int(fields[1]), []).append(int(entry.name))
+                    rss[int(entry.name)] = int((entry / "statm").read_text().split()[1]) * page
+                except (OSError, ValueError, IndexError):
+                    continue
+            tree, todo = set(), list(self.root_pids)
+            while todo:
+                pid = todo.pop()
+                if pid not in tree:
+                    tree.add(pid)
+                    todo.extend(children.get(pid, []))
+            self.peak_bytes = max(self.peak_bytes, sum(rss.get(pid, 0) for pid in tree))
+
+    def stop(self) -> float:
+        self._stop.set()
+        self._thread.join()
+        return self.peak_bytes / 2**30
+
+
+def run_app(root: Path, run_config: dict, node_configs, federation_config) -> dict:
+    """Run the app for `rounds` rounds; time each round as its results.json entry lands."""
+    federation = LocalFederation(root, node_configs)
+    memory = PeakMemory(federation.pids())
+    round_done: dict[int, float] = {}
+    output_dir = Path(run_config["output-dir"])
+    stop_polling = threading.Event()
+
+    def poll() -> None:
+        while not stop_polling.wait(0.05):
+            for results in output_dir.glob("*/*/results.json"):
+                try:
+                    entries = json.loads(results.read_text())
+                except (OSError, ValueError):
+                    continue
+                for entry in entries:
+                    round_done.setdefault(entry["round"], time.perf_counter())
+
+    poller = threading.Thread(target=poll, daemon=True)
+    poller.start()
+    try:
+        started = time.perf_counter()
+        log, record = federation.run(copy_app(root / "app"), run_config, federation_config)
+        wall = time.perf_counter() - started
+    finally:
+        stop_polling.set()
+        poller.join()
+        peak_gib = memory.stop()
+        federation.stop()
+    if record["status"] != "finished:completed":
+        raise RuntimeError(f"the run ended {record['status']}:\n{log[-3000:]}")
+    node_logs = "".join(path.read_text(errors="replace") for path in root.glob("supernode-*.log"))
+    startup = [float(s) for s in re.findall(r"ready for its first batch ([\d.]+)s", log + node_logs)]
+    times = [round_done[r] for r in sorted(round_done)]
+    steady = np.diff(times) if len(times) > 1 else np.array([wall])
+    return {
+        "rounds": len(times),
+        "first_round_s": times[0] - started if times else wall,
+        "steady_s": float(np.mean(steady)),
+        "wall_s": wall,
+        "peak_gib": peak_gib,
+        "clientapp_ready_s": startup,
+    }
+
+
+def report(name: str, floor_s: float, app: dict) -> None:
+    print(f"\n== {name}")
+    print(f"compute floor           {floor_s:7.2f} s/round")
+    print(f"app (steady state)      {app['steady_s']:7.2f} s/round   (rounds 2..{app['rounds']})")
+    print(f"ratio app/floor         {app['steady_s'] / floor_s:7.2f}")
+    print(f"first round             {app['first_round_s']:7.2f} s (workers start, cache fills)")
+    print(f"whole flwr run          {app['wall_s']:7.2f} s")
+    print(f"peak memory, all procs  {app['peak_gib']:7.2f} GiB")
+    if app["clientapp_ready_s"] and name.startswith("deployment"):
+        ready = np.array(app["clientapp_ready_s"])
+        print(
+            f"ClientApp start->first batch {np.median(ready):.2f} s median "
+            f"({ready.min():.2f}-{ready.max():.2f}, {len(ready)} processes)"
+        )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=11, help="simulation rounds (default 11)")
+    parser.add_argument("--deployment-rounds", type=int, default=4, help="deployment rounds (default 4; 0 skips)")
+    parser.add_argument("--work-dir", type=Path, default=None, help="keep files here (default: a temp dir)")
+    args = parser.parse_args()
+
+    with tempfile.TemporaryDirectory(prefix="round-cost-") as tmp:
+        work = args.work_dir or Path(tmp)
+        work.mkdir(parents=True, exist_ok=True)
+        dataset = write_idx_dataset(work / "fmnist-idx", num_train=60_000, num_test=10_000)
+        cores = os.cpu_count() or 1
+        print(f"machine: {cores} cores, torch {torch.__version__}, generated 60,000 + 10,000 images")
+
+        base = {
+            **default_run_config(),
+            "dataset-path": str(dataset),
+            "data-cache-dir": str(work / "cache"),
+            "use-wandb": False,
+        }
+        simulation_config = {**base, "num-server-rounds": args.rounds, "output-dir": str(work / "out-sim")}
+        config = AppConfig.from_run_config(simulation_config)
+        app = run_app(
+            work / "simulation",
+            simulation_config,
+            node_configs=None,
+            federation_config={
+                "num-supernodes": 50,
+                "client-resources-num-cpus": SIMULATION_CPUS_PER_CLIENT,
+            },
+        )
+        floor = compute_floor(
+            config, num_partitions=50, train_per_round=int(50 * config.fraction_train),
+            evaluate_per_round=int(50 * config.fraction_evaluate),
+            workers=max(1, cores // SIMULATION_CPUS_PER_CLIENT), rounds=args.rounds,
+        )
+        report("simulation, 50 SuperNodes", floor, app)
+
+        if args.deployment_rounds > 0:
+            deployment_config = {
+                **base,
+                "num-server-rounds": args.deployment_rounds,
+                "fraction-train": 1.0,
+                "fraction-evaluate": 1.0,
+                "output-dir": str(work / "out-deploy"),
+            }
+            nodes = [{"partition-id": i, "num-partitions": 2} for i in range(2)]
+            app = run_app(work / "deployment", deployment_config, nodes, None)
+            floor = compute_floor(
+                AppConfig.from_run_config(deployment_config), num_partitions=2,
+                train_per_round=2, evaluate_per_round=2, workers=2, rounds=3,
+            )
+            report("deployment, 2 SuperNodes", floor, app)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,201 @@
+"""Real Flower processes on loopback for tests and benchmarks, and nothing left behind.
+
+`LocalFederation` starts a SuperLink on free ports (with the Simulation Engine, or with
+SuperNodes for the Deployment Engine), with `FLWR_HOME` and `HOME` in its own folder,
+and `stop()` ends every process it started, by PID.
+"""
+
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+VENV_BIN = Path(sys.executable).parent
+RUN_TIMEOUT_S = 1800
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def copy_app(destination: Path) -> Path:
+    """A copy of the app to run: `flwr run` rewrites the pyproject.toml it is given."""
+    destination.mkdir(parents=True)
+    shutil.copy(REPO / "pyproject.toml", destination)
+    shutil.copytree(
+        REPO / "pytorch_example",
+        destination / "pytorch_example",
+        ignore=shutil.ignore_patterns("__pycache__"),
+    )
+    return destination
+
+
+def toml_value(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return json.dumps(value)
+    return repr(value)
+
+
+def pairs(values: dict) -> str:
+    """`{"a": 1, "b": "x"}` -> `a=1 b="x"`, the form of --run-config and --node-config."""
+    return " ".join(f"{key}={toml_value(value)}" for key, value in values.items())
+
+
+class LocalFederation:
+    """A SuperLink and, in deployment, one SuperNode per entry of `node_configs`.
+
+    With `node_configs=None` the SuperLink runs the Simulation Engine, as the one
+    `flwr run .` starts, but on free ports and in our own `FLWR_HOME`.
+    """
+
+    def __init__(self, root: Path, node_configs: list[dict] | None = None) -> None:
+        self.root = root
+        self.flwr_home = root / "flwr-home"
+        self.home = root / "home"  # no W&B credentials in here
+        self.flwr_home.mkdir(parents=True)
+        self.home.mkdir()
+        self.simulation = node_configs is None
+        self.port = free_port()
+        self.env = {
+            key: value
+            for key, value in os.environ.items()
+            if not key.startswith("WANDB_") and key != "FLWR_HOME"
+        }
+        self.env.update(
+            FLWR_HOME=str(self.flwr_home),
+            HOME=str(self.home),
+            PATH=f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+            FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1",
+            HF_HUB_OFFLINE="1",
+            PYTHONUNBUFFERED="1",
+        )
+        (self.flwr_home / "config.toml").write_text(
+            f'[superlink]\ndefault = "test"\n\n[superlink.test]\n'
+            f'address = "127.0.0.1:{self.port}"\ninsecure = true\n'
+        )
+        self.processes: list[subprocess.Popen] = []
+        self.logs = []
+        try:
+            self._start(
+                "superlink",
+                [
+                    "flower-superlink",
+                    "--insecure",
+                    *(["--simulation"] if self.simulation else []),
+                    "--host", "127.0.0.1",
+                    "--port", str(self.port),
+                    "--control-api-address", f"127.0.0.1:{free_port()}",
+                    "--database", str(root / "state.db"),
+                ],
+            )
+            self._wait_for_port(self.port)
+            # SuperNodes sharing this machine share its cores: more torch threads than
+            # cores make every ClientApp many times slower (measured: 20x on 2 cores).
+            threads_per_node = str(max(1, (os.cpu_count() or 1) // max(1, len(node_configs or []))))
+            for index, node_config in enumerate(node_configs or []):
+                self._start(
+                    f"supernode-{index}",
+                    [
+                        "flower-supernode",
+                        "--insecure",
+                        "--superlink", f"127.0.0.1:{self.port}",
+                        "--port", str(free_port()),
+                        "--node-config", pairs(node_config),
+                    ],
+                    # SuperExec checks for work every second by default; a round pays it twice.
+                    extra_env={
+                        "OMP_NUM_THREADS": threads_per_node,
+                        "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.1",
+                    },
+                )
+        except BaseException:
+            self.stop()
+            raise
+
+    def _start(self, name: str, command: list[str], extra_env: dict | None = None) -> None:
+        log = open(self.root / f"{name}.log", "wb")
+        self.logs.append(log)
+        self.processes.append(
+            subprocess.Popen(
+                [str(VENV_BIN / command[0]), *command[1:]],
+                env={**self.env, **(extra_env or {})},
+                cwd=self.root,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        )
+
+    def _wait_for_port(self, port: int, timeout_s: float = 60) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.processes[0].poll() is not None:
+                raise RuntimeError(f"flower-superlink exited: see {self.root / 'superlink.log'}")
+            with socket.socket() as sock:
+                if sock.connect_ex(("127.0.0.1", port)) == 0:
+                    return
+            time.sleep(0.2)
+        raise RuntimeError("flower-superlink did not open its port in time")
+
+    def flwr(self, *args: str, cwd: Path, timeout: float = RUN_TIMEOUT_S) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [str(VENV_BIN / "flwr"), *args],
+            cwd=cwd,
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            stdin=subprocess.DEVNULL,
+        )
+
+    def run(self, app_dir: Path, run_config: dict, federation_config: dict | None = None) -> tuple[str, dict]:
+        """`flwr run` the app to completion; return its streamed log and its run record.
+
+        `federation_config` (simulation only) is e.g. `{"num-supernodes": 4}`.
+        """
+        federation = []
+        if federation_config:
+            federation = ["--federation-config", pairs(federation_config)]
+        done = self.flwr(
+            "run", ".", "test", "--run-config", pairs(run_config), *federation, "--stream", cwd=app_dir
+        )
+        output = done.stdout + done.stderr
+        match = re.search(r"Successfully started run (\d+)", output)
+        if not match:
+            raise RuntimeError(f"flwr run did not start a run:\n{output}")
+        listing = self.flwr("ls", "test", "--format", "json", cwd=app_dir, timeout=60)
+        runs = json.loads(listing.stdout)["runs"]
+        record = next(run for run in runs if run["run-id"] == match.group(1))
+        return output, record
+
+    def pids(self) -> list[int]:
+        return [process.pid for process in self.processes]
+
+    def stop(self) -> None:
+        """End every process started here: SuperNodes first, then the SuperLink."""
+        for process in reversed(self.processes):
+            if process.poll() is None:
+                process.terminate()
+                try:
+                    process.wait(timeout=20)
+                except subprocess.TimeoutExpired:
+                    process.kill()
+                    process.wait()
+            # What each started (simulation, Ray, ClientApps) is in its process group.
+            try:
+                os.killpg(process.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        for log in self.logs:
+            log.close()
