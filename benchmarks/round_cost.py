@@ -194,16 +194,22 @@ def run_app(root: Path, run_config: dict, node_configs, federation_config) -> di
     }
 
 
-def report(name: str, floor_s: float, app: dict) -> None:
-    print(f"\n== {name}")
-    print(f"compute floor           {floor_s:7.2f} s/round")
-    print(f"app (steady state)      {app['steady_s']:7.2f} s/round   (rounds 2..{app['rounds']})")
-    print(f"ratio app/floor         {app['steady_s'] / floor_s:7.2f}")
-    print(f"first round             {app['first_round_s']:7.2f} s (workers start, cache fills)")
-    print(f"whole flwr run          {app['wall_s']:7.2f} s")
-    print(f"peak memory, all procs  {app['peak_gib']:7.2f} GiB")
-    if app["clientapp_ready_s"] and name.startswith("deployment"):
-        ready = np.array(app["clientapp_ready_s"])
+def report(name: str, runs: list[tuple[float, dict]]) -> None:
+    """Print one benchmark; with several repeats, medians and each repeat's ratio."""
+    floors = np.array([floor for floor, _ in runs])
+    apps = [app for _, app in runs]
+    steady = np.array([app["steady_s"] for app in apps])
+    ratios = steady / floors
+    print(f"\n== {name}" + (f" (median of {len(runs)} repeats)" if len(runs) > 1 else ""))
+    print(f"compute floor           {np.median(floors):7.2f} s/round")
+    print(f"app (steady state)      {np.median(steady):7.2f} s/round   (rounds 2..{apps[0]['rounds']})")
+    print(f"ratio app/floor         {np.median(ratios):7.2f}" + (
+        f"   (each: {', '.join(f'{r:.2f}' for r in ratios)})" if len(runs) > 1 else ""))
+    print(f"first round             {np.median([a['first_round_s'] for a in apps]):7.2f} s (workers start, cache fills)")
+    print(f"whole flwr run          {np.median([a['wall_s'] for a in apps]):7.2f} s")
+    print(f"peak memory, all procs  {max(a['peak_gib'] for a in apps):7.2f} GiB")
+    ready = np.array([s for a in apps for s in a["clientapp_ready_s"]])
+    if len(ready) and name.startswith("deployment"):
         print(
             f"ClientApp start->first batch {np.median(ready):.2f} s median "
             f"({ready.min():.2f}-{ready.max():.2f}, {len(ready)} processes)"
@@ -213,6 +219,7 @@ def report(name: str, floor_s: float, app: dict) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=11, help="simulation rounds (default 11)")
+    parser.add_argument("--repeats", type=int, default=3, help="simulation repeats (default 3)")
     parser.add_argument("--deployment-rounds", type=int, default=4, help="deployment rounds (default 4; 0 skips)")
     parser.add_argument("--work-dir", type=Path, default=None, help="keep files here (default: a temp dir)")
     args = parser.parse_args()
@@ -230,23 +237,31 @@ def main() -> None:
             "data-cache-dir": str(work / "cache"),
             "use-wandb": False,
         }
-        simulation_config = {**base, "num-server-rounds": args.rounds, "output-dir": str(work / "out-sim")}
-        config = AppConfig.from_run_config(simulation_config)
-        app = run_app(
-            work / "simulation",
-            simulation_config,
-            node_configs=None,
-            federation_config={
-                "num-supernodes": 50,
-                "client-resources-num-cpus": SIMULATION_CPUS_PER_CLIENT,
-            },
-        )
-        floor = compute_floor(
-            config, num_partitions=50, train_per_round=int(50 * config.fraction_train),
-            evaluate_per_round=int(50 * config.fraction_evaluate),
-            workers=max(1, cores // SIMULATION_CPUS_PER_CLIENT), rounds=args.rounds,
-        )
-        report("simulation, 50 SuperNodes", floor, app)
+        # The machine's noise moves single runs by several percent: repeat, take medians.
+        simulation_runs = []
+        for repeat in range(args.repeats):
+            simulation_config = {
+                **base,
+                "num-server-rounds": args.rounds,
+                "output-dir": str(work / f"out-sim-{repeat}"),
+            }
+            config = AppConfig.from_run_config(simulation_config)
+            app = run_app(
+                work / f"simulation-{repeat}",
+                simulation_config,
+                node_configs=None,
+                federation_config={
+                    "num-supernodes": 50,
+                    "client-resources-num-cpus": SIMULATION_CPUS_PER_CLIENT,
+                },
+            )
+            floor = compute_floor(
+                config, num_partitions=50, train_per_round=int(50 * config.fraction_train),
+                evaluate_per_round=int(50 * config.fraction_evaluate),
+                workers=max(1, cores // SIMULATION_CPUS_PER_CLIENT), rounds=args.rounds,
+            )
+            simulation_runs.append((floor, app))
+        report("simulation, 50 SuperNodes", simulation_runs)
 
         if args.deployment_rounds > 0:
             deployment_config = {
@@ -262,7 +277,7 @@ def main() -> None:
                 AppConfig.from_run_config(deployment_config), num_partitions=2,
                 train_per_round=2, evaluate_per_round=2, workers=2, rounds=3,
             )
-            report("deployment, 2 SuperNodes", floor, app)
+            report("deployment, 2 SuperNodes", [(floor, app)])
 
 
 if __name__ == "__main__":

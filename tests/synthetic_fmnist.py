@@ -19,8 +19,11 @@ NUM_CLASSES = 10
 IMAGE_SIDE = 28
 
 
-def make_split(count: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """`count` uint8 images `[count, 28, 28]` and int labels, reproducible from `seed`."""
+def make_split(count: int, seed: int, noise: float = 60.0) -> tuple[np.ndarray, np.ndarray]:
+    """`count` uint8 images `[count, 28, 28]` and int labels, reproducible from `seed`.
+
+    `noise` is the pixel noise's standard deviation: higher makes the classes harder.
+    """
     # Coarse, mirror-symmetric class patterns survive the random crops and flips of
     # training augmentation, as the shapes of real clothes do.
     coarse = np.random.default_rng(12345).uniform(0, 255, (NUM_CLASSES, 4, 4))
@@ -28,8 +31,8 @@ def make_split(count: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     templates = np.kron(coarse, np.ones((IMAGE_SIDE // 4, IMAGE_SIDE // 4)))
     rng = np.random.default_rng(seed)
     labels = rng.integers(0, NUM_CLASSES, count)
-    noise = rng.normal(0, 60, (count, IMAGE_SIDE, IMAGE_SIDE))
-    images = np.clip(templates[labels] + noise, 0, 255).astype(np.uint8)
+    pixel_noise = rng.normal(0, noise, (count, IMAGE_SIDE, IMAGE_SIDE))
+    images = np.clip(templates[labels] + pixel_noise, 0, 255).astype(np.uint8)
     return images, labels.astype(np.uint8)
 
 
@@ -53,7 +56,9 @@ def write_idx_dataset(folder: Path, num_train: int, num_test: int, seed: int = 0
     return folder
 
 
-def write_parquet_dataset(folder: Path, num_train: int, num_test: int, seed: int = 0) -> Path:
+def write_parquet_dataset(
+    folder: Path, num_train: int, num_test: int, seed: int = 0, noise: float = 60.0
+) -> Path:
     """Write the same images as PNG-in-parquet, the Hub's layout, into `folder`."""
     import datasets  # noqa: PLC0415
     from PIL import Image  # noqa: PLC0415
@@ -63,7 +68,7 @@ def write_parquet_dataset(folder: Path, num_train: int, num_test: int, seed: int
         {"image": datasets.Image(), "label": datasets.ClassLabel(num_classes=NUM_CLASSES)}
     )
     for split, count, split_seed in (("train", num_train, seed), ("test", num_test, seed + 1)):
-        images, labels = make_split(count, split_seed)
+        images, labels = make_split(count, split_seed, noise)
         pngs = []
         for image in images:
             buffer = io.BytesIO()
