@@ -147,9 +147,9 @@ def main() -> None:
                     lambda net, p: train_straightforward(net, client_loaders[p]),
                     lambda net: accuracy_straightforward(net, test_loader), s, args.rounds,
                 ),
-                "this app": lambda s=seed: federate(
+                "this app": lambda s=seed, g=generator: federate(
                     lambda net, p: (
-                        task.train(net, partitions[p].train, 1, BATCH_SIZE, LEARNING_RATE, MOMENTUM, CPU, generator),
+                        task.train(net, partitions[p].train, 1, BATCH_SIZE, LEARNING_RATE, MOMENTUM, CPU, g),
                         len(partitions[p].train),
                     )[1],
                     lambda net: task.test(net, test_set, 256, CPU)[1], s, args.rounds,

@@ -9,6 +9,7 @@ import functools
 import os
 import time
 from logging import INFO
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -116,7 +117,7 @@ def log_startup_once() -> None:
     fixed cost each message pays before any arithmetic.
     """
     try:
-        start_ticks = int(open("/proc/self/stat").read().rsplit(")", 1)[1].split()[19])
+        start_ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
         started = start_ticks / os.sysconf("SC_CLK_TCK")
         log(INFO, "ClientApp process ready for its first batch %.2fs after it started",
             time.clock_gettime(time.CLOCK_BOOTTIME) - started)

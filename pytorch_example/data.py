@@ -1,8 +1,8 @@
 """Fashion-MNIST for the federation: decoded once, partitioned once, cached on disk.
 
-The first process that needs the data (the ServerApp, in practice) decodes every image
-into a uint8 array and computes every client's rows with flwr-datasets'
-`DirichletPartitioner`; both land in a cache folder as `.npy`/`.npz` files. Every later
+The first process that needs the images (the ServerApp, in practice) decodes them all
+into uint8 arrays; the first ClientApp computes every client's rows with flwr-datasets'
+`DirichletPartitioner`. Both land in a cache folder as `.npy`/`.npz` files. Every later
 process, including the fresh ClientApp process that a SuperNode starts for each message
 in a deployment, memory-maps those files in milliseconds instead of decoding again.
 """
@@ -91,11 +91,6 @@ def load_test_set(settings: DataSettings) -> ImageSet:
     images = np.load(source_dir / "test-images.npy", mmap_mode="r")
     labels = np.load(source_dir / "test-labels.npy", mmap_mode="r")
     return ImageSet(torch.from_numpy(np.array(images)), torch.from_numpy(np.array(labels)))
-
-
-def prepare(settings: DataSettings) -> None:
-    """Decode and partition now, so that no client pays for it during a round."""
-    _ensure_partition_rows(settings, _ensure_decoded(settings))
 
 
 def _take(images: np.ndarray, labels: np.ndarray, rows: np.ndarray) -> ImageSet:
