@@ -203,8 +203,10 @@ def report(name: str, runs: list[tuple[float, dict]]) -> None:
     print(f"\n== {name}" + (f" (median of {len(runs)} repeats)" if len(runs) > 1 else ""))
     print(f"compute floor           {np.median(floors):7.2f} s/round")
     print(f"app (steady state)      {np.median(steady):7.2f} s/round   (rounds 2..{apps[0]['rounds']})")
-    print(f"ratio app/floor         {np.median(ratios):7.2f}" + (
-        f"   (each: {', '.join(f'{r:.2f}' for r in ratios)})" if len(runs) > 1 else ""))
+    print(f"ratio app/floor         {np.median(ratios):7.2f}")
+    if len(runs) > 1:
+        for index, (floor, app, ratio) in enumerate(zip(floors, steady, ratios), start=1):
+            print(f"  repeat {index}: floor {floor:.2f}, app {app:.2f}, ratio {ratio:.2f}")
     print(f"first round             {np.median([a['first_round_s'] for a in apps]):7.2f} s (workers start, cache fills)")
     print(f"whole flwr run          {np.median([a['wall_s'] for a in apps]):7.2f} s")
     print(f"peak memory, all procs  {max(a['peak_gib'] for a in apps):7.2f} GiB")

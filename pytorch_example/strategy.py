@@ -21,7 +21,7 @@ from flwr.serverapp.strategy import FedAvg, Result
 from pytorch_example.data import save_atomically
 
 # How often the ServerApp asks for replies. Flower's own `send_and_receive` waits 3 s
-# between asks in a deployment (100 ms in simulation), which a round then pays twice.
+# between asks in a deployment (100 ms in simulation), which a round pays twice.
 REPLY_POLL_INTERVAL_S = 0.05
 
 # results.json names of the metrics -> the names they get in W&B.

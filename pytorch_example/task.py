@@ -46,13 +46,12 @@ def augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     `RandomHorizontalFlip()`, drawn for the whole batch at once.
     """
     count, height, width = images.shape
-    device = images.device
     padded = F.pad(images, (CROP_PADDING,) * 4)
-    offsets = torch.randint(0, 2 * CROP_PADDING + 1, (2, count, 1), generator=generator).to(device)
-    rows = (offsets[0] + torch.arange(height, device=device)).unsqueeze(2)
-    cols = (offsets[1] + torch.arange(width, device=device)).unsqueeze(1)
-    cropped = padded[torch.arange(count, device=device).view(-1, 1, 1), rows, cols]
-    flip = (torch.rand(count, generator=generator) < 0.5).to(device).view(-1, 1, 1)
+    # Every possible crop as a view [count, 9, 9, height, width]; pick one per image.
+    windows = padded.unfold(1, height, 1).unfold(2, width, 1)
+    offsets = torch.randint(0, 2 * CROP_PADDING + 1, (2, count), generator=generator).to(images.device)
+    cropped = windows[torch.arange(count, device=images.device), offsets[0], offsets[1]]
+    flip = (torch.rand(count, generator=generator) < 0.5).to(images.device).view(-1, 1, 1)
     return torch.where(flip, cropped.flip(-1), cropped)
 
 
