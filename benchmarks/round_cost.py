@@ -34,8 +34,7 @@ import torch.nn.functional as F
 from pytorch_example import task
 from pytorch_example.config import AppConfig
 from pytorch_example.data import load_partition, load_test_set
-from tests.conftest import default_run_config
-from tests.flower_processes import LocalFederation, copy_app
+from tests.flower_processes import LocalFederation, copy_app, default_run_config
 from tests.synthetic_fmnist import write_idx_dataset
 
 # The simulation federation's per-ClientApp CPUs (pyproject.toml, local-simulation).

@@ -3,7 +3,6 @@
 import os
 import shutil
 import tempfile
-import tomllib
 from pathlib import Path
 
 # The Hub is out of reach here; say so before `datasets` is imported, and give it an
@@ -14,18 +13,12 @@ os.environ["HF_HOME"] = HF_HOME
 
 import pytest  # noqa: E402
 
-from tests.flower_processes import REPO, LocalFederation, copy_app  # noqa: E402
+from tests.flower_processes import LocalFederation, copy_app  # noqa: E402
 from tests.synthetic_fmnist import write_idx_dataset  # noqa: E402
 
 
 def pytest_sessionfinish(session, exitstatus):
     shutil.rmtree(HF_HOME, ignore_errors=True)
-
-
-def default_run_config() -> dict:
-    """The run-config defaults from pyproject.toml."""
-    with open(REPO / "pyproject.toml", "rb") as file:
-        return tomllib.load(file)["tool"]["flwr"]["app"]["config"]
 
 
 @pytest.fixture(scope="session")

@@ -14,11 +14,18 @@ import socket
 import subprocess
 import sys
 import time
+import tomllib
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
 RUN_TIMEOUT_S = 1800
+
+
+def default_run_config() -> dict:
+    """The run-config defaults from pyproject.toml."""
+    with open(REPO / "pyproject.toml", "rb") as file:
+        return tomllib.load(file)["tool"]["flwr"]["app"]["config"]
 
 
 def free_port() -> int:

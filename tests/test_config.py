@@ -3,8 +3,7 @@
 import pytest
 
 from pytorch_example.config import DEFAULT_CACHE_DIR, AppConfig, ConfigError, project_dir
-from tests.conftest import default_run_config
-from tests.flower_processes import REPO
+from tests.flower_processes import REPO, default_run_config
 
 
 def test_pyproject_defaults_are_valid_and_the_reference_ones():
