@@ -1,6 +1,6 @@
 """What a round costs: the app under `flwr run` against the bare arithmetic it does.
 
-    python -m benchmarks.round_cost [--rounds 6] [--deployment-rounds 4]
+    python -m benchmarks.round_cost [--rounds 11] [--repeats 3] [--deployment-rounds 4]
 
 On a generated Fashion-MNIST-shaped set (60,000 train + 10,000 test images, IDX files
 read through `dataset-path`, the path real data takes) it measures, on this machine:

@@ -1,6 +1,6 @@
 """Does the cached, batch-augmented data path learn as the straightforward one does?
 
-    python -m benchmarks.same_accuracy [--seeds 3] [--rounds 5]
+    python -m benchmarks.same_accuracy [--seeds 5] [--rounds 8]
 
 Runs the same FedAvg (same clients each round, same initial model, same SGD) twice
 per seed on a generated data set stored as the Hub's parquet files:

@@ -19,7 +19,7 @@ from flwr.common.logger import log
 
 from pytorch_example import task
 from pytorch_example.config import AppConfig
-from pytorch_example.data import load_partition
+from pytorch_example.data import DataError, Partition, load_partition
 
 HEAD_STATE_KEY = "classification-head"
 
@@ -30,8 +30,7 @@ app = ClientApp()
 def train(msg: Message, context: Context) -> Message:
     """Train the received model on this client's partition and send it back."""
     config = AppConfig.from_run_config(context.run_config)
-    partition_id = int(context.node_config["partition-id"])
-    partition = load_partition(config.data_settings(num_partitions(context)), partition_id)
+    partition_id, partition = local_partition(config, context)
     server_round = int(msg.content["config"]["server-round"])
 
     net = model_with_own_head(msg.content["arrays"], context.state)
@@ -63,8 +62,7 @@ def train(msg: Message, context: Context) -> Message:
 def evaluate(msg: Message, context: Context) -> Message:
     """Evaluate the received model, with this client's head, on its validation rows."""
     config = AppConfig.from_run_config(context.run_config)
-    partition_id = int(context.node_config["partition-id"])
-    partition = load_partition(config.data_settings(num_partitions(context)), partition_id)
+    _, partition = local_partition(config, context)
 
     net = model_with_own_head(msg.content["arrays"], context.state)
     log_startup_once()
@@ -93,9 +91,22 @@ def save_head(net: task.Net, state: RecordDict) -> None:
     state[HEAD_STATE_KEY] = ArrayRecord(net.fc2.state_dict())
 
 
-def num_partitions(context: Context) -> int:
-    """How many partitions the federation's data is split into (from the node config)."""
-    return int(context.node_config["num-partitions"])
+def local_partition(config: AppConfig, context: Context) -> tuple[int, Partition]:
+    """This node's partition id and data, as its node config names them."""
+    partition_id = node_setting(context, "partition-id")
+    num_partitions = node_setting(context, "num-partitions")
+    return partition_id, load_partition(config.data_settings(num_partitions), partition_id)
+
+
+def node_setting(context: Context, key: str) -> int:
+    """An integer from the node config (`partition-id`, `num-partitions`), or one clear error."""
+    try:
+        return int(context.node_config[key])
+    except (KeyError, TypeError, ValueError):
+        raise DataError(
+            f"node config key '{key}' is missing or not an integer: start the SuperNode "
+            f'with --node-config "partition-id=<i> num-partitions=<n>"'
+        ) from None
 
 
 def client_generator(seed: int, server_round: int, partition_id: int) -> torch.Generator:

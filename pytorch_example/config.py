@@ -6,6 +6,7 @@ stops the run with one line that names the key, the value and the fix.
 """
 
 import json
+import re
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, distribution
 from pathlib import Path
@@ -136,12 +137,12 @@ class _Reader:
         high_open: bool = False,
     ) -> float:
         value = self._get(key)
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-        if ok:
-            ok = (value > low if low_open else value >= low) and (
+        in_range = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if in_range:
+            in_range = (value > low if low_open else value >= low) and (
                 value < high if high_open else value <= high
             )
-        if not ok:
+        if not in_range:
             interval = f"{'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
             raise self._fail(key, value, f"a number in {interval}")
         return float(value)
@@ -173,7 +174,7 @@ class _Reader:
 
     def device(self, key: str) -> str:
         value = self.text(key)
-        if value != "cpu" and not (value == "cuda" or value.startswith("cuda:")):
+        if not re.fullmatch(r"cpu|cuda(:\d+)?", value):
             raise self._fail(key, value, '"cpu", "cuda" or "cuda:N"')
         return value
 

@@ -188,7 +188,9 @@ def _decode_hf(
         dataset = load()
     except Exception as err:  # noqa: BLE001 (any failure here means: no data)
         if hub_name is None:
-            raise DataError(f"could not read the parquet files: {err}") from err
+            raise DataError(
+                f"run-config key 'dataset-path': could not read its parquet files ({err})"
+            ) from err
         raise DataError(
             f"could not load '{hub_name}' from the Hugging Face Hub ({type(err).__name__}); "
             "set run-config key 'dataset-path' to a folder with the Fashion-MNIST .gz or parquet files"
@@ -227,8 +229,8 @@ def _ensure_partition_rows(settings: DataSettings, source_dir: Path) -> Path:
 
 @functools.cache
 def library_versions() -> tuple[str, ...]:
-    """Flower Datasets and Datasets: their partitioning and shuffling decide the rows too."""
-    return tuple(f"{name}={version(name)}" for name in ("flwr-datasets", "datasets"))
+    """Their partitioning, shuffling and random numbers decide the rows too."""
+    return tuple(f"{name}={version(name)}" for name in ("flwr-datasets", "datasets", "numpy"))
 
 
 def compute_partition_rows(labels: np.ndarray, settings: DataSettings) -> dict[str, np.ndarray]:
@@ -263,10 +265,10 @@ def compute_partition_rows(labels: np.ndarray, settings: DataSettings) -> dict[s
 
 def save_atomically(path: Path, write: Callable[[BinaryIO], None]) -> None:
     """Write to a private temporary file, then rename: readers see all or nothing."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
     try:
-        with open(tmp, "wb") as file:
+        with open(temporary, "wb") as file:
             write(file)
-        os.replace(tmp, path)
+        os.replace(temporary, path)
     finally:
-        tmp.unlink(missing_ok=True)
+        temporary.unlink(missing_ok=True)

@@ -1,5 +1,6 @@
 """The ServerApp: run-config in, federated training with central evaluation, outputs out."""
 
+import random
 from datetime import datetime
 from logging import ERROR, INFO
 from pathlib import Path
@@ -22,11 +23,7 @@ def main(grid: Grid, context: Context) -> None:
     """Validate the run-config, then train for `num-server-rounds` rounds."""
     try:
         config = AppConfig.from_run_config(context.run_config)
-        if config.server_device.startswith("cuda") and not torch.cuda.is_available():
-            raise ConfigError(
-                f"run-config key 'server-device' = '{config.server_device}' but the "
-                "ServerApp sees no CUDA device: use server-device=\"cpu\""
-            )
+        check_server_device(config.server_device)
         # The test split is decoded (or mapped from the cache) once for the whole run.
         test_set = load_test_set(config.data_settings(num_partitions=1))
     except (ConfigError, DataError) as err:
@@ -35,6 +32,11 @@ def main(grid: Grid, context: Context) -> None:
         raise
 
     torch.manual_seed(config.seed)
+    # FedAvg samples clients with Python's `random`: seeded, a run picks the same ones.
+    random.seed(config.seed)
+    # Central evaluation runs while the ClientApps evaluate (see the strategy): one CPU
+    # thread keeps it from fighting them for cores, at little cost on this small model.
+    torch.set_num_threads(1)
     initial_model = task.Net()
     run_dir = create_run_dir(config.output_dir)
     log(INFO, "Outputs of this run go to %s", run_dir)
@@ -59,9 +61,6 @@ def central_evaluation(test_set: ImageSet, config: AppConfig):
     """Evaluate a global model on the test split, on `server-device`."""
     device = torch.device(config.server_device)
     net = task.Net()
-    # It runs while the ClientApps evaluate (see the strategy): one CPU thread keeps it
-    # from fighting them for cores, at little cost to itself on this small model.
-    torch.set_num_threads(1)
 
     def evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord:
         net.load_state_dict(arrays.to_torch_state_dict())
@@ -69,6 +68,18 @@ def central_evaluation(test_set: ImageSet, config: AppConfig):
         return MetricRecord({"accuracy": accuracy, "loss": loss})
 
     return evaluate
+
+
+def check_server_device(server_device: str) -> None:
+    """Fail with one line when `server-device` names a GPU this ServerApp cannot see."""
+    if server_device == "cpu":
+        return
+    index = int(server_device.partition(":")[2] or 0)
+    if index >= torch.cuda.device_count():
+        raise ConfigError(
+            f"run-config key 'server-device' = '{server_device}' but the ServerApp sees "
+            f"{torch.cuda.device_count()} CUDA device(s): use server-device=\"cpu\""
+        )
 
 
 def create_run_dir(output_dir: Path) -> Path:

@@ -109,23 +109,25 @@ class CustomFedAvg(FedAvg):
             result.evaluate_metrics_serverapp[0] = initial
 
         started = time.monotonic()
-        # One background thread: central evaluation overlaps the clients' evaluation.
-        with ThreadPoolExecutor(max_workers=1) as background:
-            for server_round in range(1, num_rounds + 1):
-                log(INFO, "")
-                log(INFO, "[ROUND %s/%s]", server_round, num_rounds)
-                self._run_round(
-                    grid, server_round, result, train_config, evaluate_config, evaluate_fn,
-                    timeout, background,
-                )
-                self._record_round(server_round, result)
-                log(INFO, "Round %s done, %.1fs since the first round began",
-                    server_round, time.monotonic() - started)
-
-        torch.save(result.arrays.to_torch_state_dict(), self.run_dir / "final_model.pt")
-        log(INFO, "Final model saved to %s", self.run_dir / "final_model.pt")
-        if self.wandb_run is not None:
-            self.wandb_run.finish()
+        try:
+            # One background thread: central evaluation overlaps the clients' evaluation.
+            with ThreadPoolExecutor(max_workers=1) as background:
+                for server_round in range(1, num_rounds + 1):
+                    log(INFO, "")
+                    log(INFO, "[ROUND %s/%s]", server_round, num_rounds)
+                    self._run_round(
+                        grid, server_round, result, train_config, evaluate_config, evaluate_fn,
+                        timeout, background,
+                    )
+                    self._record_round(server_round, result)
+                    log(INFO, "Round %s done, %.1fs since the first round began",
+                        server_round, time.monotonic() - started)
+            final_model = self.run_dir / "final_model.pt"
+            save_atomically(final_model, lambda f: torch.save(result.arrays.to_torch_state_dict(), f))
+            log(INFO, "Final model saved to %s", final_model)
+        finally:
+            if self.wandb_run is not None:
+                self.wandb_run.finish()
         return result
 
     def _run_round(
@@ -212,18 +214,24 @@ class CustomFedAvg(FedAvg):
                 "under %s; upload it later with `wandb sync`",
                 self.run_dir / "wandb",
             )
-        return wandb.init(
-            project=self.wandb_project,
-            name=f"{self.run_dir.parent.name}/{self.run_dir.name}",
-            dir=self.run_dir,
-            config=self.run_config,
-            mode=mode,
-        )
+        settings = {
+            "project": self.wandb_project,
+            "name": f"{self.run_dir.parent.name}/{self.run_dir.name}",
+            "dir": self.run_dir,
+            "config": self.run_config,
+        }
+        try:
+            return wandb.init(**settings, mode=mode)
+        except wandb.Error as err:
+            # An unreachable or refusing W&B server must not cost the federated run.
+            log(WARNING, "W&B did not start (%s): logging offline under %s", err, self.run_dir / "wandb")
+            return wandb.init(**settings, mode="offline")
 
 
 def send_and_receive(grid: Grid, messages: Iterable[Message], timeout: float) -> list[Message]:
     """`Grid.send_and_receive`, checking for replies every `REPLY_POLL_INTERVAL_S`."""
-    pending = set(grid.push_messages(messages))
+    # A message the SuperLink did not accept has no ID and will never get a reply.
+    pending = {message_id for message_id in grid.push_messages(messages) if message_id}
     replies: list[Message] = []
     deadline = time.monotonic() + timeout
     while pending and time.monotonic() < deadline:

@@ -1,5 +1,6 @@
 """The personalised, stateful client: its head kept in a RecordDict across rounds."""
 
+import pytest
 import torch
 from flwr.app import ArrayRecord, RecordDict
 
@@ -48,3 +49,15 @@ def test_client_rng_depends_on_seed_round_and_partition():
     }
     assert len({tuple(value) for value in draws.values()}) == 4
     assert torch.rand(3, generator=client_generator(42, 1, 0)).tolist() == draws[(42, 1, 0)]
+
+
+def test_missing_node_config_key_is_one_clear_error():
+    from flwr.app import Context
+
+    from pytorch_example.client_app import node_setting
+    from pytorch_example.data import DataError
+
+    context = Context(run_id=1, node_id=1, node_config={"partition-id": 3}, state=RecordDict(), run_config={})
+    assert node_setting(context, "partition-id") == 3
+    with pytest.raises(DataError, match="node config key 'num-partitions' is missing"):
+        node_setting(context, "num-partitions")

@@ -51,6 +51,8 @@ def test_empty_schedule_keeps_the_rate():
         ("lr-decay-rounds", "five"),
         ("lr-decay-rounds", "0"),
         ("server-device", "gpu"),
+        ("server-device", "cuda:"),
+        ("server-device", "cuda:x"),
         ("dirichlet-alpha", -1.0),
         ("val-fraction", 1.0),
         ("use-wandb", "yes"),

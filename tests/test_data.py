@@ -45,13 +45,15 @@ def test_idx_files_decode_to_the_written_arrays(idx_folder, tmp_path):
     np.testing.assert_array_equal(test_set.labels.numpy(), labels)
 
 
-def test_partitions_match_federated_dataset_with_dirichlet_partitioner(parquet_folder, tmp_path):
+@pytest.mark.parametrize("seed", [42, 7])
+def test_partitions_match_federated_dataset_with_dirichlet_partitioner(parquet_folder, tmp_path, seed):
     """Same images per client as FederatedDataset + DirichletPartitioner + train_test_split."""
     from flwr_datasets import FederatedDataset
     from flwr_datasets.partitioner import DirichletPartitioner
 
-    settings = settings_for(parquet_folder, tmp_path)
+    settings = settings_for(parquet_folder, tmp_path, partition_seed=seed)
     reference = FederatedDataset(
+        seed=seed,
         dataset="parquet",
         data_files={
             "train": str(parquet_folder / "train-00000-of-00001.parquet"),
@@ -59,12 +61,12 @@ def test_partitions_match_federated_dataset_with_dirichlet_partitioner(parquet_f
         },
         partitioners={
             "train": DirichletPartitioner(
-                num_partitions=settings.num_partitions, partition_by="label", alpha=1.0, seed=42
+                num_partitions=settings.num_partitions, partition_by="label", alpha=1.0, seed=seed
             )
         },
     )
     for partition_id in range(settings.num_partitions):
-        expected = reference.load_partition(partition_id).train_test_split(test_size=0.2, seed=42)
+        expected = reference.load_partition(partition_id).train_test_split(test_size=0.2, seed=seed)
         ours = load_partition(settings, partition_id)
         for our_split, their_split in ((ours.train, expected["train"]), (ours.val, expected["test"])):
             their = their_split.with_format("numpy")
@@ -130,12 +132,11 @@ def test_changed_partition_settings_never_reuse_a_stale_cache(idx_folder, tmp_pa
         replace(settings, partition_seed=1),
         replace(settings, val_fraction=0.5),
     ):
-        reference_rows = data.compute_partition_rows(
-            np.load(next(tmp_path.glob("fashion-mnist-*")) / "train-labels.npy"), changed
-        )
+        labels = np.load(next(tmp_path.glob("fashion-mnist-*")) / "train-labels.npy")
+        reference_rows = data.compute_partition_rows(labels, changed)
         partition = load_partition(changed, 0)
-        assert len(partition.train) == len(reference_rows["train-0"])
-        assert len(partition.val) == len(reference_rows["val-0"])
+        np.testing.assert_array_equal(partition.train.labels.numpy(), labels[np.sort(reference_rows["train-0"])])
+        np.testing.assert_array_equal(partition.val.labels.numpy(), labels[np.sort(reference_rows["val-0"])])
     assert len(list(tmp_path.glob("fashion-mnist-*/partitions-*.npz"))) == 5
 
 

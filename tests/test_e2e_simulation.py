@@ -51,7 +51,9 @@ def test_simulation_writes_every_output(superlink, app_dir, idx_dataset, tmp_pat
     assert config["learning-rate"] == 0.1
 
     best_accuracy = max(entry["evaluate_metrics_serverapp"]["accuracy"] for entry in results)
-    checkpoints = sorted(run_dir.glob("best_model_round_*_acc_*.pt"))
+    checkpoints = sorted(
+        run_dir.glob("best_model_round_*_acc_*.pt"), key=lambda path: int(path.name.split("_")[3])
+    )
     assert checkpoints and checkpoints[-1].name.endswith(f"_acc_{best_accuracy:.4f}.pt")
     for model_file in [*checkpoints, run_dir / "final_model.pt"]:
         Net().load_state_dict(torch.load(model_file, weights_only=True))
@@ -63,13 +65,17 @@ def test_simulation_writes_every_output(superlink, app_dir, idx_dataset, tmp_pat
 
 def test_flwr_run_migrates_the_two_federations(superlink, app_dir, idx_dataset, tmp_path):
     """After any `flwr run .` both federations are SuperLink connections."""
-    superlink.run(
+    log, record = superlink.run(
         app_dir,
         {"num-server-rounds": 1, "fraction-train": 1.0, "fraction-evaluate": 0.0,
          "dataset-path": str(idx_dataset), "data-cache-dir": str(tmp_path / "cache"),
          "output-dir": str(tmp_path / "outputs"), "use-wandb": False},
         federation_config={"num-supernodes": 2},
     )
+    assert record["status"] == "finished:completed", log
+    [results_file] = (tmp_path / "outputs").glob("*/*/results.json")
+    [entry] = json.loads(results_file.read_text())
+    assert entry["evaluate_metrics_clientapp"] == {}  # fraction-evaluate=0 skips it
     with open(superlink.flwr_home / "config.toml", "rb") as file:
         connections = tomllib.load(file)["superlink"]
     assert connections["default"] == "local-simulation"
