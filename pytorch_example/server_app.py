@@ -1,6 +1,5 @@
 """The ServerApp: run-config in, federated training with central evaluation, outputs out."""
 
-import random
 from datetime import datetime
 from logging import ERROR, INFO
 from pathlib import Path
@@ -32,8 +31,6 @@ def main(grid: Grid, context: Context) -> None:
         raise
 
     torch.manual_seed(config.seed)
-    # FedAvg samples clients with Python's `random`: seeded, a run picks the same ones.
-    random.seed(config.seed)
     # Central evaluation runs while the ClientApps evaluate (see the strategy): one CPU
     # thread keeps it from fighting them for cores, at little cost on this small model.
     torch.set_num_threads(1)
