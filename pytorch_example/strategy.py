@@ -123,7 +123,7 @@ class CustomFedAvg(FedAvg):
                     log(INFO, "Round %s done, %.1fs since the first round began",
                         server_round, time.monotonic() - started)
             final_model = self.run_dir / "final_model.pt"
-            save_atomically(final_model, lambda f: torch.save(result.arrays.to_torch_state_dict(), f))
+            save_model(final_model, result.arrays)
             log(INFO, "Final model saved to %s", final_model)
         finally:
             if self.wandb_run is not None:
@@ -179,9 +179,7 @@ class CustomFedAvg(FedAvg):
         if accuracy is not None and accuracy > self.best_accuracy:
             self.best_accuracy = accuracy
             checkpoint = self.run_dir / f"best_model_round_{server_round}_acc_{accuracy:.4f}.pt"
-            save_atomically(
-                checkpoint, lambda f: torch.save(result.arrays.to_torch_state_dict(), f)
-            )
+            save_model(checkpoint, result.arrays)
             log(INFO, "New best central accuracy %.4f: saved %s", accuracy, checkpoint.name)
 
         if self.wandb_run is not None:
@@ -241,3 +239,8 @@ def send_and_receive(grid: Grid, messages: Iterable[Message], timeout: float) ->
         if pending:
             time.sleep(REPLY_POLL_INTERVAL_S)
     return replies
+
+
+def save_model(path: Path, arrays: ArrayRecord) -> None:
+    """Save `arrays` as a PyTorch state_dict, all or nothing."""
+    save_atomically(path, lambda f: torch.save(arrays.to_torch_state_dict(), f))
