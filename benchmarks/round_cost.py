@@ -14,13 +14,12 @@ For each it prints the compute floor (the same work as a plain PyTorch loop on t
 already in memory, with the same parallelism and no Flower), the app's steady-state
 seconds per round (first round excluded: it starts workers and fills the data cache),
 their ratio, and the peak memory of all processes involved. For deployment it also
-prints how long each fresh ClientApp process takes to be ready for its first batch.
+prints how long each fresh ClientApp process lives, watched from outside through /proc.
 """
 
 import argparse
 import json
 import os
-import re
 import tempfile
 import threading
 import time
@@ -31,11 +30,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from harness.flower_processes import LocalFederation, copy_app, default_run_config
+from harness.synthetic_fmnist import write_idx_dataset
 from pytorch_example import task
 from pytorch_example.config import AppConfig
 from pytorch_example.data import load_partition, load_test_set
-from tests.flower_processes import LocalFederation, copy_app, default_run_config
-from tests.synthetic_fmnist import write_idx_dataset
 
 # The simulation federation's per-ClientApp CPUs (pyproject.toml, local-simulation).
 SIMULATION_CPUS_PER_CLIENT = 1
@@ -73,8 +72,12 @@ def _floor_evaluate(job) -> None:
 
 
 def compute_floor(
-    config: AppConfig, num_partitions: int, train_per_round: int, evaluate_per_round: int,
-    workers: int, rounds: int,
+    config: AppConfig,
+    num_partitions: int,
+    train_per_round: int,
+    evaluate_per_round: int,
+    workers: int,
+    rounds: int,
 ) -> float:
     """Seconds per round of the same training, evaluation and averaging, without Flower.
 
@@ -91,13 +94,20 @@ def compute_floor(
             started = time.perf_counter()
             state = net.state_dict()
             train_ids = rng.choice(num_partitions, train_per_round, replace=False)
-            replies = list(pool.map(_floor_train, [(config, num_partitions, int(p), state) for p in train_ids]))
+            replies = list(
+                pool.map(_floor_train, [(config, num_partitions, int(p), state) for p in train_ids])
+            )
             total = sum(count for _, count in replies)
             net.load_state_dict(
                 {name: sum(s[name] * (count / total) for s, count in replies) for name in state}
             )
             evaluate_ids = rng.choice(num_partitions, evaluate_per_round, replace=False)
-            list(pool.map(_floor_evaluate, [(config, num_partitions, int(p), net.state_dict()) for p in evaluate_ids]))
+            list(
+                pool.map(
+                    _floor_evaluate,
+                    [(config, num_partitions, int(p), net.state_dict()) for p in evaluate_ids],
+                )
+            )
             task.test(net, test_set, config.eval_batch_size, torch.device("cpu"))
             times.append(time.perf_counter() - started)
     return float(np.mean(times[1:] if len(times) > 1 else times))
@@ -110,27 +120,37 @@ def _worker_init_probe(_: int) -> int:
 # --- The app: real `flwr run` -----------------------------------------------------------
 
 
-class PeakMemory:
-    """Samples the summed RSS of given processes and all their descendants."""
+class ProcessWatch:
+    """Samples, from outside, the processes under given roots: the peak of their summed
+    RSS, and how long each ClientApp process lived (start from the kernel's record,
+    end when it was last seen, so within one sampling interval)."""
+
+    SAMPLE_INTERVAL_S = 0.1
 
     def __init__(self, root_pids: list[int]) -> None:
         self.root_pids = root_pids
         self.peak_bytes = 0
+        self.clientapps: dict[int, list[float]] = {}  # pid -> [started, last seen]
+        self._commands: dict[tuple[int, int], bool] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._sample, daemon=True)
         self._thread.start()
 
     def _sample(self) -> None:
         page = os.sysconf("SC_PAGE_SIZE")
-        while not self._stop.wait(0.25):
+        ticks = os.sysconf("SC_CLK_TCK")
+        while not self._stop.wait(self.SAMPLE_INTERVAL_S):
+            now = time.clock_gettime(time.CLOCK_BOOTTIME)
             children: dict[int, list[int]] = {}
             rss: dict[int, int] = {}
+            started: dict[int, int] = {}
             for entry in Path("/proc").iterdir():
                 if not entry.name.isdigit():
                     continue
                 try:
                     fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
                     children.setdefault(int(fields[1]), []).append(int(entry.name))
+                    started[int(entry.name)] = int(fields[19])
                     rss[int(entry.name)] = int((entry / "statm").read_text().split()[1]) * page
                 except (OSError, ValueError, IndexError):
                     continue
@@ -141,17 +161,30 @@ class PeakMemory:
                     tree.add(pid)
                     todo.extend(children.get(pid, []))
             self.peak_bytes = max(self.peak_bytes, sum(rss.get(pid, 0) for pid in tree))
+            for pid in tree:
+                if self._is_clientapp(pid, started.get(pid, -1)):
+                    self.clientapps.setdefault(pid, [started[pid] / ticks, now])[1] = now
 
-    def stop(self) -> float:
+    def _is_clientapp(self, pid: int, started: int) -> bool:
+        key = (pid, started)
+        if key not in self._commands:
+            try:
+                self._commands[key] = b"flwr-clientapp" in Path(f"/proc/{pid}/cmdline").read_bytes()
+            except OSError:
+                self._commands[key] = False
+        return self._commands[key]
+
+    def stop(self) -> tuple[float, list[float]]:
+        """Peak GiB, and each ClientApp process's lifetime in seconds."""
         self._stop.set()
         self._thread.join()
-        return self.peak_bytes / 2**30
+        return self.peak_bytes / 2**30, [end - start for start, end in self.clientapps.values()]
 
 
 def run_app(root: Path, run_config: dict, node_configs, federation_config) -> dict:
     """Run the app for `rounds` rounds; time each round as its results.json entry lands."""
     federation = LocalFederation(root, node_configs)
-    memory = PeakMemory(federation.pids())
+    watch = ProcessWatch(federation.pids())
     round_done: dict[int, float] = {}
     output_dir = Path(run_config["output-dir"])
     stop_polling = threading.Event()
@@ -175,12 +208,10 @@ def run_app(root: Path, run_config: dict, node_configs, federation_config) -> di
     finally:
         stop_polling.set()
         poller.join()
-        peak_gib = memory.stop()
+        peak_gib, clientapp_lifetimes = watch.stop()
         federation.stop()
     if record["status"] != "finished:completed":
         raise RuntimeError(f"the run ended {record['status']}:\n{log[-3000:]}")
-    node_logs = "".join(path.read_text(errors="replace") for path in root.glob("supernode-*.log"))
-    startup = [float(s) for s in re.findall(r"ready for its first batch ([\d.]+)s", log + node_logs)]
     times = [round_done[r] for r in sorted(round_done)]
     steady = np.diff(times) if len(times) > 1 else np.array([wall])
     return {
@@ -189,7 +220,7 @@ def run_app(root: Path, run_config: dict, node_configs, federation_config) -> di
         "steady_s": float(np.mean(steady)),
         "wall_s": wall,
         "peak_gib": peak_gib,
-        "clientapp_ready_s": startup,
+        "clientapp_lifetimes_s": clientapp_lifetimes,
     }
 
 
@@ -204,24 +235,31 @@ def report(name: str, runs: list[tuple[float, dict]]) -> None:
     print(f"app (steady state)      {np.median(steady):7.2f} s/round   (rounds 2..{apps[0]['rounds']})")
     print(f"ratio app/floor         {np.median(ratios):7.2f}")
     if len(runs) > 1:
-        for index, (floor, app, ratio) in enumerate(zip(floors, steady, ratios), start=1):
+        for index, (floor, app, ratio) in enumerate(zip(floors, steady, ratios, strict=True), start=1):
             print(f"  repeat {index}: floor {floor:.2f}, app {app:.2f}, ratio {ratio:.2f}")
-    print(f"first round             {np.median([a['first_round_s'] for a in apps]):7.2f} s (workers start, cache fills)")
+    print(
+        f"first round             {np.median([a['first_round_s'] for a in apps]):7.2f} s"
+        " (workers start, cache fills)"
+    )
     print(f"whole flwr run          {np.median([a['wall_s'] for a in apps]):7.2f} s")
     print(f"peak memory, all procs  {max(a['peak_gib'] for a in apps):7.2f} GiB")
-    ready = np.array([s for a in apps for s in a["clientapp_ready_s"]])
-    if len(ready) and name.startswith("deployment"):
+    lifetimes = np.array([s for a in apps for s in a["clientapp_lifetimes_s"]])
+    if len(lifetimes) and name.startswith("deployment"):
         print(
-            f"ClientApp start->first batch {np.median(ready):.2f} s median "
-            f"({ready.min():.2f}-{ready.max():.2f}, {len(ready)} processes)"
+            f"ClientApp process, start to exit {np.median(lifetimes):.2f} s median "
+            f"({lifetimes.min():.2f}-{lifetimes.max():.2f}, {len(lifetimes)} processes)"
         )
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--rounds", type=int, default=11, help="simulation rounds (default 11)")
     parser.add_argument("--repeats", type=int, default=3, help="simulation repeats (default 3)")
-    parser.add_argument("--deployment-rounds", type=int, default=4, help="deployment rounds (default 4; 0 skips)")
+    parser.add_argument(
+        "--deployment-rounds", type=int, default=4, help="deployment rounds (default 4; 0 skips)"
+    )
     parser.add_argument("--work-dir", type=Path, default=None, help="keep files here (default: a temp dir)")
     args = parser.parse_args()
 
@@ -257,9 +295,12 @@ def main() -> None:
                 },
             )
             floor = compute_floor(
-                config, num_partitions=50, train_per_round=int(50 * config.fraction_train),
+                config,
+                num_partitions=50,
+                train_per_round=int(50 * config.fraction_train),
                 evaluate_per_round=int(50 * config.fraction_evaluate),
-                workers=max(1, cores // SIMULATION_CPUS_PER_CLIENT), rounds=args.rounds,
+                workers=max(1, cores // SIMULATION_CPUS_PER_CLIENT),
+                rounds=args.rounds,
             )
             simulation_runs.append((floor, app))
         report("simulation, 50 SuperNodes", simulation_runs)
@@ -275,8 +316,12 @@ def main() -> None:
             nodes = [{"partition-id": i, "num-partitions": 2} for i in range(2)]
             app = run_app(work / "deployment", deployment_config, nodes, None)
             floor = compute_floor(
-                AppConfig.from_run_config(deployment_config), num_partitions=2,
-                train_per_round=2, evaluate_per_round=2, workers=2, rounds=3,
+                AppConfig.from_run_config(deployment_config),
+                num_partitions=2,
+                train_per_round=2,
+                evaluate_per_round=2,
+                workers=2,
+                rounds=3,
             )
             report("deployment, 2 SuperNodes", [(floor, app)])
 

@@ -27,9 +27,9 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from torchvision.transforms import Compose, Normalize, RandomCrop, RandomHorizontalFlip, ToTensor
 
+from harness.synthetic_fmnist import write_parquet_dataset
 from pytorch_example import task
 from pytorch_example.data import DataSettings, load_partition, load_test_set
-from tests.synthetic_fmnist import write_parquet_dataset
 
 NUM_PARTITIONS = 10
 CLIENTS_PER_ROUND = 5
@@ -60,14 +60,18 @@ def straightforward_path(folder: Path):
         dataset="parquet",
         data_files={split: str(folder / f"{split}-00000-of-00001.parquet") for split in ("train", "test")},
         partitioners={
-            "train": DirichletPartitioner(num_partitions=NUM_PARTITIONS, partition_by="label", alpha=1.0, seed=42)
+            "train": DirichletPartitioner(
+                num_partitions=NUM_PARTITIONS, partition_by="label", alpha=1.0, seed=42
+            )
         },
     )
     client_loaders = []
     for partition_id in range(NUM_PARTITIONS):
         split = fds.load_partition(partition_id).train_test_split(test_size=0.2, seed=42)
         client_loaders.append(
-            DataLoader(split["train"].with_transform(apply(train_transforms)), batch_size=BATCH_SIZE, shuffle=True)
+            DataLoader(
+                split["train"].with_transform(apply(train_transforms)), batch_size=BATCH_SIZE, shuffle=True
+            )
         )
     test_loader = DataLoader(fds.load_split("test").with_transform(apply(eval_transforms)), batch_size=256)
     return client_loaders, test_loader
@@ -106,14 +110,19 @@ def federate(train_client, evaluate, seed: int, rounds: int) -> list[float]:
             states.append(net.state_dict())
         total = sum(weights)
         global_model.load_state_dict(
-            {name: sum(s[name] * (w / total) for s, w in zip(states, weights)) for name in states[0]}
+            {
+                name: sum(s[name] * (w / total) for s, w in zip(states, weights, strict=True))
+                for name in states[0]
+            }
         )
         accuracies.append(evaluate(global_model))
     return accuracies
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--seeds", type=int, default=5, help="at least 2")
     parser.add_argument("--rounds", type=int, default=8)
     parser.add_argument("--train-images", type=int, default=12_000)
@@ -145,14 +154,18 @@ def main() -> None:
             runs = {
                 "straightforward": lambda s=seed: federate(
                     lambda net, p: train_straightforward(net, client_loaders[p]),
-                    lambda net: accuracy_straightforward(net, test_loader), s, args.rounds,
+                    lambda net: accuracy_straightforward(net, test_loader),
+                    s,
+                    args.rounds,
                 ),
                 "this app": lambda s=seed, g=generator: federate(
                     lambda net, p: (
                         task.train(net, partitions[p].train, 1, BATCH_SIZE, LEARNING_RATE, MOMENTUM, CPU, g),
                         len(partitions[p].train),
                     )[1],
-                    lambda net: task.test(net, test_set, 256, CPU)[1], s, args.rounds,
+                    lambda net: task.test(net, test_set, 256, CPU)[1],
+                    s,
+                    args.rounds,
                 ),
             }
             for name, run in runs.items():
@@ -160,8 +173,10 @@ def main() -> None:
                 started = time.perf_counter()
                 results[name].append(run())
                 seconds[name] += time.perf_counter() - started
-                print(f"seed {seed} {name:15s} accuracy per round: "
-                      + " ".join(f"{a:.3f}" for a in results[name][-1]))
+                print(
+                    f"seed {seed} {name:15s} accuracy per round: "
+                    + " ".join(f"{a:.3f}" for a in results[name][-1])
+                )
 
         print()
         for name, runs in results.items():

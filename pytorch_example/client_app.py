@@ -5,20 +5,13 @@ carries from one message to the next for the whole run: the head this client tra
 last time replaces the global one before training and before evaluating.
 """
 
-import functools
-import os
-import time
-from logging import INFO
-from pathlib import Path
-
 import numpy as np
 import torch
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
-from flwr.common.logger import log
 
 from pytorch_example import task
-from pytorch_example.config import AppConfig
+from pytorch_example.config import AppConfig, ConfigError
 from pytorch_example.data import DataError, Partition, load_partition
 
 HEAD_STATE_KEY = "classification-head"
@@ -34,7 +27,6 @@ def train(msg: Message, context: Context) -> Message:
     server_round = int(msg.content["config"]["server-round"])
 
     net = model_with_own_head(msg.content["arrays"], context.state)
-    log_startup_once()
     train_loss = task.train(
         net,
         partition.train,
@@ -50,9 +42,7 @@ def train(msg: Message, context: Context) -> Message:
     reply = RecordDict(
         {
             "arrays": ArrayRecord(net.state_dict()),
-            "metrics": MetricRecord(
-                {"train_loss": train_loss, "num-examples": len(partition.train)}
-            ),
+            "metrics": MetricRecord({"train_loss": train_loss, "num-examples": len(partition.train)}),
         }
     )
     return Message(content=reply, reply_to=msg)
@@ -65,7 +55,6 @@ def evaluate(msg: Message, context: Context) -> Message:
     _, partition = local_partition(config, context)
 
     net = model_with_own_head(msg.content["arrays"], context.state)
-    log_startup_once()
     eval_loss, eval_acc = task.test(net, partition.val, config.eval_batch_size, device())
     reply = RecordDict(
         {
@@ -95,7 +84,14 @@ def local_partition(config: AppConfig, context: Context) -> tuple[int, Partition
     """This node's partition id and data, as its node config names them."""
     partition_id = node_setting(context, "partition-id")
     num_partitions = node_setting(context, "num-partitions")
-    return partition_id, load_partition(config.data_settings(num_partitions), partition_id)
+    try:
+        return partition_id, load_partition(config.data_settings(num_partitions), partition_id)
+    except DataError as err:
+        if err.setting == "num_partitions":
+            raise ConfigError(
+                f"node config partition-id={partition_id} num-partitions={num_partitions}: {err}"
+            ) from None
+        raise config.data_error(err) from None
 
 
 def node_setting(context: Context, key: str) -> int:
@@ -103,7 +99,7 @@ def node_setting(context: Context, key: str) -> int:
     try:
         return int(context.node_config[key])
     except (KeyError, TypeError, ValueError):
-        raise DataError(
+        raise ConfigError(
             f"node config key '{key}' is missing or not an integer: start the SuperNode "
             f'with --node-config "partition-id=<i> num-partitions=<n>"'
         ) from None
@@ -118,19 +114,3 @@ def client_generator(seed: int, server_round: int, partition_id: int) -> torch.G
 def device() -> torch.device:
     """CUDA when this ClientApp was given a GPU, otherwise CPU."""
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-@functools.cache
-def log_startup_once() -> None:
-    """Say how long this process took to be ready for its first batch (Linux only).
-
-    In a deployment every message gets a fresh ClientApp process, so this is the
-    fixed cost each message pays before any arithmetic.
-    """
-    try:
-        start_ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
-        started = start_ticks / os.sysconf("SC_CLK_TCK")
-        log(INFO, "ClientApp process ready for its first batch %.2fs after it started",
-            time.clock_gettime(time.CLOCK_BOOTTIME) - started)
-    except (OSError, ValueError, AttributeError):
-        pass

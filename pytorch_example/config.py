@@ -14,7 +14,7 @@ from urllib.parse import unquote, urlparse
 
 from flwr.app import UserConfig
 
-from pytorch_example.data import DataSettings
+from pytorch_example.data import DataError, DataSettings
 
 DISTRIBUTION_NAME = "pytorchexample"
 DEFAULT_CACHE_DIR = Path.home() / ".cache" / "pytorch-example"
@@ -22,6 +22,16 @@ DEFAULT_CACHE_DIR = Path.home() / ".cache" / "pytorch-example"
 
 class ConfigError(ValueError):
     """A run-config value the app cannot use; the message is one line for the user."""
+
+
+# The run-config key behind each `DataSettings` field, to name it in data errors.
+DATA_SETTING_KEYS = {
+    "dataset_name": "dataset-name",
+    "dataset_path": "dataset-path",
+    "alpha": "dirichlet-alpha",
+    "partition_seed": "partition-seed",
+    "val_fraction": "val-fraction",
+}
 
 
 @dataclass(frozen=True)
@@ -47,6 +57,7 @@ class AppConfig:
     dataset_path: Path | None
     data_cache_dir: Path
     output_dir: Path
+    max_failed_rounds: int
     use_wandb: bool
     wandb_project: str
 
@@ -74,6 +85,7 @@ class AppConfig:
             dataset_path=reader.optional_path("dataset-path"),
             data_cache_dir=reader.optional_path("data-cache-dir") or DEFAULT_CACHE_DIR,
             output_dir=reader.path("output-dir"),
+            max_failed_rounds=reader.integer("max-failed-rounds", minimum=1),
             use_wandb=reader.boolean("use-wandb"),
             wandb_project=reader.text("wandb-project"),
         )
@@ -95,6 +107,20 @@ class AppConfig:
             partition_seed=self.partition_seed,
             val_fraction=self.val_fraction,
         )
+
+    def data_error(self, err: DataError) -> ConfigError:
+        """`err` as one line that names the run-config key to change."""
+        key = DATA_SETTING_KEYS.get(err.setting)
+        if key is None:
+            return ConfigError(str(err))
+        value = getattr(self, key.replace("-", "_"))
+        shown = f"'{value}'" if isinstance(value, (str, Path)) else value
+        line = f"run-config key '{key}' = {shown}: {err}"
+        if key == "dataset-name":
+            line += (
+                "; set run-config key 'dataset-path' to a folder with the Fashion-MNIST .gz or parquet files"
+            )
+        return ConfigError(line)
 
     def learning_rate_at(self, server_round: int) -> float:
         """Step schedule: multiply by `lr_decay_factor` at each round in `lr_decay_rounds`."""
@@ -119,7 +145,7 @@ class _Reader:
     def _fail(self, key: str, value, expected: str) -> ConfigError:
         return ConfigError(
             f"run-config key '{key}' = {value!r} is invalid: expected {expected} "
-            f"(e.g. --run-config \"{key}=...\")"
+            f'(e.g. --run-config "{key}=...")'
         )
 
     def integer(self, key: str, minimum: int) -> int:

@@ -11,21 +11,23 @@ from flwr.serverapp import Grid, ServerApp
 
 from pytorch_example import task
 from pytorch_example.config import AppConfig, ConfigError
-from pytorch_example.data import DataError, ImageSet, load_test_set
-from pytorch_example.strategy import CustomFedAvg
+from pytorch_example.data import DataError, ImageSet, ensure_partitions, load_test_set
+from pytorch_example.outputs import RunOutputs
+from pytorch_example.strategy import CustomFedAvg, RunFailed
 
 app = ServerApp()
 
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    """Validate the run-config, then train for `num-server-rounds` rounds."""
+    """Validate the run-config and the data, then train for `num-server-rounds` rounds."""
     try:
         config = AppConfig.from_run_config(context.run_config)
         check_server_device(config.server_device)
-        # The test split is decoded (or mapped from the cache) once for the whole run.
-        test_set = load_test_set(config.data_settings(num_partitions=1))
-    except (ConfigError, DataError) as err:
+        num_supernodes = len(list(grid.get_node_ids()))
+        log(INFO, "The federation has %d SuperNodes connected", num_supernodes)
+        test_set = prepare_data(config, num_supernodes)
+    except ConfigError as err:
         # One readable line first; re-raising marks the run failed with it as the reason.
         log(ERROR, "%s", err)
         raise
@@ -38,20 +40,41 @@ def main(grid: Grid, context: Context) -> None:
     run_dir = create_run_dir(config.output_dir)
     log(INFO, "Outputs of this run go to %s", run_dir)
 
-    strategy = CustomFedAvg(
-        run_dir=run_dir,
-        run_config=dict(context.run_config),
-        learning_rate_at=config.learning_rate_at,
-        wandb_project=config.wandb_project if config.use_wandb else None,
-        fraction_train=config.fraction_train,
-        fraction_evaluate=config.fraction_evaluate,
-    )
-    strategy.start(
-        grid=grid,
-        initial_arrays=ArrayRecord(initial_model.state_dict()),
-        num_rounds=config.num_server_rounds,
-        evaluate_fn=central_evaluation(test_set, config),
-    )
+    wandb_project = config.wandb_project if config.use_wandb else None
+    with RunOutputs(run_dir, dict(context.run_config), wandb_project) as outputs:
+        strategy = CustomFedAvg(
+            outputs=outputs,
+            learning_rate_at=config.learning_rate_at,
+            max_failed_rounds=config.max_failed_rounds,
+            fraction_train=config.fraction_train,
+            fraction_evaluate=config.fraction_evaluate,
+        )
+        try:
+            strategy.start(
+                grid=grid,
+                initial_arrays=ArrayRecord(initial_model.state_dict()),
+                num_rounds=config.num_server_rounds,
+                evaluate_fn=central_evaluation(test_set, config),
+            )
+        except RunFailed as err:
+            log(ERROR, "%s", err)
+            raise
+
+
+def prepare_data(config: AppConfig, num_supernodes: int) -> ImageSet:
+    """Decode the data and cut it into one partition per SuperNode, before round 1.
+
+    The ClientApps then only map the cached files; a setting the data cannot satisfy
+    fails here, once, instead of in every ClientApp.
+    """
+    try:
+        # The test split is decoded (or mapped from the cache) once for the whole run.
+        test_set = load_test_set(config.data_settings(num_partitions=max(num_supernodes, 1)))
+        if num_supernodes > 0:
+            ensure_partitions(config.data_settings(num_partitions=num_supernodes))
+    except DataError as err:
+        raise config.data_error(err) from None
+    return test_set
 
 
 def central_evaluation(test_set: ImageSet, config: AppConfig):
@@ -75,7 +98,7 @@ def check_server_device(server_device: str) -> None:
     if index >= torch.cuda.device_count():
         raise ConfigError(
             f"run-config key 'server-device' = '{server_device}' but the ServerApp sees "
-            f"{torch.cuda.device_count()} CUDA device(s): use server-device=\"cpu\""
+            f'{torch.cuda.device_count()} CUDA device(s): use server-device="cpu"'
         )
 
 

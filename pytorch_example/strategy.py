@@ -1,76 +1,58 @@
-"""FedAvg with a learning-rate schedule, and the only writer of a run's outputs.
-
-After every round it rewrites `results.json`, saves a checkpoint when the central
-accuracy reaches a new best, and logs the round to Weights & Biases.
+"""Flower's FedAvg with what this app adds: a learning-rate schedule, a round loop that
+waits less and overlaps central with federated evaluation, and a run that fails when
+its clients stop training. Each finished round goes to `RunOutputs`, which records it.
 """
 
-import json
-import os
 import time
-from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable, Iterable
-from logging import INFO, WARNING
-from pathlib import Path
+from concurrent.futures import ThreadPoolExecutor
+from logging import INFO
 
-import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, Result
 
-from pytorch_example.data import save_atomically
+from pytorch_example.outputs import RunOutputs
 
 # How often the ServerApp asks for replies. Flower's own `send_and_receive` waits 3 s
 # between asks in a deployment (100 ms in simulation), which a round pays twice.
 REPLY_POLL_INTERVAL_S = 0.05
 
-# results.json names of the metrics -> the names they get in W&B.
-WANDB_NAMES = {
-    "train_metrics": {"train_loss": "train_loss"},
-    "evaluate_metrics_clientapp": {
-        "eval_loss": "federated_evaluate_loss",
-        "eval_acc": "federated_evaluate_accuracy",
-    },
-    "evaluate_metrics_serverapp": {
-        "loss": "centralized_loss",
-        "accuracy": "centralized_accuracy",
-    },
-}
+CentralEvaluation = Callable[[int, ArrayRecord], MetricRecord | None]
+
+
+class RunFailed(RuntimeError):
+    """The run cannot go on; the message is one line for the user."""
 
 
 class CustomFedAvg(FedAvg):
-    """FedAvg that decays the learning rate and records every round in `run_dir`.
+    """FedAvg that decays the learning rate and hands every round to `outputs`.
 
     Parameters
     ----------
-    run_dir : Path
-        Folder of this run's outputs; created by the caller.
-    run_config : dict
-        The run-config the ServerApp received, saved as `config.json`.
+    outputs : RunOutputs
+        Records each finished round (results.json, checkpoints, W&B).
     learning_rate_at : Callable[[int], float]
         Learning rate clients use in a given round (sent as `lr`).
-    wandb_project : str | None
-        W&B project to log to, or None for no W&B.
+    max_failed_rounds : int
+        The run fails after this many rounds in a row without a valid train reply
+        (after all of its rounds, if it has fewer).
     **fedavg_kwargs
         Passed to `FedAvg` (fractions, minimum node counts, ...).
     """
 
     def __init__(
         self,
-        run_dir: Path,
-        run_config: dict,
+        outputs: RunOutputs,
         learning_rate_at: Callable[[int], float],
-        wandb_project: str | None,
+        max_failed_rounds: int,
         **fedavg_kwargs,
     ) -> None:
         super().__init__(**fedavg_kwargs)
-        self.run_dir = run_dir
-        self.run_config = run_config
+        self.outputs = outputs
         self.learning_rate_at = learning_rate_at
-        self.wandb_project = wandb_project
-        self.best_accuracy = float("-inf")
-        self.round_results: list[dict] = []
-        self.wandb_run = None
+        self.max_failed_rounds = max_failed_rounds
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -90,18 +72,16 @@ class CustomFedAvg(FedAvg):
         timeout: float = 3600,
         train_config: ConfigRecord | None = None,
         evaluate_config: ConfigRecord | None = None,
-        evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None] | None = None,
+        evaluate_fn: CentralEvaluation | None = None,
     ) -> Result:
         """Run `num_rounds` rounds as `FedAvg.start` does, recording each one.
 
-        Returns the `Result` with the final model and every round's metrics; the final
-        model is also saved as `final_model.pt`.
+        Returns the `Result` with the final model and every round's metrics; raises
+        `RunFailed` when the clients stopped training (see `max_failed_rounds`).
         """
         train_config = train_config or ConfigRecord()
         evaluate_config = evaluate_config or ConfigRecord()
         self.summary()
-        self._write_json("config.json", self.run_config)
-        self.wandb_run = self._start_wandb()
 
         result = Result(arrays=initial_arrays)
         if evaluate_fn and (initial := evaluate_fn(0, initial_arrays)) is not None:
@@ -109,121 +89,69 @@ class CustomFedAvg(FedAvg):
             result.evaluate_metrics_serverapp[0] = initial
 
         started = time.monotonic()
-        try:
-            # One background thread: central evaluation overlaps the clients' evaluation.
-            with ThreadPoolExecutor(max_workers=1) as background:
-                for server_round in range(1, num_rounds + 1):
-                    log(INFO, "")
-                    log(INFO, "[ROUND %s/%s]", server_round, num_rounds)
-                    self._run_round(
-                        grid, server_round, result, train_config, evaluate_config, evaluate_fn,
-                        timeout, background,
+        failed_rounds: list[str] = []  # the first client error of each failed round in a row
+        # One background thread: central evaluation overlaps the clients' evaluation.
+        with ThreadPoolExecutor(max_workers=1) as background:
+            for server_round in range(1, num_rounds + 1):
+                log(INFO, "")
+                log(INFO, "[ROUND %s/%s]", server_round, num_rounds)
+                train_error = self._train(grid, server_round, result, train_config, timeout)
+                # The clients' evaluation is mostly waiting on messages, so the ServerApp's
+                # cores are free for the central evaluation meanwhile.
+                central = background.submit(evaluate_fn, server_round, result.arrays) if evaluate_fn else None
+                self._evaluate(grid, server_round, result, evaluate_config, timeout)
+                if central is not None and (central_metrics := central.result()) is not None:
+                    result.evaluate_metrics_serverapp[server_round] = central_metrics
+                self.outputs.record_round(server_round, result)
+                log(
+                    INFO,
+                    "Round %s done, %.1fs since the first round began",
+                    server_round,
+                    time.monotonic() - started,
+                )
+                failed_rounds = [*failed_rounds, train_error] if train_error is not None else []
+                if len(failed_rounds) >= min(self.max_failed_rounds, num_rounds):
+                    raise RunFailed(
+                        f"{len(failed_rounds)} round(s) in a row got no valid train reply, so nothing "
+                        f"was trained; the first client error: {failed_rounds[0]}"
                     )
-                    self._record_round(server_round, result)
-                    log(INFO, "Round %s done, %.1fs since the first round began",
-                        server_round, time.monotonic() - started)
-            final_model = self.run_dir / "final_model.pt"
-            save_model(final_model, result.arrays)
-            log(INFO, "Final model saved to %s", final_model)
-        finally:
-            if self.wandb_run is not None:
-                self.wandb_run.finish()
+        self.outputs.save_final_model(result.arrays)
         return result
 
-    def _run_round(
-        self,
-        grid: Grid,
-        server_round: int,
-        result: Result,
-        train_config: ConfigRecord,
-        evaluate_config: ConfigRecord,
-        evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None] | None,
-        timeout: float,
-        background: ThreadPoolExecutor,
-    ) -> None:
-        """Train, then evaluate on the clients and centrally; store it all in `result`."""
-        train_replies = send_and_receive(
-            grid, self.configure_train(server_round, result.arrays, train_config, grid), timeout
-        )
-        arrays, train_metrics = self.aggregate_train(server_round, train_replies)
+    def _train(
+        self, grid: Grid, server_round: int, result: Result, train_config: ConfigRecord, timeout: float
+    ) -> str | None:
+        """Train and aggregate into `result`; say why, if no valid train reply came."""
+        messages = list(self.configure_train(server_round, result.arrays, train_config, grid))
+        replies = send_and_receive(grid, messages, timeout)
+        arrays, train_metrics = self.aggregate_train(server_round, replies)
         if arrays is not None:
             result.arrays = arrays
         if train_metrics is not None:
             result.train_metrics_clientapp[server_round] = train_metrics
+        if not messages or arrays is not None:
+            return None
+        errors = [reply.error.reason for reply in replies if reply.has_error()]
+        log(INFO, "Round %s trained nothing: the global model stays as it was", server_round)
+        if errors:
+            return last_line(errors[0])
+        return f"no reply from {len(messages)} sampled node(s) within {timeout:g}s"
 
-        # The clients' evaluation is mostly waiting on messages, so the ServerApp's
-        # cores are free for the central evaluation meanwhile.
-        central = background.submit(evaluate_fn, server_round, result.arrays) if evaluate_fn else None
-        evaluate_replies = send_and_receive(
+    def _evaluate(
+        self, grid: Grid, server_round: int, result: Result, evaluate_config: ConfigRecord, timeout: float
+    ) -> None:
+        """Federated evaluation of the round's global model, aggregated into `result`."""
+        replies = send_and_receive(
             grid, self.configure_evaluate(server_round, result.arrays, evaluate_config, grid), timeout
         )
-        if (evaluate_metrics := self.aggregate_evaluate(server_round, evaluate_replies)) is not None:
+        if (evaluate_metrics := self.aggregate_evaluate(server_round, replies)) is not None:
             result.evaluate_metrics_clientapp[server_round] = evaluate_metrics
-        if central is not None and (central_metrics := central.result()) is not None:
-            result.evaluate_metrics_serverapp[server_round] = central_metrics
 
-    def _record_round(self, server_round: int, result: Result) -> None:
-        """Append the round to results.json, checkpoint a new best model, log to W&B."""
-        round_result = {
-            "round": server_round,
-            "train_metrics": dict(result.train_metrics_clientapp.get(server_round, {})),
-            "evaluate_metrics_clientapp": dict(result.evaluate_metrics_clientapp.get(server_round, {})),
-            "evaluate_metrics_serverapp": dict(result.evaluate_metrics_serverapp.get(server_round, {})),
-        }
-        for section in ("train_metrics", "evaluate_metrics_clientapp", "evaluate_metrics_serverapp"):
-            log(INFO, "\t%s: %s", section, round_result[section])
-        self.round_results.append(round_result)
-        self._write_json("results.json", self.round_results)
 
-        accuracy = round_result["evaluate_metrics_serverapp"].get("accuracy")
-        if accuracy is not None and accuracy > self.best_accuracy:
-            self.best_accuracy = accuracy
-            checkpoint = self.run_dir / f"best_model_round_{server_round}_acc_{accuracy:.4f}.pt"
-            save_model(checkpoint, result.arrays)
-            log(INFO, "New best central accuracy %.4f: saved %s", accuracy, checkpoint.name)
-
-        if self.wandb_run is not None:
-            self.wandb_run.log(
-                {
-                    WANDB_NAMES[section][name]: value
-                    for section, names in WANDB_NAMES.items()
-                    for name, value in round_result[section].items()
-                    if name in names
-                },
-                step=server_round,
-            )
-
-    def _write_json(self, name: str, content) -> None:
-        data = json.dumps(content, indent=4).encode()
-        save_atomically(self.run_dir / name, lambda f: f.write(data))
-
-    def _start_wandb(self):
-        """A W&B run in `run_dir`; offline when no credentials exist, never a prompt."""
-        if self.wandb_project is None:
-            return None
-        import wandb  # noqa: PLC0415 (costs a second; only when W&B is on)
-
-        mode = os.environ.get("WANDB_MODE")
-        if mode is None and not wandb.login(prompt=False, verify=False):
-            mode = "offline"
-            log(
-                WARNING,
-                "No W&B credentials (`wandb login` or WANDB_API_KEY): logging offline "
-                "under %s; upload it later with `wandb sync`",
-                self.run_dir / "wandb",
-            )
-        settings = {
-            "project": self.wandb_project,
-            "name": f"{self.run_dir.parent.name}/{self.run_dir.name}",
-            "dir": self.run_dir,
-            "config": self.run_config,
-        }
-        try:
-            return wandb.init(**settings, mode=mode)
-        except wandb.Error as err:
-            # An unreachable or refusing W&B server must not cost the federated run.
-            log(WARNING, "W&B did not start (%s): logging offline under %s", err, self.run_dir / "wandb")
-            return wandb.init(**settings, mode="offline")
+def last_line(text: str) -> str:
+    """The last non-empty line of a client's error (a traceback ends with its message)."""
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return lines[-1] if lines else text
 
 
 def send_and_receive(grid: Grid, messages: Iterable[Message], timeout: float) -> list[Message]:
@@ -239,8 +167,3 @@ def send_and_receive(grid: Grid, messages: Iterable[Message], timeout: float) ->
         if pending:
             time.sleep(REPLY_POLL_INTERVAL_S)
     return replies
-
-
-def save_model(path: Path, arrays: ArrayRecord) -> None:
-    """Save `arrays` as a PyTorch state_dict, all or nothing."""
-    save_atomically(path, lambda f: torch.save(arrays.to_torch_state_dict(), f))

@@ -90,7 +90,7 @@ def test(net: nn.Module, data: ImageSet, batch_size: int, device: torch.device) 
     net.to(device).eval()
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), device=device, dtype=torch.long)
-    for images, labels in zip(data.images.split(batch_size), data.labels.split(batch_size)):
+    for images, labels in zip(data.images.split(batch_size), data.labels.split(batch_size), strict=True):
         images, labels = images.to(device), labels.to(device)
         logits = net(normalize(images))
         loss_sum += F.cross_entropy(logits, labels, reduction="sum")

@@ -13,8 +13,8 @@ os.environ["HF_HOME"] = HF_HOME
 
 import pytest  # noqa: E402
 
-from tests.flower_processes import LocalFederation, copy_app  # noqa: E402
-from tests.synthetic_fmnist import write_idx_dataset  # noqa: E402
+from harness.flower_processes import LocalFederation, copy_app  # noqa: E402
+from harness.synthetic_fmnist import write_idx_dataset  # noqa: E402
 
 
 def pytest_sessionfinish(session, exitstatus):

@@ -2,14 +2,16 @@
 
 import pytest
 import torch
-from flwr.app import ArrayRecord, RecordDict
+from flwr.app import ArrayRecord, Context, RecordDict
 
 from pytorch_example.client_app import (
     HEAD_STATE_KEY,
     client_generator,
     model_with_own_head,
+    node_setting,
     save_head,
 )
+from pytorch_example.config import ConfigError
 from pytorch_example.task import Net
 
 
@@ -52,12 +54,7 @@ def test_client_rng_depends_on_seed_round_and_partition():
 
 
 def test_missing_node_config_key_is_one_clear_error():
-    from flwr.app import Context
-
-    from pytorch_example.client_app import node_setting
-    from pytorch_example.data import DataError
-
     context = Context(run_id=1, node_id=1, node_config={"partition-id": 3}, state=RecordDict(), run_config={})
     assert node_setting(context, "partition-id") == 3
-    with pytest.raises(DataError, match="node config key 'num-partitions' is missing"):
+    with pytest.raises(ConfigError, match="node config key 'num-partitions' is missing"):
         node_setting(context, "num-partitions")

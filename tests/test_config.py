@@ -1,9 +1,13 @@
 """Run-config validation and the learning-rate schedule."""
 
+import json
+
 import pytest
 
+from harness.flower_processes import default_run_config
+from pytorch_example import config as config_module
 from pytorch_example.config import DEFAULT_CACHE_DIR, AppConfig, ConfigError, project_dir
-from tests.flower_processes import REPO, default_run_config
+from pytorch_example.data import DataError
 
 
 def test_pyproject_defaults_are_valid_and_the_reference_ones():
@@ -58,6 +62,7 @@ def test_empty_schedule_keeps_the_rate():
         ("use-wandb", "yes"),
         ("dataset-name", ""),
         ("dataset-path", 3),
+        ("max-failed-rounds", 0),
     ],
 )
 def test_bad_values_name_key_and_value(key, value):
@@ -82,11 +87,47 @@ def test_integers_are_accepted_for_float_keys():
     assert config.learning_rate == 1.0 and config.fraction_train == 1.0
 
 
-def test_relative_paths_are_anchored_to_the_project_not_the_cwd(tmp_path, monkeypatch):
+def test_relative_paths_are_anchored_to_the_project_dir(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     config = AppConfig.from_run_config({**default_run_config(), "output-dir": "runs/x"})
-    # The test environment installs this repository with `pip install -e .`.
-    assert project_dir() == REPO
-    assert config.output_dir == REPO / "runs" / "x"
+    assert config.output_dir == project_dir() / "runs" / "x"
     absolute = AppConfig.from_run_config({**default_run_config(), "output-dir": str(tmp_path)})
     assert absolute.output_dir == tmp_path
+
+
+class FakeDistribution:
+    def __init__(self, direct_url: str | None) -> None:
+        self.direct_url = direct_url
+
+    def read_text(self, name: str) -> str | None:
+        return self.direct_url if name == "direct_url.json" else None
+
+
+def test_project_dir_of_an_editable_install_is_its_source_folder(tmp_path, monkeypatch):
+    source = tmp_path / "my project"
+    url = json.dumps({"url": source.as_uri(), "dir_info": {"editable": True}})
+    monkeypatch.setattr(config_module, "distribution", lambda name: FakeDistribution(url))
+    monkeypatch.chdir(tmp_path)
+    assert project_dir() == source
+
+
+@pytest.mark.parametrize(
+    "direct_url",
+    [None, json.dumps({"url": "file:///wheels/app.whl", "archive_info": {}})],
+    ids=["from an index", "from a wheel"],
+)
+def test_project_dir_of_any_other_install_is_the_working_folder(tmp_path, monkeypatch, direct_url):
+    monkeypatch.setattr(config_module, "distribution", lambda name: FakeDistribution(direct_url))
+    monkeypatch.chdir(tmp_path)
+    assert project_dir() == tmp_path
+
+
+def test_data_errors_name_the_run_config_key():
+    config = AppConfig.from_run_config({**default_run_config(), "dirichlet-alpha": 0.05})
+    line = str(config.data_error(DataError("alpha 0.05 leaves ...: use 0.1 or more", setting="alpha")))
+    assert line == "run-config key 'dirichlet-alpha' = 0.05: alpha 0.05 leaves ...: use 0.1 or more"
+    hub = str(
+        config.data_error(DataError("could not load 'x' from the Hugging Face Hub", setting="dataset_name"))
+    )
+    assert hub.startswith("run-config key 'dataset-name' = 'zalando-datasets/fashion_mnist': could not load")
+    assert "set run-config key 'dataset-path'" in hub

@@ -2,7 +2,12 @@
 
 import json
 
-from tests.flower_processes import LocalFederation, copy_app
+import pytest
+
+from harness.flower_processes import LocalFederation, copy_app
+from harness.wandb_offline import read_offline_run
+
+pytestmark = pytest.mark.e2e
 
 
 def test_two_supernodes_each_with_half_of_the_data(idx_dataset, tmp_path):
@@ -30,7 +35,38 @@ def test_two_supernodes_each_with_half_of_the_data(idx_dataset, tmp_path):
     results = json.loads(results_file.read_text())
     assert [entry["round"] for entry in results] == [1, 2]
     assert "Sampled 2 nodes (out of 2)" in log
-    # Every message ran in a fresh ClientApp process: 2 nodes x 2 rounds x (train, evaluate).
-    node_logs = "".join(path.read_text() for path in (tmp_path / "deployment").glob("supernode-*.log"))
-    assert node_logs.count("ClientApp process ready for its first batch") == 8
     assert all(process.poll() is not None for process in federation.processes)
+
+
+def test_a_run_whose_clientapps_all_fail_ends_failed(idx_dataset, tmp_path):
+    """Two SuperNodes started with a partition that does not exist: nothing trains."""
+    federation = LocalFederation(
+        tmp_path / "deployment",
+        node_configs=[{"partition-id": 5, "num-partitions": 2} for _ in range(2)],
+    )
+    try:
+        log, record = federation.run(
+            copy_app(tmp_path / "app"),
+            {
+                "num-server-rounds": 4,
+                "max-failed-rounds": 2,
+                "fraction-train": 1.0,
+                "fraction-evaluate": 1.0,
+                "dataset-path": str(idx_dataset),
+                "data-cache-dir": str(tmp_path / "cache"),
+                "output-dir": str(tmp_path / "outputs"),
+                "use-wandb": True,
+            },
+        )
+    finally:
+        federation.stop()
+    assert record["status"] == "finished:failed", log
+    details = record["status-details"]
+    assert "2 round(s) in a row got no valid train reply" in details
+    assert "node config partition-id=5 num-partitions=2: partition 5 does not exist" in details
+    [run_dir] = [path for path in (tmp_path / "outputs").glob("*/*") if path.is_dir()]
+    results = json.loads((run_dir / "results.json").read_text())
+    assert [entry["train_metrics"] for entry in results] == [{}, {}]
+    assert not (run_dir / "final_model.pt").exists()
+    [wandb_run] = (run_dir / "wandb").glob("offline-run-*")
+    assert read_offline_run(wandb_run).exit_code == 1

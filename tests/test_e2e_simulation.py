@@ -4,9 +4,13 @@ import json
 import math
 import tomllib
 
+import pytest
 import torch
 
+from harness.wandb_offline import read_offline_run
 from pytorch_example.task import Net
+
+pytestmark = pytest.mark.e2e
 
 RESULT_KEYS = {
     "round",
@@ -59,17 +63,45 @@ def test_simulation_writes_every_output(superlink, app_dir, idx_dataset, tmp_pat
         Net().load_state_dict(torch.load(model_file, weights_only=True))
 
     # No W&B credentials in the test's HOME: the run is logged offline, next to the rest.
-    assert list((run_dir / "wandb").glob("offline-run-*"))
+    [wandb_run] = (run_dir / "wandb").glob("offline-run-*")
+    logged = read_offline_run(wandb_run)
+    assert logged.exit_code == 0 and len(logged.history) == 3
     assert not list(run_dir.rglob(".*.tmp"))
+    assert "The federation has 4 SuperNodes connected" in log
+
+
+def test_an_alpha_the_data_cannot_satisfy_stops_before_round_1(superlink, app_dir, idx_dataset, tmp_path):
+    log, record = superlink.run(
+        app_dir,
+        {
+            "dirichlet-alpha": 0.05,
+            "dataset-path": str(idx_dataset),
+            "data-cache-dir": str(tmp_path / "cache"),
+            "output-dir": str(tmp_path / "outputs"),
+        },
+        federation_config={"num-supernodes": 50},
+    )
+    assert record["status"] == "finished:failed"
+    details = record["status-details"]
+    assert "run-config key 'dirichlet-alpha' = 0.05: alpha 0.05 leaves some of the 50 partitions" in details
+    assert "or more, or fewer partitions" in details and "\n" not in details
+    assert "[ROUND 1" not in log
+    assert not (tmp_path / "outputs").exists()
 
 
 def test_flwr_run_migrates_the_two_federations(superlink, app_dir, idx_dataset, tmp_path):
     """After any `flwr run .` both federations are SuperLink connections."""
     log, record = superlink.run(
         app_dir,
-        {"num-server-rounds": 1, "fraction-train": 1.0, "fraction-evaluate": 0.0,
-         "dataset-path": str(idx_dataset), "data-cache-dir": str(tmp_path / "cache"),
-         "output-dir": str(tmp_path / "outputs"), "use-wandb": False},
+        {
+            "num-server-rounds": 1,
+            "fraction-train": 1.0,
+            "fraction-evaluate": 0.0,
+            "dataset-path": str(idx_dataset),
+            "data-cache-dir": str(tmp_path / "cache"),
+            "output-dir": str(tmp_path / "outputs"),
+            "use-wandb": False,
+        },
         federation_config={"num-supernodes": 2},
     )
     assert record["status"] == "finished:completed", log
@@ -90,7 +122,9 @@ def test_flwr_run_migrates_the_two_federations(superlink, app_dir, idx_dataset, 
 def test_bad_flag_fails_the_run_with_one_line(superlink, app_dir, tmp_path):
     output_dir = tmp_path / "outputs"
     log, record = superlink.run(
-        app_dir, {"fraction-train": 1.5, "output-dir": str(output_dir)}, federation_config={"num-supernodes": 2}
+        app_dir,
+        {"fraction-train": 1.5, "output-dir": str(output_dir)},
+        federation_config={"num-supernodes": 2},
     )
     assert record["status"] == "finished:failed"
     assert "'fraction-train' = 1.5 is invalid" in record["status-details"]
@@ -101,8 +135,11 @@ def test_bad_flag_fails_the_run_with_one_line(superlink, app_dir, tmp_path):
 def test_unreachable_hub_fails_once_naming_dataset_and_key(superlink, app_dir, tmp_path):
     log, record = superlink.run(
         app_dir,
-        {"dataset-path": "", "data-cache-dir": str(tmp_path / "cache"),
-         "output-dir": str(tmp_path / "outputs")},
+        {
+            "dataset-path": "",
+            "data-cache-dir": str(tmp_path / "cache"),
+            "output-dir": str(tmp_path / "outputs"),
+        },
         federation_config={"num-supernodes": 2},
     )
     assert record["status"] == "finished:failed"

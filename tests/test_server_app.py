@@ -4,12 +4,12 @@ import pytest
 import torch
 from flwr.app import ArrayRecord
 
+from harness.flower_processes import default_run_config
+from harness.synthetic_fmnist import make_split
 from pytorch_example.config import AppConfig, ConfigError
 from pytorch_example.data import ImageSet
 from pytorch_example.server_app import central_evaluation, check_server_device, create_run_dir
 from pytorch_example.task import Net
-from tests.flower_processes import default_run_config
-from tests.synthetic_fmnist import make_split
 
 
 def test_cpu_is_always_a_valid_server_device():

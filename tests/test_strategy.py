@@ -1,108 +1,126 @@
-"""The strategy's outputs: results.json, checkpoints, config.json and W&B."""
+"""The round loop: learning rate sent each round, outputs recorded, and the rule that
+fails a run whose clients stopped training."""
 
+import itertools
 import json
 
 import pytest
-import torch
-from flwr.app import ArrayRecord, MetricRecord
-from flwr.serverapp.strategy import Result
+from flwr.app import ArrayRecord, Error, Message, MetricRecord, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
 
-from pytorch_example.strategy import CustomFedAvg
+from pytorch_example.outputs import RunOutputs
+from pytorch_example.strategy import CustomFedAvg, RunFailed
 from pytorch_example.task import Net
 
 
-def make_strategy(run_dir, wandb_project=None) -> CustomFedAvg:
-    return CustomFedAvg(
-        run_dir=run_dir,
-        run_config={"num-server-rounds": 2},
-        learning_rate_at=lambda server_round: 0.1,
-        wandb_project=wandb_project,
-        fraction_train=0.25,
-    )
+class ScriptedGrid:
+    """Stands in for Flower's Grid: every node answers at once, as `answer` says.
+
+    `answer(server_round, message)` returns a reply's content, or an exception to
+    send back as the error a crashed ClientApp would.
+    """
+
+    def __init__(self, num_nodes: int, answer) -> None:
+        self.node_ids = list(range(1, num_nodes + 1))
+        self.answer = answer
+        self.ids = itertools.count()
+        self.pushed: dict[str, Message] = {}
+        self.sent: list[tuple[str, dict]] = []  # type and config, as pushed
+
+    def get_node_ids(self):
+        return self.node_ids
+
+    def push_messages(self, messages):
+        ids = []
+        for message in messages:
+            # As the SuperLink does when it accepts a message.
+            message.metadata.__dict__["_message_id"] = f"message-{next(self.ids)}"
+            self.pushed[message.metadata.message_id] = message
+            self.sent.append((message.metadata.message_type, dict(message.content["config"])))
+            ids.append(message.metadata.message_id)
+        return ids
+
+    def pull_messages(self, message_ids):
+        replies = []
+        for message_id in list(message_ids):
+            message = self.pushed.pop(message_id)
+            server_round = int(message.content["config"]["server-round"])
+            answer = self.answer(server_round, message)
+            if isinstance(answer, Exception):
+                replies.append(message.create_error_reply(Error(code=0, reason=f"Traceback...\n{answer!r}")))
+            else:
+                replies.append(message.create_reply(answer))
+        return replies
 
 
-def result_after_round(result: Result, server_round: int, accuracy: float) -> Result:
-    result.arrays = ArrayRecord(Net().state_dict())
-    result.train_metrics_clientapp[server_round] = MetricRecord({"train_loss": 2.0 - server_round})
-    result.evaluate_metrics_clientapp[server_round] = MetricRecord({"eval_loss": 1.5, "eval_acc": 0.4})
-    result.evaluate_metrics_serverapp[server_round] = MetricRecord({"accuracy": accuracy, "loss": 1.2})
-    return result
+@pytest.fixture(autouse=True)
+def serverapp_identity(monkeypatch):
+    """What Flower sets in a ServerApp process before the strategy creates messages."""
+    for name, value in (("_run_id", 1), ("_node_id", 0), ("_task_id", 1)):
+        monkeypatch.setattr(TaskIdentity, name, value)
 
 
-def test_results_json_has_the_reference_shape_after_every_round(tmp_path):
-    strategy = make_strategy(tmp_path)
-    result = Result()
-    for server_round, accuracy in ((1, 0.3), (2, 0.5)):
-        strategy._record_round(server_round, result_after_round(result, server_round, accuracy))
-        saved = json.loads((tmp_path / "results.json").read_text())
-        assert len(saved) == server_round
-    assert saved[1] == {
-        "round": 2,
-        "train_metrics": {"train_loss": 0.0},
-        "evaluate_metrics_clientapp": {"eval_loss": 1.5, "eval_acc": 0.4},
-        "evaluate_metrics_serverapp": {"accuracy": 0.5, "loss": 1.2},
-    }
-
-
-def test_checkpoint_only_on_a_new_best_central_accuracy(tmp_path):
-    strategy = make_strategy(tmp_path)
-    result = Result()
-    arrays_by_round = {}
-    for server_round, accuracy in ((1, 0.3), (2, 0.2), (3, 0.6), (4, 0.6)):
-        strategy._record_round(server_round, result_after_round(result, server_round, accuracy))
-        arrays_by_round[server_round] = result.arrays.to_torch_state_dict()
-    names = sorted(path.name for path in tmp_path.glob("best_model_*.pt"))
-    assert names == ["best_model_round_1_acc_0.3000.pt", "best_model_round_3_acc_0.6000.pt"]
-    saved = torch.load(tmp_path / names[-1], weights_only=True)
-    for name, value in arrays_by_round[3].items():
-        torch.testing.assert_close(saved[name], value)
-    assert strategy.best_accuracy == 0.6
-
-
-def test_round_without_central_evaluation_saves_no_checkpoint(tmp_path):
-    strategy = make_strategy(tmp_path)
-    result = Result(arrays=ArrayRecord(Net().state_dict()))
-    result.train_metrics_clientapp[1] = MetricRecord({"train_loss": 1.0})
-    strategy._record_round(1, result)
-    saved = json.loads((tmp_path / "results.json").read_text())
-    assert saved[0]["evaluate_metrics_serverapp"] == {}
-    assert not list(tmp_path.glob("best_model_*.pt"))
-
-
-def test_wandb_without_credentials_logs_offline_and_never_prompts(tmp_path, monkeypatch):
-    for key in ("WANDB_API_KEY", "WANDB_MODE"):
-        monkeypatch.delenv(key, raising=False)
-    monkeypatch.setenv("HOME", str(tmp_path / "home"))
-    monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "home" / ".config" / "wandb"))
-    monkeypatch.setattr("sys.stdin", None)
-    run_dir = tmp_path / "run"
-    run_dir.mkdir()
-    strategy = make_strategy(run_dir, wandb_project="pytorch-example-tests")
-    strategy.wandb_run = strategy._start_wandb()
-    try:
-        assert strategy.wandb_run.settings.mode == "offline"
-        logged = []
-        log_to_wandb = strategy.wandb_run.log
-        monkeypatch.setattr(
-            strategy.wandb_run, "log", lambda data, step: (logged.append((step, data)), log_to_wandb(data, step=step))
+def trained(message: Message) -> RecordDict:
+    if message.metadata.message_type.startswith("train"):
+        return RecordDict(
+            {
+                "arrays": message.content["arrays"],
+                "metrics": MetricRecord({"train_loss": 1.0, "num-examples": 10}),
+            }
         )
-        strategy._record_round(1, result_after_round(Result(), 1, 0.42))
-        assert logged == [
-            (
-                1,
-                {
-                    "train_loss": pytest.approx(1.0),
-                    "federated_evaluate_loss": 1.5,
-                    "federated_evaluate_accuracy": 0.4,
-                    "centralized_accuracy": 0.42,
-                    "centralized_loss": 1.2,
-                },
-            )
-        ]
-    finally:
-        strategy.wandb_run.finish()
-    assert list((run_dir / "wandb").glob("offline-run-*"))
+    return RecordDict({"metrics": MetricRecord({"eval_loss": 1.0, "eval_acc": 0.5, "num-examples": 5})})
 
 
-def test_wandb_off_starts_no_run(tmp_path):
-    assert make_strategy(tmp_path)._start_wandb() is None
+def run(tmp_path, answer, num_rounds: int, max_failed_rounds: int = 3) -> tuple[ScriptedGrid, list[dict]]:
+    grid = ScriptedGrid(4, answer)
+    outputs = RunOutputs(tmp_path, {}, wandb_project=None)
+    strategy = CustomFedAvg(
+        outputs=outputs,
+        learning_rate_at=lambda server_round: 0.1 / server_round,
+        max_failed_rounds=max_failed_rounds,
+        fraction_train=0.5,
+        fraction_evaluate=1.0,
+    )
+    strategy.start(grid, ArrayRecord(Net().state_dict()), num_rounds=num_rounds, timeout=5)
+    return grid, json.loads((tmp_path / "results.json").read_text())
+
+
+def failing_in(rounds: set[int]):
+    def answer(server_round, message):
+        if server_round in rounds and message.metadata.message_type.startswith("train"):
+            return ValueError(f"partition broken in round {server_round}")
+        return trained(message)
+
+    return answer
+
+
+def test_every_round_is_recorded_with_its_learning_rate(tmp_path):
+    grid, results = run(tmp_path, lambda _, message: trained(message), num_rounds=3)
+    assert [entry["round"] for entry in results] == [1, 2, 3]
+    train_configs = [config for kind, config in grid.sent if kind.startswith("train")]
+    assert [config["lr"] for config in train_configs] == pytest.approx(
+        [0.1, 0.1, 0.05, 0.05, 0.1 / 3, 0.1 / 3]
+    )
+    assert (tmp_path / "final_model.pt").exists()
+
+
+def test_a_run_whose_clients_never_train_fails_naming_their_error(tmp_path):
+    with pytest.raises(
+        RunFailed, match=r"3 round\(s\) in a row .* ValueError\('partition broken in round 1'\)"
+    ):
+        run(tmp_path, failing_in({1, 2, 3, 4, 5}), num_rounds=5)
+    assert not (tmp_path / "final_model.pt").exists()
+
+
+def test_the_rule_counts_rounds_in_a_row_only(tmp_path):
+    _, results = run(tmp_path, failing_in({1, 2, 4, 5}), num_rounds=6)
+    assert [entry["round"] for entry in results] == list(range(1, 7))
+    assert results[0]["train_metrics"] == {} and results[2]["train_metrics"] != {}
+
+
+def test_a_run_shorter_than_the_limit_fails_when_all_its_rounds_failed(tmp_path):
+    with pytest.raises(RunFailed, match=r"1 round\(s\) in a row"):
+        run(tmp_path, failing_in({1}), num_rounds=1)
+    (tmp_path / "two").mkdir()
+    _, results = run(tmp_path / "two", failing_in({1}), num_rounds=2)
+    assert len(results) == 2

@@ -3,9 +3,9 @@
 import torch
 import torch.nn.functional as F
 
+from harness.synthetic_fmnist import make_split
 from pytorch_example import task
 from pytorch_example.data import ImageSet
-from tests.synthetic_fmnist import make_split
 
 CPU = torch.device("cpu")
 
@@ -39,7 +39,7 @@ def test_augment_is_a_padded_crop_optionally_flipped():
     assert augmented.shape == images.shape and augmented.dtype == torch.uint8
     padded = F.pad(images, (4, 4, 4, 4))
     flips = 0
-    for image, padded_image in zip(augmented, padded):
+    for image, padded_image in zip(augmented, padded, strict=True):
         windows = padded_image.unfold(0, 28, 1).unfold(1, 28, 1)  # [9, 9, 28, 28]
         straight = (windows == image).flatten(2).all(-1).any()
         mirrored = (windows == image.flip(-1)).flatten(2).all(-1).any()

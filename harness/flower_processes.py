@@ -5,6 +5,7 @@ SuperNodes for the Deployment Engine), with `FLWR_HOME` and `HOME` in its own fo
 and `stop()` ends every process it started, by PID.
 """
 
+import contextlib
 import json
 import os
 import re
@@ -100,10 +101,14 @@ class LocalFederation:
                     "flower-superlink",
                     "--insecure",
                     *(["--simulation"] if self.simulation else []),
-                    "--host", "127.0.0.1",
-                    "--port", str(self.port),
-                    "--control-api-address", f"127.0.0.1:{free_port()}",
-                    "--database", str(root / "state.db"),
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    str(self.port),
+                    "--control-api-address",
+                    f"127.0.0.1:{free_port()}",
+                    "--database",
+                    str(root / "state.db"),
                 ],
             )
             self._wait_for_port(self.port)
@@ -116,9 +121,12 @@ class LocalFederation:
                     [
                         "flower-supernode",
                         "--insecure",
-                        "--superlink", f"127.0.0.1:{self.port}",
-                        "--port", str(free_port()),
-                        "--node-config", pairs(node_config),
+                        "--superlink",
+                        f"127.0.0.1:{self.port}",
+                        "--port",
+                        str(free_port()),
+                        "--node-config",
+                        pairs(node_config),
                     ],
                     # SuperExec checks for work every second by default; a round pays it twice.
                     extra_env={
@@ -131,7 +139,7 @@ class LocalFederation:
             raise
 
     def _start(self, name: str, command: list[str], extra_env: dict | None = None) -> None:
-        log = open(self.root / f"{name}.log", "wb")
+        log = open(self.root / f"{name}.log", "wb")  # noqa: SIM115 (closed by stop())
         self.logs.append(log)
         self.processes.append(
             subprocess.Popen(
@@ -200,9 +208,7 @@ class LocalFederation:
                     process.kill()
                     process.wait()
             # What each started (simulation, Ray, ClientApps) is in its process group.
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.killpg(process.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
         for log in self.logs:
             log.close()

@@ -5,7 +5,7 @@ files (or the Hub's parquet layout) themselves and feed them through the same
 `dataset-path` code path users take. Each class is a fixed random pattern plus noise,
 so a model can learn it and accuracies move. These images are not Fashion-MNIST.
 
-    python -m tests.synthetic_fmnist OUT_DIR [--train 60000] [--test 10000]
+    python -m harness.synthetic_fmnist OUT_DIR [--train 60000] [--test 10000]
 """
 
 import argparse
@@ -38,9 +38,7 @@ def make_split(count: int, seed: int, noise: float = 60.0) -> tuple[np.ndarray, 
 
 def idx_bytes(array: np.ndarray) -> bytes:
     """The IDX encoding of a uint8 array (magic 0x0000 08 <ndim>, big-endian dims)."""
-    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(
-        int(size).to_bytes(4, "big") for size in array.shape
-    )
+    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(int(size).to_bytes(4, "big") for size in array.shape)
     return header + np.ascontiguousarray(array, dtype=np.uint8).tobytes()
 
 
@@ -80,7 +78,9 @@ def write_parquet_dataset(
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("out_dir", type=Path)
     parser.add_argument("--train", type=int, default=60_000, help="train images (default 60000)")
     parser.add_argument("--test", type=int, default=10_000, help="test images (default 10000)")

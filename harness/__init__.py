@@ -1,0 +1,1 @@
+"""What tests and benchmarks share: real Flower processes on loopback and generated data."""

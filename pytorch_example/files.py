@@ -1,0 +1,25 @@
+"""Writing files all or nothing: what a concurrent reader or a crash sees is whole."""
+
+import json
+import os
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import BinaryIO
+
+
+def save_atomically(path: Path, write: Callable[[BinaryIO], None]) -> None:
+    """Write to a private temporary file, then rename: readers see all or nothing."""
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
+    try:
+        with open(temporary, "wb") as file:
+            write(file)
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
+def save_json_atomically(path: Path, content) -> None:
+    """`content` as indented JSON, written all or nothing."""
+    data = json.dumps(content, indent=4).encode()
+    save_atomically(path, lambda file: file.write(data))

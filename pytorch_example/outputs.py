@@ -1,0 +1,135 @@
+"""What a run leaves behind: config.json, results.json, best checkpoints, the final
+model, and its Weights & Biases run. The strategy hands over each finished round; only
+this module writes into the run folder.
+"""
+
+import os
+from logging import INFO, WARNING
+from pathlib import Path
+
+import torch
+from flwr.app import ArrayRecord
+from flwr.common.logger import log
+from flwr.serverapp.strategy import Result
+
+from pytorch_example.files import save_atomically, save_json_atomically
+
+# results.json sections, each from one of the `Result` fields Flower's strategies fill.
+RESULT_SECTIONS = {
+    "train_metrics": "train_metrics_clientapp",
+    "evaluate_metrics_clientapp": "evaluate_metrics_clientapp",
+    "evaluate_metrics_serverapp": "evaluate_metrics_serverapp",
+}
+
+# results.json names of the metrics -> the names they get in W&B.
+WANDB_NAMES = {
+    "train_metrics": {"train_loss": "train_loss"},
+    "evaluate_metrics_clientapp": {
+        "eval_loss": "federated_evaluate_loss",
+        "eval_acc": "federated_evaluate_accuracy",
+    },
+    "evaluate_metrics_serverapp": {
+        "loss": "centralized_loss",
+        "accuracy": "centralized_accuracy",
+    },
+}
+
+
+class RunOutputs:
+    """The files and the W&B run of one run, in `run_dir`.
+
+    Use it as a context manager around the whole run: entering writes `config.json`
+    and starts W&B; leaving finishes W&B with the run's outcome (exit code 1 when an
+    exception, a Ctrl-C included, ended the run).
+    """
+
+    def __init__(self, run_dir: Path, run_config: dict, wandb_project: str | None) -> None:
+        self.run_dir = run_dir
+        self.run_config = run_config
+        self.wandb_project = wandb_project
+        self.best_accuracy = float("-inf")
+        self.round_results: list[dict] = []
+        self.wandb_run = None
+
+    def __enter__(self) -> "RunOutputs":
+        save_json_atomically(self.run_dir / "config.json", self.run_config)
+        self.wandb_run = start_wandb(self.wandb_project, self.run_dir, self.run_config)
+        return self
+
+    def __exit__(self, error_type, error, traceback) -> None:
+        if self.wandb_run is None:
+            return
+        try:
+            self.wandb_run.finish(exit_code=0 if error_type is None else 1)
+        except Exception as finish_error:  # noqa: BLE001 (the run's own outcome matters more)
+            log(WARNING, "W&B could not finish its run cleanly (%s)", finish_error)
+
+    def record_round(self, server_round: int, result: Result) -> dict:
+        """Append the round to results.json, checkpoint a new best model, log to W&B.
+
+        Returns the round's results.json entry.
+        """
+        round_result = {"round": server_round}
+        for section, field in RESULT_SECTIONS.items():
+            round_result[section] = dict(getattr(result, field).get(server_round, {}))
+            log(INFO, "\t%s: %s", section, round_result[section])
+        self.round_results.append(round_result)
+        save_json_atomically(self.run_dir / "results.json", self.round_results)
+
+        accuracy = round_result["evaluate_metrics_serverapp"].get("accuracy")
+        if accuracy is not None and accuracy > self.best_accuracy:
+            self.best_accuracy = accuracy
+            checkpoint = self.run_dir / f"best_model_round_{server_round}_acc_{accuracy:.4f}.pt"
+            save_model(checkpoint, result.arrays)
+            log(INFO, "New best central accuracy %.4f: saved %s", accuracy, checkpoint.name)
+
+        if self.wandb_run is not None:
+            self.wandb_run.log(
+                {
+                    WANDB_NAMES[section][name]: value
+                    for section, names in WANDB_NAMES.items()
+                    for name, value in round_result[section].items()
+                    if name in names
+                },
+                step=server_round,
+            )
+        return round_result
+
+    def save_final_model(self, arrays: ArrayRecord) -> None:
+        final_model = self.run_dir / "final_model.pt"
+        save_model(final_model, arrays)
+        log(INFO, "Final model saved to %s", final_model)
+
+
+def save_model(path: Path, arrays: ArrayRecord) -> None:
+    """Save `arrays` as a PyTorch state_dict, all or nothing."""
+    save_atomically(path, lambda f: torch.save(arrays.to_torch_state_dict(), f))
+
+
+def start_wandb(project: str | None, run_dir: Path, run_config: dict):
+    """A W&B run in `run_dir`; offline when no credentials exist, never a prompt."""
+    if project is None:
+        return None
+    import wandb  # noqa: PLC0415 (costs a second; only when W&B is on)
+
+    mode = os.environ.get("WANDB_MODE")
+    if mode is None and not wandb.login(prompt=False, verify=False):
+        mode = "offline"
+        log(
+            WARNING,
+            "No W&B credentials (`wandb login` or WANDB_API_KEY): logging offline "
+            "under %s; upload it later with `wandb sync`",
+            run_dir / "wandb",
+        )
+    settings = {
+        "project": project,
+        "name": f"{run_dir.parent.name}/{run_dir.name}",
+        "dir": run_dir,
+        "config": run_config,
+    }
+    try:
+        return wandb.init(**settings, mode=mode)
+    except wandb.Error as err:
+        # An unreachable or refusing W&B server must not cost the federated run.
+        log(WARNING, "W&B did not start (%s): logging offline under %s", err, run_dir / "wandb")
+        return wandb.init(**settings, mode="offline")

@@ -1,0 +1,123 @@
+"""What a run leaves behind: results.json, checkpoints, config.json and W&B."""
+
+import json
+
+import pytest
+import torch
+from flwr.app import ArrayRecord, MetricRecord
+from flwr.serverapp.strategy import Result
+
+from harness.wandb_offline import read_offline_run
+from pytorch_example.outputs import RunOutputs
+from pytorch_example.task import Net
+
+
+def result_after_round(result: Result, server_round: int, accuracy: float) -> Result:
+    result.arrays = ArrayRecord(Net().state_dict())
+    result.train_metrics_clientapp[server_round] = MetricRecord({"train_loss": 2.0 - server_round})
+    result.evaluate_metrics_clientapp[server_round] = MetricRecord({"eval_loss": 1.5, "eval_acc": 0.4})
+    result.evaluate_metrics_serverapp[server_round] = MetricRecord({"accuracy": accuracy, "loss": 1.2})
+    return result
+
+
+@pytest.fixture
+def offline_wandb(tmp_path, monkeypatch):
+    """No credentials anywhere and no terminal to prompt on."""
+    for key in ("WANDB_API_KEY", "WANDB_MODE"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "home" / ".config" / "wandb"))
+    monkeypatch.setattr("sys.stdin", None)
+
+
+def test_config_json_is_written_on_entry(tmp_path):
+    with RunOutputs(tmp_path, {"num-server-rounds": 2}, wandb_project=None):
+        assert json.loads((tmp_path / "config.json").read_text()) == {"num-server-rounds": 2}
+
+
+def test_results_json_has_the_reference_shape_after_every_round(tmp_path):
+    outputs = RunOutputs(tmp_path, {}, wandb_project=None)
+    result = Result()
+    for server_round, accuracy in ((1, 0.3), (2, 0.5)):
+        outputs.record_round(server_round, result_after_round(result, server_round, accuracy))
+        saved = json.loads((tmp_path / "results.json").read_text())
+        assert len(saved) == server_round
+    assert saved[1] == {
+        "round": 2,
+        "train_metrics": {"train_loss": 0.0},
+        "evaluate_metrics_clientapp": {"eval_loss": 1.5, "eval_acc": 0.4},
+        "evaluate_metrics_serverapp": {"accuracy": 0.5, "loss": 1.2},
+    }
+
+
+def test_checkpoint_only_on_a_new_best_central_accuracy(tmp_path):
+    outputs = RunOutputs(tmp_path, {}, wandb_project=None)
+    result = Result()
+    arrays_by_round = {}
+    for server_round, accuracy in ((1, 0.3), (2, 0.2), (3, 0.6), (4, 0.6)):
+        outputs.record_round(server_round, result_after_round(result, server_round, accuracy))
+        arrays_by_round[server_round] = result.arrays.to_torch_state_dict()
+    names = sorted(path.name for path in tmp_path.glob("best_model_*.pt"))
+    assert names == ["best_model_round_1_acc_0.3000.pt", "best_model_round_3_acc_0.6000.pt"]
+    saved = torch.load(tmp_path / names[-1], weights_only=True)
+    for name, value in arrays_by_round[3].items():
+        torch.testing.assert_close(saved[name], value)
+    assert outputs.best_accuracy == 0.6
+
+
+def test_round_without_central_evaluation_saves_no_checkpoint(tmp_path):
+    outputs = RunOutputs(tmp_path, {}, wandb_project=None)
+    result = Result(arrays=ArrayRecord(Net().state_dict()))
+    result.train_metrics_clientapp[1] = MetricRecord({"train_loss": 1.0})
+    outputs.record_round(1, result)
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved[0]["evaluate_metrics_serverapp"] == {}
+    assert not list(tmp_path.glob("best_model_*.pt"))
+
+
+def test_wandb_without_credentials_logs_offline_every_round(tmp_path, offline_wandb):
+    with RunOutputs(tmp_path, {"num-server-rounds": 1}, "pytorch-example-tests") as outputs:
+        assert outputs.wandb_run.settings.mode == "offline"
+        outputs.record_round(1, result_after_round(Result(), 1, 0.42))
+    [run_folder] = (tmp_path / "wandb").glob("offline-run-*")
+    run = read_offline_run(run_folder)
+    assert run.exit_code == 0
+    assert run.config["num-server-rounds"] == 1
+    [row] = run.history
+    assert row["_step"] == 1
+    assert {name: row[name] for name in row if not name.startswith("_")} == {
+        "train_loss": pytest.approx(1.0),
+        "federated_evaluate_loss": 1.5,
+        "federated_evaluate_accuracy": 0.4,
+        "centralized_accuracy": 0.42,
+        "centralized_loss": 1.2,
+    }
+
+
+@pytest.mark.parametrize(
+    "error", [RuntimeError("round 3 broke"), KeyboardInterrupt()], ids=["crash", "interrupt"]
+)
+def test_a_run_that_ends_in_an_exception_is_a_failed_wandb_run(tmp_path, offline_wandb, error):
+    with pytest.raises(type(error)), RunOutputs(tmp_path, {}, "pytorch-example-tests"):
+        raise error
+    [run_folder] = (tmp_path / "wandb").glob("offline-run-*")
+    assert read_offline_run(run_folder).exit_code == 1
+
+
+def test_an_error_in_wandb_finish_never_hides_the_run_error(tmp_path, offline_wandb, monkeypatch):
+    outputs = RunOutputs(tmp_path, {}, "pytorch-example-tests")
+    with pytest.raises(RuntimeError, match="the real failure"), outputs:
+        real_finish = outputs.wandb_run.finish
+
+        def broken_finish(exit_code):
+            real_finish(exit_code=exit_code)
+            raise OSError("disk full while finishing")
+
+        monkeypatch.setattr(outputs.wandb_run, "finish", broken_finish)
+        raise RuntimeError("the real failure")
+
+
+def test_wandb_off_starts_no_run(tmp_path):
+    with RunOutputs(tmp_path, {}, wandb_project=None) as outputs:
+        assert outputs.wandb_run is None
+    assert not (tmp_path / "wandb").exists()
