@@ -303,7 +303,8 @@ def main() -> None:
                 rounds=args.rounds,
             )
             simulation_runs.append((floor, app))
-        report("simulation, 50 SuperNodes", simulation_runs)
+        if simulation_runs:
+            report("simulation, 50 SuperNodes", simulation_runs)
 
         if args.deployment_rounds > 0:
             deployment_config = {

@@ -5,6 +5,7 @@ and the ClientApp turn `context.run_config` into an `AppConfig` here, so a bad v
 stops the run with one line that names the key, the value and the fix.
 """
 
+import functools
 import json
 import re
 from dataclasses import dataclass
@@ -214,6 +215,7 @@ class _Reader:
         return resolve_path(value) if value.strip() else None
 
 
+@functools.cache  # where the app is installed does not change while a process runs
 def project_dir() -> Path:
     """The folder this app was installed from with `pip install -e .`, else the cwd.
 

@@ -87,15 +87,26 @@ def load_partition(settings: DataSettings, partition_id: int) -> Partition:
             f"{settings.num_partitions} partitions, 0..{settings.num_partitions - 1}",
             setting="num_partitions",
         )
-    source_dir = ensure_decoded(settings)
-    rows = np.load(ensure_partitions(settings), mmap_mode="r")
-    images = np.load(source_dir / "train-images.npy", mmap_mode="r")
-    labels = np.load(source_dir / "train-labels.npy", mmap_mode="r")
+    images, labels, rows = _mapped_train_split(settings)
     train_start, val_start, val_end = partition_bounds(rows, partition_id)
     return Partition(
         train=_take(images, labels, rows[train_start:val_start]),
         val=_take(images, labels, rows[val_start:val_end]),
     )
+
+
+@functools.lru_cache(maxsize=4)
+def _mapped_train_split(settings: DataSettings) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The train images, labels and partition rows, memory-mapped once per process.
+
+    A simulation worker handles message after message: it opens the files once. (Data
+    files changed while a process runs are seen by the next process.)
+    """
+    source_dir = ensure_decoded(settings)
+    rows = np.load(ensure_partitions(settings), mmap_mode="r")
+    images = np.load(source_dir / "train-images.npy", mmap_mode="r")
+    labels = np.load(source_dir / "train-labels.npy", mmap_mode="r")
+    return images, labels, rows
 
 
 def load_test_set(settings: DataSettings) -> ImageSet:

@@ -95,6 +95,13 @@ def test_relative_paths_are_anchored_to_the_project_dir(tmp_path, monkeypatch):
     assert absolute.output_dir == tmp_path
 
 
+@pytest.fixture(autouse=True)
+def fresh_project_dir():
+    project_dir.cache_clear()
+    yield
+    project_dir.cache_clear()
+
+
 class FakeDistribution:
     def __init__(self, direct_url: str | None) -> None:
         self.direct_url = direct_url

@@ -1,8 +1,12 @@
 """The model, batch augmentation, and the train/test loops."""
 
+import subprocess
+import sys
+
 import torch
 import torch.nn.functional as F
 
+from harness.flower_processes import REPO
 from harness.synthetic_fmnist import make_split
 from pytorch_example import task
 from pytorch_example.data import ImageSet
@@ -78,3 +82,42 @@ def test_test_does_not_depend_on_batch_size():
     loss_big, acc_big = task.test(net, test_set, 1000, CPU)
     assert abs(loss_small - loss_big) < 1e-5 and acc_small == acc_big
     assert net.training is False
+
+
+def test_momentum_sgd_matches_torch_optim_sgd_step_for_step():
+    torch.manual_seed(3)
+    ours, theirs = task.Net(), task.Net()
+    theirs.load_state_dict(ours.state_dict())
+    our_optimizer = task.MomentumSGD(ours.parameters(), lr=0.1, momentum=0.9)
+    their_optimizer = torch.optim.SGD(theirs.parameters(), lr=0.1, momentum=0.9)
+    data = image_set(64, 4)
+    inputs = task.normalize(data.images)
+    for batch in torch.arange(64).split(8):  # 8 steps: the momentum buffers matter
+        for net, optimizer in ((ours, our_optimizer), (theirs, their_optimizer)):
+            optimizer.zero_grad()
+            F.cross_entropy(net(inputs[batch]), data.labels[batch]).backward()
+            optimizer.step()
+    moved = False
+    for (name, our_value), their_value in zip(
+        ours.state_dict().items(), theirs.state_dict().values(), strict=True
+    ):
+        torch.testing.assert_close(our_value, their_value, rtol=0, atol=0, msg=name)
+        moved = moved or not torch.equal(our_value, task.Net().state_dict()[name])
+    assert moved
+
+
+def test_training_never_imports_torch_dynamo():
+    """The class optimizers import torch._dynamo (seconds) on their first step."""
+    code = (
+        "import sys, torch\n"
+        "from pytorch_example import task\n"
+        "from harness.synthetic_fmnist import make_split\n"
+        "images, labels = make_split(64, 0)\n"
+        "data = task.ImageSet(torch.from_numpy(images), torch.from_numpy(labels.astype('int64')))\n"
+        "generator = torch.Generator().manual_seed(0)\n"
+        "task.train(task.Net(), data, 1, 32, 0.1, 0.9, torch.device('cpu'), generator)\n"
+        "print('torch._dynamo' in sys.modules)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "False"
