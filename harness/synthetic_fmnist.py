@@ -5,7 +5,7 @@ files (or the Hub's parquet layout) themselves and feed them through the same
 `dataset-path` code path users take. Each class is a fixed random pattern plus noise,
 so a model can learn it and accuracies move. These images are not Fashion-MNIST.
 
-    python -m harness.synthetic_fmnist OUT_DIR [--train 60000] [--test 10000]
+    python -m harness.synthetic_fmnist OUT_DIR [--train 60000] [--test 10000] [--noise 60]
 """
 
 import argparse
@@ -42,11 +42,13 @@ def idx_bytes(array: np.ndarray) -> bytes:
     return header + np.ascontiguousarray(array, dtype=np.uint8).tobytes()
 
 
-def write_idx_dataset(folder: Path, num_train: int, num_test: int, seed: int = 0) -> Path:
+def write_idx_dataset(
+    folder: Path, num_train: int, num_test: int, seed: int = 0, noise: float = 60.0
+) -> Path:
     """Write the four Zalando `.gz` files into `folder`; return it."""
     folder.mkdir(parents=True, exist_ok=True)
     for prefix, count, split_seed in (("train", num_train, seed), ("t10k", num_test, seed + 1)):
-        images, labels = make_split(count, split_seed)
+        images, labels = make_split(count, split_seed, noise)
         for kind, array in (("images-idx3", images), ("labels-idx1", labels)):
             (folder / f"{prefix}-{kind}-ubyte.gz").write_bytes(
                 gzip.compress(idx_bytes(array), compresslevel=1)
@@ -84,5 +86,8 @@ if __name__ == "__main__":
     parser.add_argument("out_dir", type=Path)
     parser.add_argument("--train", type=int, default=60_000, help="train images (default 60000)")
     parser.add_argument("--test", type=int, default=10_000, help="test images (default 10000)")
+    parser.add_argument(
+        "--noise", type=float, default=60.0, help="pixel noise, higher is harder (default 60)"
+    )
     args = parser.parse_args()
-    print(write_idx_dataset(args.out_dir, args.train, args.test))
+    print(write_idx_dataset(args.out_dir, args.train, args.test, noise=args.noise))

@@ -26,6 +26,7 @@ class OfflineRun:
     config: dict = field(default_factory=dict)
     history: list[dict] = field(default_factory=list)
     summary: dict = field(default_factory=dict)
+    artifacts: list[dict] = field(default_factory=list)
     exit_code: int | None = None
 
 
@@ -82,6 +83,17 @@ def read_offline_run(run_folder: Path, timeout_s: float = 30) -> OfflineRun:
         elif kind == "summary":
             for item in record.summary.update:
                 run.summary[item.key or "/".join(item.nested_key)] = json.loads(item.value_json)
+        elif kind == "artifact":
+            artifact = record.artifact
+            run.artifacts.append(
+                {
+                    "name": artifact.name,
+                    "type": artifact.type,
+                    "aliases": list(artifact.aliases),
+                    "metadata": json.loads(artifact.metadata or "{}"),
+                    "files": [entry.path for entry in artifact.manifest.contents],
+                }
+            )
         elif kind == "exit":
             run.exit_code = record.exit.exit_code
     return run

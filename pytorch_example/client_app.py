@@ -50,28 +50,45 @@ def train(msg: Message, context: Context) -> Message:
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
-    """Evaluate the received model, with this client's head, on its validation rows."""
+    """Score the received model on this client's validation rows, twice: with this
+    client's own head (`eval_*`) and with the global head (`eval_*_global`)."""
     config = AppConfig.from_run_config(context.run_config)
     _, partition = local_partition(config, context)
 
-    net = model_with_own_head(msg.content["arrays"], context.state)
-    eval_loss, eval_acc = task.test(net, partition.val, config.eval_batch_size, device())
-    reply = RecordDict(
-        {
-            "metrics": MetricRecord(
-                {"eval_loss": eval_loss, "eval_acc": eval_acc, "num-examples": len(partition.val)}
-            )
-        }
-    )
-    return Message(content=reply, reply_to=msg)
+    net = global_model(msg.content["arrays"])
+    global_loss, global_acc = task.test(net, partition.val, config.eval_batch_size, device())
+    # Before a client has trained it has no head of its own: both scores are the global model's.
+    own_loss, own_acc = global_loss, global_acc
+    if put_own_head(net, context.state):
+        own_loss, own_acc = task.test(net, partition.val, config.eval_batch_size, device())
+    metrics = {
+        "eval_loss": own_loss,
+        "eval_acc": own_acc,
+        "eval_loss_global": global_loss,
+        "eval_acc_global": global_acc,
+        "num-examples": len(partition.val),
+    }
+    return Message(content=RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
+
+
+def global_model(global_arrays: ArrayRecord) -> task.Net:
+    net = task.Net()
+    net.load_state_dict(global_arrays.to_torch_state_dict())
+    return net
+
+
+def put_own_head(net: task.Net, state: RecordDict) -> bool:
+    """Swap in the head this client saved in `state`; False if it has none yet."""
+    if HEAD_STATE_KEY not in state:
+        return False
+    net.fc2.load_state_dict(state[HEAD_STATE_KEY].to_torch_state_dict())
+    return True
 
 
 def model_with_own_head(global_arrays: ArrayRecord, state: RecordDict) -> task.Net:
     """The global model, with the head this client saved in `state` if it has one."""
-    net = task.Net()
-    net.load_state_dict(global_arrays.to_torch_state_dict())
-    if HEAD_STATE_KEY in state:
-        net.fc2.load_state_dict(state[HEAD_STATE_KEY].to_torch_state_dict())
+    net = global_model(global_arrays)
+    put_own_head(net, state)
     return net
 
 

@@ -1,10 +1,10 @@
 """What a run leaves behind: config.json, results.json, best checkpoints, the final
-model, and its Weights & Biases run. The strategy hands over each finished round; only
-this module writes into the run folder.
+model, figures, and its Weights & Biases run. The strategy hands over each finished
+round; only this module writes into the run folder.
 """
 
 import os
-from logging import INFO, WARNING
+from logging import DEBUG, INFO, WARNING
 from pathlib import Path
 
 import torch
@@ -12,6 +12,7 @@ from flwr.app import ArrayRecord
 from flwr.common.logger import log
 from flwr.serverapp.strategy import Result
 
+from pytorch_example import plots
 from pytorch_example.files import save_atomically, save_json_atomically
 
 # results.json sections, each from one of the `Result` fields Flower's strategies fill.
@@ -27,6 +28,12 @@ WANDB_NAMES = {
     "evaluate_metrics_clientapp": {
         "eval_loss": "federated_evaluate_loss",
         "eval_acc": "federated_evaluate_accuracy",
+        "eval_loss_global": "federated_evaluate_loss_global_head",
+        "eval_acc_global": "federated_evaluate_accuracy_global_head",
+        "eval_acc_min": "federated_evaluate_accuracy_min",
+        "eval_acc_median": "federated_evaluate_accuracy_median",
+        "eval_acc_max": "federated_evaluate_accuracy_max",
+        "eval_acc_std": "federated_evaluate_accuracy_std",
     },
     "evaluate_metrics_serverapp": {
         "loss": "centralized_loss",
@@ -48,6 +55,8 @@ class RunOutputs:
         self.run_config = run_config
         self.wandb_project = wandb_project
         self.best_accuracy = float("-inf")
+        self.best_round: int | None = None
+        self.best_checkpoint: Path | None = None
         self.round_results: list[dict] = []
         self.wandb_run = None
 
@@ -57,22 +66,32 @@ class RunOutputs:
         return self
 
     def __exit__(self, error_type, error, traceback) -> None:
+        # Nothing here may hide the run's own outcome: each step only warns.
+        try:
+            plots.plot_run(self.run_dir)
+        except Exception as plot_error:  # noqa: BLE001
+            log(WARNING, "Could not draw the figures of %s (%s)", self.run_dir, plot_error)
         if self.wandb_run is None:
             return
         try:
+            if self.best_checkpoint is not None:
+                self._log_best_checkpoint()
+        except Exception as artifact_error:  # noqa: BLE001
+            log(WARNING, "W&B did not take the best checkpoint (%s)", artifact_error)
+        try:
             self.wandb_run.finish(exit_code=0 if error_type is None else 1)
-        except Exception as finish_error:  # noqa: BLE001 (the run's own outcome matters more)
+        except Exception as finish_error:  # noqa: BLE001
             log(WARNING, "W&B could not finish its run cleanly (%s)", finish_error)
 
-    def record_round(self, server_round: int, result: Result) -> dict:
+    def record_round(self, server_round: int, result: Result, learning_rate: float) -> dict:
         """Append the round to results.json, checkpoint a new best model, log to W&B.
 
         Returns the round's results.json entry.
         """
-        round_result = {"round": server_round}
+        round_result = {"round": server_round, "learning_rate": learning_rate}
         for section, field in RESULT_SECTIONS.items():
             round_result[section] = dict(getattr(result, field).get(server_round, {}))
-            log(INFO, "\t%s: %s", section, round_result[section])
+            log(DEBUG, "\t%s: %s", section, round_result[section])
         self.round_results.append(round_result)
         save_json_atomically(self.run_dir / "results.json", self.round_results)
 
@@ -81,19 +100,33 @@ class RunOutputs:
             self.best_accuracy = accuracy
             checkpoint = self.run_dir / f"best_model_round_{server_round}_acc_{accuracy:.4f}.pt"
             save_model(checkpoint, result.arrays)
-            log(INFO, "New best central accuracy %.4f: saved %s", accuracy, checkpoint.name)
+            self.best_round, self.best_checkpoint = server_round, checkpoint
+            log(DEBUG, "New best central accuracy %.4f: saved %s", accuracy, checkpoint.name)
+            if self.wandb_run is not None:
+                self.wandb_run.summary["best_centralized_accuracy"] = accuracy
+                self.wandb_run.summary["best_centralized_accuracy_round"] = server_round
 
         if self.wandb_run is not None:
-            self.wandb_run.log(
-                {
-                    WANDB_NAMES[section][name]: value
-                    for section, names in WANDB_NAMES.items()
-                    for name, value in round_result[section].items()
-                    if name in names
-                },
-                step=server_round,
-            )
+            series = {
+                WANDB_NAMES[section][name]: value
+                for section, names in WANDB_NAMES.items()
+                for name, value in round_result[section].items()
+                if name in names
+            }
+            self.wandb_run.log({**series, "learning_rate": learning_rate}, step=server_round)
         return round_result
+
+    def _log_best_checkpoint(self) -> None:
+        """The best checkpoint as a W&B model artifact, with its round and accuracy."""
+        import wandb  # noqa: PLC0415 (only when W&B is on)
+
+        artifact = wandb.Artifact(
+            f"best-model-{self.wandb_run.id}",
+            type="model",
+            metadata={"accuracy": self.best_accuracy, "round": self.best_round},
+        )
+        artifact.add_file(str(self.best_checkpoint))
+        self.wandb_run.log_artifact(artifact, aliases=["best"])
 
     def save_final_model(self, arrays: ArrayRecord) -> None:
         final_model = self.run_dir / "final_model.pt"

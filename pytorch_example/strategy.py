@@ -6,8 +6,9 @@ its clients stop training. Each finished round goes to `RunOutputs`, which recor
 import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
-from logging import INFO
+from logging import DEBUG, INFO, WARNING
 
+import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.common.logger import log
 from flwr.serverapp import Grid
@@ -60,7 +61,7 @@ class CustomFedAvg(FedAvg):
         """Send this round's learning rate with the usual FedAvg train messages."""
         lr = self.learning_rate_at(server_round)
         if server_round > 1 and lr != self.learning_rate_at(server_round - 1):
-            log(INFO, "Learning rate is now %g", lr)
+            log(DEBUG, "Learning rate is now %g", lr)
         config["lr"] = lr
         return super().configure_train(server_round, arrays, config, grid)
 
@@ -93,8 +94,8 @@ class CustomFedAvg(FedAvg):
         # One background thread: central evaluation overlaps the clients' evaluation.
         with ThreadPoolExecutor(max_workers=1) as background:
             for server_round in range(1, num_rounds + 1):
-                log(INFO, "")
-                log(INFO, "[ROUND %s/%s]", server_round, num_rounds)
+                round_started = time.monotonic()
+                log(DEBUG, "[ROUND %s/%s]", server_round, num_rounds)
                 train_error = self._train(grid, server_round, result, train_config, timeout)
                 # The clients' evaluation is mostly waiting on messages, so the ServerApp's
                 # cores are free for the central evaluation meanwhile.
@@ -102,13 +103,11 @@ class CustomFedAvg(FedAvg):
                 self._evaluate(grid, server_round, result, evaluate_config, timeout)
                 if central is not None and (central_metrics := central.result()) is not None:
                     result.evaluate_metrics_serverapp[server_round] = central_metrics
-                self.outputs.record_round(server_round, result)
-                log(
-                    INFO,
-                    "Round %s done, %.1fs since the first round began",
-                    server_round,
-                    time.monotonic() - started,
+                round_result = self.outputs.record_round(
+                    server_round, result, self.learning_rate_at(server_round)
                 )
+                finished = time.monotonic()
+                log_progress(round_result, num_rounds, finished - round_started, finished - started)
                 failed_rounds = [*failed_rounds, train_error] if train_error is not None else []
                 if len(failed_rounds) >= min(self.max_failed_rounds, num_rounds):
                     raise RunFailed(
@@ -132,10 +131,24 @@ class CustomFedAvg(FedAvg):
         if not messages or arrays is not None:
             return None
         errors = [reply.error.reason for reply in replies if reply.has_error()]
-        log(INFO, "Round %s trained nothing: the global model stays as it was", server_round)
+        log(WARNING, "Round %s trained nothing: the global model stays as it was", server_round)
         if errors:
             return last_line(errors[0])
         return f"no reply from {len(messages)} sampled node(s) within {timeout:g}s"
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        """FedAvg's weighted means, plus how unequal the clients are: the minimum,
+        median, maximum and standard deviation of personalised accuracy over the
+        evaluating clients, each client counted once."""
+        replies = list(replies)
+        metrics = super().aggregate_evaluate(server_round, replies)
+        accuracies = [float(reply.content["metrics"]["eval_acc"]) for reply in replies if reply.has_content()]
+        if metrics is not None and accuracies:
+            metrics["eval_acc_min"] = float(np.min(accuracies))
+            metrics["eval_acc_median"] = float(np.median(accuracies))
+            metrics["eval_acc_max"] = float(np.max(accuracies))
+            metrics["eval_acc_std"] = float(np.std(accuracies))
+        return metrics
 
     def _evaluate(
         self, grid: Grid, server_round: int, result: Result, evaluate_config: ConfigRecord, timeout: float
@@ -146,6 +159,32 @@ class CustomFedAvg(FedAvg):
         )
         if (evaluate_metrics := self.aggregate_evaluate(server_round, replies)) is not None:
             result.evaluate_metrics_clientapp[server_round] = evaluate_metrics
+
+
+def log_progress(round_result: dict, num_rounds: int, round_s: float, elapsed_s: float) -> None:
+    """The one line per round a user watches: time, time left, the two accuracies."""
+    server_round = round_result["round"]
+    eta_s = elapsed_s / server_round * (num_rounds - server_round)
+    central = round_result["evaluate_metrics_serverapp"].get("accuracy")
+    personal = round_result["evaluate_metrics_clientapp"].get("eval_acc")
+    log(
+        INFO,
+        "Round %d/%d: %.1fs, %s elapsed, ETA %s | central accuracy %s | personalised accuracy %s",
+        server_round,
+        num_rounds,
+        round_s,
+        clock(elapsed_s),
+        clock(eta_s),
+        "-" if central is None else f"{central:.4f}",
+        "-" if personal is None else f"{personal:.4f}",
+    )
+
+
+def clock(seconds: float) -> str:
+    """`3725` -> `1:02:05`, `65` -> `1:05`."""
+    minutes, secs = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
 
 
 def last_line(text: str) -> str:

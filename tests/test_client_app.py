@@ -2,16 +2,21 @@
 
 import pytest
 import torch
-from flwr.app import ArrayRecord, Context, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
 
+from harness.flower_processes import default_run_config
+from harness.synthetic_fmnist import write_idx_dataset
 from pytorch_example.client_app import (
     HEAD_STATE_KEY,
     client_generator,
+    evaluate,
     model_with_own_head,
     node_setting,
     save_head,
 )
-from pytorch_example.config import ConfigError
+from pytorch_example.config import AppConfig, ConfigError
+from pytorch_example.data import load_partition
 from pytorch_example.task import Net
 
 
@@ -58,3 +63,49 @@ def test_missing_node_config_key_is_one_clear_error():
     assert node_setting(context, "partition-id") == 3
     with pytest.raises(ConfigError, match="node config key 'num-partitions' is missing"):
         node_setting(context, "num-partitions")
+
+
+def test_evaluate_scores_the_own_head_and_the_global_head(tmp_path, monkeypatch):
+    for name, value in (("_run_id", 1), ("_node_id", 0), ("_task_id", 1)):
+        monkeypatch.setattr(TaskIdentity, name, value)
+    dataset = write_idx_dataset(tmp_path / "data", num_train=600, num_test=100)
+    run_config = {
+        **default_run_config(),
+        "dataset-path": str(dataset),
+        "data-cache-dir": str(tmp_path / "cache"),
+    }
+    context = Context(
+        run_id=1,
+        node_id=1,
+        node_config={"partition-id": 0, "num-partitions": 2},
+        state=RecordDict(),
+        run_config=run_config,
+    )
+    global_arrays = ArrayRecord(Net().state_dict())
+
+    def evaluate_now() -> dict:
+        message = Message(
+            content=RecordDict({"arrays": global_arrays, "config": ConfigRecord({"server-round": 1})}),
+            dst_node_id=1,
+            message_type="evaluate",
+        )
+        return dict(evaluate(message, context).content["metrics"])
+
+    before_training = evaluate_now()
+    assert before_training["eval_acc"] == before_training["eval_acc_global"]
+    assert before_training["eval_loss"] == before_training["eval_loss_global"]
+
+    own = Net()
+    torch.nn.init.constant_(own.fc2.weight, 0.0)
+    torch.nn.init.constant_(own.fc2.bias, 0.0)
+    own.fc2.bias.data[3] = 1.0  # this head always answers class 3
+    save_head(own, context.state)
+    after_training = evaluate_now()
+    assert after_training["eval_acc_global"] == before_training["eval_acc_global"]
+    labels = load_partition_labels(run_config, tmp_path)
+    assert after_training["eval_acc"] == pytest.approx(float((labels == 3).mean()))
+
+
+def load_partition_labels(run_config: dict, tmp_path):
+    settings = AppConfig.from_run_config(run_config).data_settings(2)
+    return load_partition(settings, 0).val.labels.numpy()

@@ -2,6 +2,7 @@
 
 import json
 import math
+import re
 import tomllib
 
 import pytest
@@ -14,6 +15,7 @@ pytestmark = pytest.mark.e2e
 
 RESULT_KEYS = {
     "round",
+    "learning_rate",
     "train_metrics",
     "evaluate_metrics_clientapp",
     "evaluate_metrics_serverapp",
@@ -40,14 +42,29 @@ def test_simulation_writes_every_output(superlink, app_dir, idx_dataset, tmp_pat
     for entry in results:
         assert set(entry) == RESULT_KEYS
         assert set(entry["train_metrics"]) == {"train_loss"}
-        assert set(entry["evaluate_metrics_clientapp"]) == {"eval_loss", "eval_acc"}
+        assert set(entry["evaluate_metrics_clientapp"]) == {
+            "eval_loss",
+            "eval_acc",
+            "eval_loss_global",
+            "eval_acc_global",
+            "eval_acc_min",
+            "eval_acc_median",
+            "eval_acc_max",
+            "eval_acc_std",
+        }
         assert set(entry["evaluate_metrics_serverapp"]) == {"accuracy", "loss"}
-        for section in RESULT_KEYS - {"round"}:
+        for section in RESULT_KEYS - {"round", "learning_rate"}:
             assert all(math.isfinite(value) for value in entry[section].values())
         assert 0.0 <= entry["evaluate_metrics_serverapp"]["accuracy"] <= 1.0
     # The generated classes are learnable: three rounds must beat chance (10%).
     assert results[-1]["evaluate_metrics_serverapp"]["accuracy"] > 0.2
-    assert "Learning rate is now 0.05" in log
+    assert [entry["learning_rate"] for entry in results] == [0.1, 0.05, 0.05]
+    for server_round in (1, 2, 3):
+        assert re.search(
+            rf"Round {server_round}/3: [\d.]+s, .* elapsed, ETA .* \| central accuracy 0\.\d{{4}}", log
+        )
+    for figure in ("central.png", "personalisation.png", "learning_rate.png"):
+        assert (run_dir / figure).read_bytes().startswith(b"\x89PNG")
 
     config = json.loads((run_dir / "config.json").read_text())
     assert config["num-server-rounds"] == 3

@@ -15,7 +15,18 @@ from pytorch_example.task import Net
 def result_after_round(result: Result, server_round: int, accuracy: float) -> Result:
     result.arrays = ArrayRecord(Net().state_dict())
     result.train_metrics_clientapp[server_round] = MetricRecord({"train_loss": 2.0 - server_round})
-    result.evaluate_metrics_clientapp[server_round] = MetricRecord({"eval_loss": 1.5, "eval_acc": 0.4})
+    result.evaluate_metrics_clientapp[server_round] = MetricRecord(
+        {
+            "eval_loss": 1.5,
+            "eval_acc": 0.4,
+            "eval_loss_global": 1.9,
+            "eval_acc_global": 0.3,
+            "eval_acc_min": 0.1,
+            "eval_acc_median": 0.45,
+            "eval_acc_max": 0.7,
+            "eval_acc_std": 0.2,
+        }
+    )
     result.evaluate_metrics_serverapp[server_round] = MetricRecord({"accuracy": accuracy, "loss": 1.2})
     return result
 
@@ -39,15 +50,17 @@ def test_results_json_has_the_reference_shape_after_every_round(tmp_path):
     outputs = RunOutputs(tmp_path, {}, wandb_project=None)
     result = Result()
     for server_round, accuracy in ((1, 0.3), (2, 0.5)):
-        outputs.record_round(server_round, result_after_round(result, server_round, accuracy))
+        outputs.record_round(server_round, result_after_round(result, server_round, accuracy), 0.1)
         saved = json.loads((tmp_path / "results.json").read_text())
         assert len(saved) == server_round
     assert saved[1] == {
         "round": 2,
+        "learning_rate": 0.1,
         "train_metrics": {"train_loss": 0.0},
-        "evaluate_metrics_clientapp": {"eval_loss": 1.5, "eval_acc": 0.4},
+        "evaluate_metrics_clientapp": dict(result.evaluate_metrics_clientapp[2]),
         "evaluate_metrics_serverapp": {"accuracy": 0.5, "loss": 1.2},
     }
+    assert saved[1]["evaluate_metrics_clientapp"]["eval_acc_global"] == 0.3
 
 
 def test_checkpoint_only_on_a_new_best_central_accuracy(tmp_path):
@@ -55,7 +68,7 @@ def test_checkpoint_only_on_a_new_best_central_accuracy(tmp_path):
     result = Result()
     arrays_by_round = {}
     for server_round, accuracy in ((1, 0.3), (2, 0.2), (3, 0.6), (4, 0.6)):
-        outputs.record_round(server_round, result_after_round(result, server_round, accuracy))
+        outputs.record_round(server_round, result_after_round(result, server_round, accuracy), 0.1)
         arrays_by_round[server_round] = result.arrays.to_torch_state_dict()
     names = sorted(path.name for path in tmp_path.glob("best_model_*.pt"))
     assert names == ["best_model_round_1_acc_0.3000.pt", "best_model_round_3_acc_0.6000.pt"]
@@ -69,29 +82,53 @@ def test_round_without_central_evaluation_saves_no_checkpoint(tmp_path):
     outputs = RunOutputs(tmp_path, {}, wandb_project=None)
     result = Result(arrays=ArrayRecord(Net().state_dict()))
     result.train_metrics_clientapp[1] = MetricRecord({"train_loss": 1.0})
-    outputs.record_round(1, result)
+    outputs.record_round(1, result, 0.1)
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved[0]["evaluate_metrics_serverapp"] == {}
     assert not list(tmp_path.glob("best_model_*.pt"))
 
 
-def test_wandb_without_credentials_logs_offline_every_round(tmp_path, offline_wandb):
-    with RunOutputs(tmp_path, {"num-server-rounds": 1}, "pytorch-example-tests") as outputs:
+def test_wandb_run_holds_config_series_summary_and_best_model(tmp_path, offline_wandb):
+    run_config = {"num-server-rounds": 3, "dirichlet-alpha": 1.0}
+    with RunOutputs(tmp_path, run_config, "pytorch-example-tests") as outputs:
         assert outputs.wandb_run.settings.mode == "offline"
-        outputs.record_round(1, result_after_round(Result(), 1, 0.42))
+        result = Result()
+        for server_round, accuracy in ((1, 0.3), (2, 0.6), (3, 0.5)):
+            outputs.record_round(server_round, result_after_round(result, server_round, accuracy), 0.1)
     [run_folder] = (tmp_path / "wandb").glob("offline-run-*")
     run = read_offline_run(run_folder)
     assert run.exit_code == 0
-    assert run.config["num-server-rounds"] == 1
-    [row] = run.history
-    assert row["_step"] == 1
-    assert {name: row[name] for name in row if not name.startswith("_")} == {
-        "train_loss": pytest.approx(1.0),
+    assert {key: run.config[key] for key in run_config} == run_config
+    assert [row["_step"] for row in run.history] == [1, 2, 3]
+    assert {name: value for name, value in run.history[1].items() if not name.startswith("_")} == {
+        "learning_rate": 0.1,
+        "train_loss": pytest.approx(0.0),
         "federated_evaluate_loss": 1.5,
         "federated_evaluate_accuracy": 0.4,
-        "centralized_accuracy": 0.42,
+        "federated_evaluate_loss_global_head": 1.9,
+        "federated_evaluate_accuracy_global_head": 0.3,
+        "federated_evaluate_accuracy_min": 0.1,
+        "federated_evaluate_accuracy_median": 0.45,
+        "federated_evaluate_accuracy_max": 0.7,
+        "federated_evaluate_accuracy_std": 0.2,
+        "centralized_accuracy": 0.6,
         "centralized_loss": 1.2,
     }
+    assert run.summary["best_centralized_accuracy"] == 0.6
+    assert run.summary["best_centralized_accuracy_round"] == 2
+    [artifact] = run.artifacts
+    assert artifact["type"] == "model" and "best" in artifact["aliases"]
+    assert artifact["files"] == ["best_model_round_2_acc_0.6000.pt"]
+    assert artifact["metadata"] == {"accuracy": 0.6, "round": 2}
+
+
+def test_figures_are_drawn_when_the_run_ends(tmp_path):
+    with RunOutputs(tmp_path, {}, wandb_project=None) as outputs:
+        result = Result()
+        for server_round in (1, 2):
+            outputs.record_round(server_round, result_after_round(result, server_round, 0.5), 0.1)
+    for name in ("central.png", "personalisation.png", "learning_rate.png"):
+        assert (tmp_path / name).read_bytes().startswith(b"\x89PNG")
 
 
 @pytest.mark.parametrize(

@@ -3,13 +3,15 @@ fails a run whose clients stopped training."""
 
 import itertools
 import json
+import logging
+import re
 
 import pytest
 from flwr.app import ArrayRecord, Error, Message, MetricRecord, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
 from pytorch_example.outputs import RunOutputs
-from pytorch_example.strategy import CustomFedAvg, RunFailed
+from pytorch_example.strategy import CustomFedAvg, RunFailed, clock
 from pytorch_example.task import Net
 
 
@@ -68,7 +70,15 @@ def trained(message: Message) -> RecordDict:
                 "metrics": MetricRecord({"train_loss": 1.0, "num-examples": 10}),
             }
         )
-    return RecordDict({"metrics": MetricRecord({"eval_loss": 1.0, "eval_acc": 0.5, "num-examples": 5})})
+    # Client n scores 0.1 * n with its own head, on 5 * n validation rows.
+    node = message.metadata.dst_node_id
+    return RecordDict(
+        {
+            "metrics": MetricRecord(
+                {"eval_loss": 1.0, "eval_acc": 0.1 * node, "eval_acc_global": 0.1, "num-examples": 5 * node}
+            )
+        }
+    )
 
 
 def run(tmp_path, answer, num_rounds: int, max_failed_rounds: int = 3) -> tuple[ScriptedGrid, list[dict]]:
@@ -124,3 +134,39 @@ def test_a_run_shorter_than_the_limit_fails_when_all_its_rounds_failed(tmp_path)
     (tmp_path / "two").mkdir()
     _, results = run(tmp_path / "two", failing_in({1}), num_rounds=2)
     assert len(results) == 2
+
+
+def test_evaluation_reports_the_spread_of_personalised_accuracy(tmp_path):
+    _, results = run(tmp_path, lambda _, message: trained(message), num_rounds=1)
+    metrics = results[0]["evaluate_metrics_clientapp"]
+    # Four clients at 0.1..0.4: weighted by their 5..20 rows for the mean, once each for the spread.
+    assert metrics["eval_acc"] == pytest.approx((0.1 * 5 + 0.2 * 10 + 0.3 * 15 + 0.4 * 20) / 50)
+    assert metrics["eval_acc_min"] == pytest.approx(0.1) and metrics["eval_acc_max"] == pytest.approx(0.4)
+    assert metrics["eval_acc_median"] == pytest.approx(0.25)
+    assert metrics["eval_acc_std"] == pytest.approx(0.1118034, rel=1e-6)
+    assert metrics["eval_acc_global"] == pytest.approx(0.1)
+    assert results[0]["learning_rate"] == pytest.approx(0.1)
+
+
+def test_one_progress_line_per_round_with_time_left(tmp_path, caplog):
+    with caplog.at_level(logging.INFO, logger="flwr"):
+        run(tmp_path, lambda _, message: trained(message), num_rounds=3)
+    lines = [record.getMessage() for record in caplog.records if record.getMessage().startswith("Round ")]
+    assert len(lines) == 3
+    assert re.fullmatch(
+        r"Round 2/3: [\d.]+s, \d+:\d\d elapsed, ETA \d+:\d\d \| central accuracy - \| "
+        r"personalised accuracy 0\.\d{4}",
+        lines[1],
+    )
+    app_lines = [
+        record.getMessage()
+        for record in caplog.records
+        if record.levelno >= logging.INFO
+        and record.pathname.endswith(("strategy.py", "outputs.py"))
+        and "pytorch_example" in record.pathname
+    ]
+    assert app_lines == lines + [next(line for line in app_lines if line.startswith("Final model saved"))]
+
+
+def test_clock_reads_like_a_stopwatch():
+    assert [clock(s) for s in (0, 65, 3725)] == ["0:00", "1:05", "1:02:05"]
