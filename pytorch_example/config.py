@@ -59,6 +59,7 @@ class AppConfig:
     data_cache_dir: Path
     output_dir: Path
     max_failed_rounds: int
+    round_timeout: float
     use_wandb: bool
     wandb_project: str
 
@@ -87,6 +88,7 @@ class AppConfig:
             data_cache_dir=reader.optional_path("data-cache-dir") or DEFAULT_CACHE_DIR,
             output_dir=reader.path("output-dir"),
             max_failed_rounds=reader.integer("max-failed-rounds", minimum=1),
+            round_timeout=reader.positive("round-timeout"),
             use_wandb=reader.boolean("use-wandb"),
             wandb_project=reader.text("wandb-project"),
         )

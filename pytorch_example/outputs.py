@@ -46,8 +46,9 @@ class RunOutputs:
     """The files and the W&B run of one run, in `run_dir`.
 
     Use it as a context manager around the whole run: entering writes `config.json`
-    and starts W&B; leaving finishes W&B with the run's outcome (exit code 1 when an
-    exception, a Ctrl-C included, ended the run).
+    and starts W&B; leaving draws the figures, gives W&B the best checkpoint and
+    finishes W&B with the run's outcome (exit code 1 when an exception, a Ctrl-C
+    included, ended the run).
     """
 
     def __init__(self, run_dir: Path, run_config: dict, wandb_project: str | None) -> None:
@@ -83,12 +84,15 @@ class RunOutputs:
         except Exception as finish_error:  # noqa: BLE001
             log(WARNING, "W&B could not finish its run cleanly (%s)", finish_error)
 
-    def record_round(self, server_round: int, result: Result, learning_rate: float) -> dict:
+    def record_round(
+        self, server_round: int, result: Result, learning_rate: float, replies: dict | None = None
+    ) -> dict:
         """Append the round to results.json, checkpoint a new best model, log to W&B.
 
-        Returns the round's results.json entry.
+        `replies` counts, per phase, the messages sent and the replies received, failed
+        and left out. Returns the round's results.json entry.
         """
-        round_result = {"round": server_round, "learning_rate": learning_rate}
+        round_result = {"round": server_round, "learning_rate": learning_rate, "replies": replies or {}}
         for section, field in RESULT_SECTIONS.items():
             round_result[section] = dict(getattr(result, field).get(server_round, {}))
             log(DEBUG, "\t%s: %s", section, round_result[section])

@@ -54,6 +54,7 @@ def main(grid: Grid, context: Context) -> None:
                 grid=grid,
                 initial_arrays=ArrayRecord(initial_model.state_dict()),
                 num_rounds=config.num_server_rounds,
+                timeout=config.round_timeout,
                 evaluate_fn=central_evaluation(test_set, config),
             )
         except RunFailed as err:

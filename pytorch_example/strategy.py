@@ -1,6 +1,7 @@
 """Flower's FedAvg with what this app adds: a learning-rate schedule, a round loop that
-waits less and overlaps central with federated evaluation, and a run that fails when
-its clients stop training. Each finished round goes to `RunOutputs`, which records it.
+waits less and overlaps central with federated evaluation, train replies that would
+poison the model left out, and a run that fails when its clients stop training. Each
+finished round goes to `RunOutputs`, which records it.
 """
 
 import time
@@ -9,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 from logging import DEBUG, INFO, WARNING
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, Result
@@ -96,15 +97,16 @@ class CustomFedAvg(FedAvg):
             for server_round in range(1, num_rounds + 1):
                 round_started = time.monotonic()
                 log(DEBUG, "[ROUND %s/%s]", server_round, num_rounds)
-                train_error = self._train(grid, server_round, result, train_config, timeout)
+                replies: dict[str, dict[str, int]] = {}
+                train_error = self._train(grid, server_round, result, train_config, timeout, replies)
                 # The clients' evaluation is mostly waiting on messages, so the ServerApp's
                 # cores are free for the central evaluation meanwhile.
                 central = background.submit(evaluate_fn, server_round, result.arrays) if evaluate_fn else None
-                self._evaluate(grid, server_round, result, evaluate_config, timeout)
+                self._evaluate(grid, server_round, result, evaluate_config, timeout, replies)
                 if central is not None and (central_metrics := central.result()) is not None:
                     result.evaluate_metrics_serverapp[server_round] = central_metrics
                 round_result = self.outputs.record_round(
-                    server_round, result, self.learning_rate_at(server_round)
+                    server_round, result, self.learning_rate_at(server_round), replies
                 )
                 finished = time.monotonic()
                 log_progress(round_result, num_rounds, finished - round_started, finished - started)
@@ -118,12 +120,29 @@ class CustomFedAvg(FedAvg):
         return result
 
     def _train(
-        self, grid: Grid, server_round: int, result: Result, train_config: ConfigRecord, timeout: float
+        self,
+        grid: Grid,
+        server_round: int,
+        result: Result,
+        train_config: ConfigRecord,
+        timeout: float,
+        counts: dict[str, dict[str, int]],
     ) -> str | None:
-        """Train and aggregate into `result`; say why, if no valid train reply came."""
+        """Train and aggregate into `result`, count the replies into `counts`; say why,
+        if no valid train reply came."""
         messages = list(self.configure_train(server_round, result.arrays, train_config, grid))
         replies = send_and_receive(grid, messages, timeout)
-        arrays, train_metrics = self.aggregate_train(server_round, replies)
+        shapes = {key: tuple(array.shape) for key, array in result.arrays.items()}
+        usable = []
+        for reply in replies:
+            problem = None if reply.has_error() else train_reply_problem(reply.content, shapes)
+            if problem is None:
+                usable.append(reply)
+            else:
+                log(WARNING, "Round %s: left out the train reply of node %s: %s",
+                    server_round, reply.metadata.src_node_id, problem)  # fmt: skip
+        counts["train"] = reply_counts(messages, replies, dropped=len(replies) - len(usable))
+        arrays, train_metrics = self.aggregate_train(server_round, usable)
         if arrays is not None:
             result.arrays = arrays
         if train_metrics is not None:
@@ -134,6 +153,8 @@ class CustomFedAvg(FedAvg):
         log(WARNING, "Round %s trained nothing: the global model stays as it was", server_round)
         if errors:
             return last_line(errors[0])
+        if replies:
+            return f"every train reply was left out ({len(replies)}), see the warnings above"
         return f"no reply from {len(messages)} sampled node(s) within {timeout:g}s"
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
@@ -151,14 +172,49 @@ class CustomFedAvg(FedAvg):
         return metrics
 
     def _evaluate(
-        self, grid: Grid, server_round: int, result: Result, evaluate_config: ConfigRecord, timeout: float
+        self,
+        grid: Grid,
+        server_round: int,
+        result: Result,
+        evaluate_config: ConfigRecord,
+        timeout: float,
+        counts: dict[str, dict[str, int]],
     ) -> None:
         """Federated evaluation of the round's global model, aggregated into `result`."""
-        replies = send_and_receive(
-            grid, self.configure_evaluate(server_round, result.arrays, evaluate_config, grid), timeout
-        )
+        messages = list(self.configure_evaluate(server_round, result.arrays, evaluate_config, grid))
+        replies = send_and_receive(grid, messages, timeout)
+        counts["evaluate"] = reply_counts(messages, replies, dropped=0)
         if (evaluate_metrics := self.aggregate_evaluate(server_round, replies)) is not None:
             result.evaluate_metrics_clientapp[server_round] = evaluate_metrics
+
+
+def train_reply_problem(content: RecordDict, shapes: dict[str, tuple[int, ...]]) -> str | None:
+    """Why a train reply must not be averaged into the global model, or None."""
+    arrays, metrics = content.get("arrays"), content.get("metrics")
+    if not isinstance(arrays, ArrayRecord) or not isinstance(metrics, MetricRecord):
+        return "it has no 'arrays' or no 'metrics' record"
+    if set(arrays.keys()) != set(shapes):
+        return f"its arrays {sorted(arrays.keys())} are not the global model's {sorted(shapes)}"
+    for key, array in arrays.items():
+        if tuple(array.shape) != shapes[key]:
+            return f"'{key}' has shape {tuple(array.shape)}, the global model's {shapes[key]}"
+        if not np.isfinite(array.numpy()).all():
+            return f"'{key}' holds NaN or Inf"
+    num_examples = metrics.get("num-examples")
+    is_count = isinstance(num_examples, int | float) and not isinstance(num_examples, bool)
+    if not (is_count and num_examples > 0 and float(num_examples).is_integer()):
+        return f"num-examples = {num_examples!r} is not a positive integer"
+    return None
+
+
+def reply_counts(messages: list[Message], replies: list[Message], dropped: int) -> dict[str, int]:
+    """Messages sent, replies received, error replies, and replies left out."""
+    return {
+        "expected": len(messages),
+        "received": len(replies),
+        "failed": sum(1 for reply in replies if reply.has_error()),
+        "dropped": dropped,
+    }
 
 
 def log_progress(round_result: dict, num_rounds: int, round_s: float, elapsed_s: float) -> None:

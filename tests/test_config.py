@@ -63,6 +63,7 @@ def test_empty_schedule_keeps_the_rate():
         ("dataset-name", ""),
         ("dataset-path", 3),
         ("max-failed-rounds", 0),
+        ("round-timeout", 0),
     ],
 )
 def test_bad_values_name_key_and_value(key, value):

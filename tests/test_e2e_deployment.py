@@ -1,6 +1,7 @@
 """End to end: the same app on the Deployment Engine, a SuperLink and two SuperNodes."""
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -10,26 +11,32 @@ from harness.wandb_offline import read_offline_run
 pytestmark = pytest.mark.e2e
 
 
-def test_two_supernodes_each_with_half_of_the_data(idx_dataset, tmp_path):
-    federation = LocalFederation(
-        tmp_path / "deployment",
-        node_configs=[{"partition-id": i, "num-partitions": 2} for i in range(2)],
-    )
+def run_deployment(tmp_path: Path, idx_dataset: Path, node_configs: list[dict], **run_config):
+    """Every node trains and evaluates every round; returns the log, the run record and
+    the federation (stopped)."""
+    federation = LocalFederation(tmp_path / "deployment", node_configs=node_configs)
     try:
         log, record = federation.run(
             copy_app(tmp_path / "app"),
             {
-                "num-server-rounds": 2,
                 "fraction-train": 1.0,
                 "fraction-evaluate": 1.0,
                 "dataset-path": str(idx_dataset),
                 "data-cache-dir": str(tmp_path / "cache"),
                 "output-dir": str(tmp_path / "outputs"),
-                "use-wandb": False,
+                **run_config,
             },
         )
     finally:
         federation.stop()
+    return log, record, federation
+
+
+def test_two_supernodes_each_with_half_of_the_data(idx_dataset, tmp_path):
+    nodes = [{"partition-id": i, "num-partitions": 2} for i in range(2)]
+    log, record, federation = run_deployment(
+        tmp_path, idx_dataset, nodes, **{"num-server-rounds": 2, "use-wandb": False}
+    )
     assert record["status"] == "finished:completed", log
     [results_file] = (tmp_path / "outputs").glob("*/*/results.json")
     results = json.loads(results_file.read_text())
@@ -40,26 +47,10 @@ def test_two_supernodes_each_with_half_of_the_data(idx_dataset, tmp_path):
 
 def test_a_run_whose_clientapps_all_fail_ends_failed(idx_dataset, tmp_path):
     """Two SuperNodes started with a partition that does not exist: nothing trains."""
-    federation = LocalFederation(
-        tmp_path / "deployment",
-        node_configs=[{"partition-id": 5, "num-partitions": 2} for _ in range(2)],
+    nodes = [{"partition-id": 5, "num-partitions": 2} for _ in range(2)]
+    log, record, _ = run_deployment(
+        tmp_path, idx_dataset, nodes, **{"num-server-rounds": 4, "max-failed-rounds": 2, "use-wandb": True}
     )
-    try:
-        log, record = federation.run(
-            copy_app(tmp_path / "app"),
-            {
-                "num-server-rounds": 4,
-                "max-failed-rounds": 2,
-                "fraction-train": 1.0,
-                "fraction-evaluate": 1.0,
-                "dataset-path": str(idx_dataset),
-                "data-cache-dir": str(tmp_path / "cache"),
-                "output-dir": str(tmp_path / "outputs"),
-                "use-wandb": True,
-            },
-        )
-    finally:
-        federation.stop()
     assert record["status"] == "finished:failed", log
     details = record["status-details"]
     assert "2 round(s) in a row got no valid train reply" in details

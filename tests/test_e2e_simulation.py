@@ -16,6 +16,7 @@ pytestmark = pytest.mark.e2e
 RESULT_KEYS = {
     "round",
     "learning_rate",
+    "replies",
     "train_metrics",
     "evaluate_metrics_clientapp",
     "evaluate_metrics_serverapp",
@@ -53,7 +54,8 @@ def test_simulation_writes_every_output(superlink, app_dir, idx_dataset, tmp_pat
             "eval_acc_std",
         }
         assert set(entry["evaluate_metrics_serverapp"]) == {"accuracy", "loss"}
-        for section in RESULT_KEYS - {"round", "learning_rate"}:
+        assert entry["replies"]["train"] == {"expected": 2, "received": 2, "failed": 0, "dropped": 0}
+        for section in RESULT_KEYS - {"round", "learning_rate", "replies"}:
             assert all(math.isfinite(value) for value in entry[section].values())
         assert 0.0 <= entry["evaluate_metrics_serverapp"]["accuracy"] <= 1.0
     # The generated classes are learnable: three rounds must beat chance (10%).

@@ -56,6 +56,7 @@ def test_results_json_has_the_reference_shape_after_every_round(tmp_path):
     assert saved[1] == {
         "round": 2,
         "learning_rate": 0.1,
+        "replies": {},
         "train_metrics": {"train_loss": 0.0},
         "evaluate_metrics_clientapp": dict(result.evaluate_metrics_clientapp[2]),
         "evaluate_metrics_serverapp": {"accuracy": 0.5, "loss": 1.2},

@@ -39,29 +39,20 @@ def test_a_run_that_ended_before_central_evaluation_draws_what_it_has(tmp_path):
     assert [path.name for path in plot_run(tmp_path)] == ["learning_rate.png"]
 
 
+def redraw(*run_dirs) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "pytorch_example.plots", *map(str, run_dirs)]
+    return subprocess.run(command, capture_output=True, text=True, timeout=120, cwd=REPO)
+
+
 def test_the_command_redraws_a_folder_and_refuses_one_without_results(tmp_path):
     run_dir = tmp_path / "2026-01-01" / "10-00-00"
     run_dir.mkdir(parents=True)
     (run_dir / "results.json").write_text(json.dumps(OLDER_RESULTS))
-    done = subprocess.run(
-        [sys.executable, "-m", "pytorch_example.plots", str(run_dir)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        cwd=REPO,
-    )
+    done = redraw(run_dir)
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == [str(run_dir / "central.png"), str(run_dir / "personalisation.png")]
 
-    refused = subprocess.run(
-        [sys.executable, "-m", "pytorch_example.plots", str(tmp_path)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        cwd=REPO,
-    )
+    refused = redraw(tmp_path)
     assert refused.returncode == 1
-    assert (
-        refused.stderr.strip()
-        == f"{tmp_path}: no results.json here: expected a run folder, outputs/<date>/<time>"
-    )
+    expected = f"{tmp_path}: no results.json here: expected a run folder, outputs/<date>/<time>"
+    assert refused.stderr.strip() == expected

@@ -7,6 +7,7 @@ import logging
 import re
 
 import pytest
+import torch
 from flwr.app import ArrayRecord, Error, Message, MetricRecord, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
@@ -170,3 +171,70 @@ def test_one_progress_line_per_round_with_time_left(tmp_path, caplog):
 
 def test_clock_reads_like_a_stopwatch():
     assert [clock(s) for s in (0, 65, 3725)] == ["0:00", "1:05", "1:02:05"]
+
+
+def poisoned_by_node(node: int, poison):
+    """Node `node` sends a train reply changed by `poison(content)`; the rest train."""
+
+    def answer(server_round, message):
+        content = trained(message)
+        if message.metadata.message_type.startswith("train") and message.metadata.dst_node_id == node:
+            poison(content)
+        return content
+
+    return answer
+
+
+def with_nan(content: RecordDict) -> None:
+    state = content["arrays"].to_torch_state_dict()
+    state["fc1.weight"][0, 0] = float("nan")
+    content["arrays"] = ArrayRecord(state)
+
+
+def with_wrong_shape(content: RecordDict) -> None:
+    state = content["arrays"].to_torch_state_dict()
+    state["fc2.bias"] = state["fc2.bias"][:5]
+    content["arrays"] = ArrayRecord(state)
+
+
+def with_zero_examples(content: RecordDict) -> None:
+    content["metrics"]["num-examples"] = 0
+
+
+@pytest.mark.parametrize(
+    ("poison", "reason"),
+    [
+        (with_nan, "'fc1.weight' holds NaN or Inf"),
+        (with_wrong_shape, "'fc2.bias' has shape (5,), the global model's (10,)"),
+        (with_zero_examples, "num-examples = 0 is not a positive integer"),
+    ],
+)
+def test_a_reply_that_would_poison_the_model_is_left_out_and_counted(tmp_path, caplog, poison, reason):
+    # fraction-train 1.0: all four nodes train, node 3 sends the bad reply.
+    grid = ScriptedGrid(4, poisoned_by_node(3, poison))
+    outputs = RunOutputs(tmp_path, {}, wandb_project=None)
+    strategy = CustomFedAvg(
+        outputs=outputs, learning_rate_at=lambda _: 0.1, max_failed_rounds=3, fraction_train=1.0
+    )
+    with caplog.at_level(logging.WARNING, logger="flwr"):
+        result = strategy.start(grid, ArrayRecord(Net().state_dict()), num_rounds=2, timeout=5)
+    assert f"Round 1: left out the train reply of node 3: {reason}" in caplog.text
+    for value in result.arrays.to_torch_state_dict().values():
+        assert torch.isfinite(value).all()
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results[0]["replies"] == {
+        "train": {"expected": 4, "received": 4, "failed": 0, "dropped": 1},
+        "evaluate": {"expected": 4, "received": 4, "failed": 0, "dropped": 0},
+    }
+    assert results[0]["train_metrics"] != {}
+
+
+def test_error_replies_are_counted_as_failed(tmp_path):
+    def node_2_crashes(server_round, message):
+        if message.metadata.dst_node_id == 2:
+            return RuntimeError("out of memory")
+        return trained(message)
+
+    _, results = run(tmp_path, node_2_crashes, num_rounds=1)
+    evaluate = results[0]["replies"]["evaluate"]
+    assert evaluate == {"expected": 4, "received": 4, "failed": 1, "dropped": 0}
