@@ -60,6 +60,23 @@ def pairs(values: dict) -> str:
     return " ".join(f"{key}={toml_value(value)}" for key, value in values.items())
 
 
+def descendants(root_pids: list[int]) -> list[int]:
+    """`root_pids` and every process below them, read from /proc (Linux)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError, ValueError, IndexError):
+                parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+                children.setdefault(parent, []).append(int(entry.name))
+    found, todo = [], list(root_pids)
+    while todo:
+        pid = todo.pop()
+        if pid not in found:
+            found.append(pid)
+            todo.extend(children.get(pid, []))
+    return found
+
+
 class LocalFederation:
     """A SuperLink and, in deployment, one SuperNode per entry of `node_configs`.
 
@@ -194,11 +211,38 @@ class LocalFederation:
         record = next(run for run in runs if run["run-id"] == match.group(1))
         return output, record
 
+    def submit(self, app_dir: Path, run_config: dict, federation_config: dict | None = None) -> str:
+        """`flwr run` without waiting for the run to end; return its run id."""
+        federation = ["--federation-config", pairs(federation_config)] if federation_config else []
+        done = self.flwr("run", ".", "test", "--run-config", pairs(run_config), *federation, cwd=app_dir)
+        match = re.search(r"Successfully started run (\d+)", done.stdout + done.stderr)
+        if not match:
+            raise RuntimeError(f"flwr run did not start a run:\n{done.stdout}{done.stderr}")
+        return match.group(1)
+
+    def kill(self) -> None:
+        """SIGKILL every process started here and all they started, as a crash would."""
+        # Found first: the simulation process is the SuperLink's child but not in its
+        # process group, and once the SuperLink is gone it is nobody's child.
+        doomed = descendants(self.pids())
+        for pid in doomed:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        for process in self.processes:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+        for log in self.logs:
+            log.close()
+
     def pids(self) -> list[int]:
         return [process.pid for process in self.processes]
 
     def stop(self) -> None:
-        """End every process started here: SuperNodes first, then the SuperLink."""
+        """End every process started here, SuperNodes first, then the SuperLink, and
+        whatever they started (simulation, Ray, ClientApps)."""
+        # Found first: once their parent is gone, Ray's agents are nobody's children.
+        started_below = descendants(self.pids())
         for process in reversed(self.processes):
             if process.poll() is None:
                 process.terminate()
@@ -207,8 +251,10 @@ class LocalFederation:
                 except subprocess.TimeoutExpired:
                     process.kill()
                     process.wait()
-            # What each started (simulation, Ray, ClientApps) is in its process group.
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(process.pid, signal.SIGKILL)
+        for pid in started_below:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
         for log in self.logs:
             log.close()

@@ -1,18 +1,25 @@
 """The ClientApp: trains and evaluates the global model with this client's own head.
 
 Each client keeps its classification head (`fc2`) in `context.state`, which Flower
-carries from one message to the next for the whole run: the head this client trained
-last time replaces the global one before training and before evaluating.
+carries from one message to the next while its SuperNode lives, and on its own disk,
+which outlives a restarted SuperNode and a resumed run: the head this client trained
+last time replaces the global one before training and before evaluating. The head is
+never sent to the server.
 """
+
+from logging import INFO
+from pathlib import Path
 
 import numpy as np
 import torch
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.common.logger import log
 
 from pytorch_example import task
 from pytorch_example.config import AppConfig, ConfigError
 from pytorch_example.data import DataError, Partition, load_partition
+from pytorch_example.files import save_atomically
 
 HEAD_STATE_KEY = "classification-head"
 
@@ -26,6 +33,8 @@ def train(msg: Message, context: Context) -> Message:
     partition_id, partition = local_partition(config, context)
     server_round = int(msg.content["config"]["server-round"])
 
+    heads = HeadStore(config, context, msg, partition_id)
+    heads.restore_into(context.state)
     net = model_with_own_head(msg.content["arrays"], context.state)
     train_loss = task.train(
         net,
@@ -38,6 +47,7 @@ def train(msg: Message, context: Context) -> Message:
         generator=client_generator(config.seed, server_round, partition_id),
     )
     save_head(net, context.state)
+    heads.save(net)
 
     reply = RecordDict(
         {
@@ -53,7 +63,8 @@ def evaluate(msg: Message, context: Context) -> Message:
     """Score the received model on this client's validation rows, twice: with this
     client's own head (`eval_*`) and with the global head (`eval_*_global`)."""
     config = AppConfig.from_run_config(context.run_config)
-    _, partition = local_partition(config, context)
+    partition_id, partition = local_partition(config, context)
+    HeadStore(config, context, msg, partition_id).restore_into(context.state)
 
     net = global_model(msg.content["arrays"])
     global_loss, global_acc = task.test(net, partition.val, config.eval_batch_size, device())
@@ -95,6 +106,37 @@ def model_with_own_head(global_arrays: ArrayRecord, state: RecordDict) -> task.N
 def save_head(net: task.Net, state: RecordDict) -> None:
     """Keep this client's head for the next round it takes part in."""
     state[HEAD_STATE_KEY] = ArrayRecord(net.fc2.state_dict())
+
+
+class HeadStore:
+    """This client's head on its own disk: `<head-dir>/<lineage>/partition-<id>.pt`.
+
+    `head-dir` comes from the node config, else `<data-cache-dir>/heads`; the lineage
+    (sent by the ServerApp) is the same for a run and its resumptions, so a resumed run
+    finds its heads and a new run starts fresh.
+    """
+
+    def __init__(self, config: AppConfig, context: Context, msg: Message, partition_id: int) -> None:
+        head_dir = context.node_config.get("head-dir") or config.data_cache_dir / "heads"
+        lineage = msg.content["config"].get("lineage")
+        # Without a lineage (a ServerApp other than this app's) heads stay in memory only.
+        self.path = None
+        if lineage:
+            self.path = Path(head_dir).expanduser() / str(lineage) / f"partition-{partition_id}.pt"
+
+    def restore_into(self, state: RecordDict) -> None:
+        """Put the head from disk into `state` when `state` has none (a fresh SuperNode)."""
+        if self.path is None or HEAD_STATE_KEY in state or not self.path.is_file():
+            return
+        state[HEAD_STATE_KEY] = ArrayRecord(torch.load(self.path, weights_only=True))
+        log(INFO, "Restored this client's head from %s", self.path)
+
+    def save(self, net: task.Net) -> None:
+        if self.path is None:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        head = net.fc2.state_dict()
+        save_atomically(self.path, lambda file: torch.save(head, file))
 
 
 def local_partition(config: AppConfig, context: Context) -> tuple[int, Partition]:

@@ -25,6 +25,10 @@ class ConfigError(ValueError):
     """A run-config value the app cannot use; the message is one line for the user."""
 
 
+# What decides each client's data and the model's meaning: a run resumed with other
+# values would silently mix two experiments, so it is refused.
+RESUME_MUST_MATCH = ("dataset-name", "dataset-path", "dirichlet-alpha", "partition-seed", "val-fraction")
+
 # The run-config key behind each `DataSettings` field, to name it in data errors.
 DATA_SETTING_KEYS = {
     "dataset_name": "dataset-name",
@@ -60,6 +64,7 @@ class AppConfig:
     output_dir: Path
     max_failed_rounds: int
     round_timeout: float
+    resume_from: Path | None
     use_wandb: bool
     wandb_project: str
 
@@ -89,6 +94,7 @@ class AppConfig:
             output_dir=reader.path("output-dir"),
             max_failed_rounds=reader.integer("max-failed-rounds", minimum=1),
             round_timeout=reader.positive("round-timeout"),
+            resume_from=reader.optional_path("resume-from"),
             use_wandb=reader.boolean("use-wandb"),
             wandb_project=reader.text("wandb-project"),
         )
@@ -97,7 +103,23 @@ class AppConfig:
                 f"run-config key 'dataset-path' = '{config.dataset_path}' is not a folder: "
                 "point it at the folder holding the Fashion-MNIST .gz or parquet files"
             )
+        if config.resume_from is not None and not config.resume_from.is_dir():
+            raise ConfigError(
+                f"run-config key 'resume-from' = '{config.resume_from}' is not a folder: point it at "
+                "the run folder to continue, outputs/<date>/<time>"
+            )
         return config
+
+    def resume_settings(self) -> dict:
+        """The run-config values a resumed run must share with the run it continues."""
+        return {key: self.run_config_value(key) for key in RESUME_MUST_MATCH}
+
+    def run_config_value(self, key: str):
+        value = getattr(self, key.replace("-", "_"))
+        return str(value) if isinstance(value, Path) else value
+
+    def resume_error(self, err: Exception) -> ConfigError:
+        return ConfigError(f"run-config key 'resume-from' = '{self.resume_from}' {err}")
 
     def data_settings(self, num_partitions: int) -> DataSettings:
         """What decides the data a node sees, given the federation's partition count."""

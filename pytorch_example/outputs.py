@@ -4,6 +4,8 @@ round; only this module writes into the run folder.
 """
 
 import os
+import uuid
+from dataclasses import dataclass, field
 from logging import DEBUG, INFO, WARNING
 from pathlib import Path
 
@@ -14,6 +16,9 @@ from flwr.serverapp.strategy import Result
 
 from pytorch_example import plots
 from pytorch_example.files import save_atomically, save_json_atomically
+
+# What a restart needs, rewritten after every round before results.json says it is done.
+RESUME_FILE = "resume.pt"
 
 # results.json sections, each from one of the `Result` fields Flower's strategies fill.
 RESULT_SECTIONS = {
@@ -42,6 +47,50 @@ WANDB_NAMES = {
 }
 
 
+class ResumeError(ValueError):
+    """A folder this run cannot continue; the message is one line for the user."""
+
+
+@dataclass
+class ResumeState:
+    """Where a run stood after its last completed round."""
+
+    round: int
+    arrays: ArrayRecord
+    lineage: str  # the same across a run and its resumptions: clients key their heads by it
+    settings: dict  # the run-config values a continuation must share
+    round_results: list[dict] = field(default_factory=list)
+    best_accuracy: float = float("-inf")
+    best_round: int | None = None
+    best_checkpoint: str | None = None
+    wandb_run_id: str | None = None
+
+
+def load_resume_state(run_dir: Path, settings: dict, model_shapes: dict[str, tuple]) -> ResumeState:
+    """The state `run_dir` was left in, if this run can continue it; else `ResumeError`."""
+    path = run_dir / RESUME_FILE
+    if not path.is_file():
+        raise ResumeError(
+            f"holds no {RESUME_FILE}: not a run folder of this app, or one that finished no round"
+        )
+    try:
+        saved = torch.load(path, weights_only=True)
+        state = ResumeState(**{**saved, "arrays": ArrayRecord(saved["arrays"])})
+    except Exception as err:  # noqa: BLE001 (any unreadable file is the same to the user)
+        raise ResumeError(f"its {RESUME_FILE} cannot be read ({type(err).__name__}: {err})") from None
+    shapes = {key: tuple(array.shape) for key, array in state.arrays.items()}
+    if shapes != model_shapes:
+        raise ResumeError("its model is not this app's model (different layers or shapes)")
+    changed = [
+        f"{key} was {state.settings.get(key)!r}"
+        for key in settings
+        if state.settings.get(key) != settings[key]
+    ]
+    if changed:
+        raise ResumeError(f"was made with other data settings ({', '.join(changed)}): run with those")
+    return state
+
+
 class RunOutputs:
     """The files and the W&B run of one run, in `run_dir`.
 
@@ -51,19 +100,41 @@ class RunOutputs:
     included, ended the run).
     """
 
-    def __init__(self, run_dir: Path, run_config: dict, wandb_project: str | None) -> None:
+    def __init__(
+        self,
+        run_dir: Path,
+        run_config: dict,
+        wandb_project: str | None,
+        resume_settings: dict | None = None,
+        resumed: ResumeState | None = None,
+    ) -> None:
         self.run_dir = run_dir
         self.run_config = run_config
         self.wandb_project = wandb_project
-        self.best_accuracy = float("-inf")
-        self.best_round: int | None = None
-        self.best_checkpoint: Path | None = None
-        self.round_results: list[dict] = []
+        # A new run starts from nothing; a resumed one from where its folder stood.
+        self.state = resumed or ResumeState(
+            round=0, arrays=ArrayRecord(), lineage=uuid.uuid4().hex, settings=resume_settings or {}
+        )
         self.wandb_run = None
+
+    @property
+    def lineage(self) -> str:
+        return self.state.lineage
+
+    @property
+    def best_accuracy(self) -> float:
+        return self.state.best_accuracy
 
     def __enter__(self) -> "RunOutputs":
         save_json_atomically(self.run_dir / "config.json", self.run_config)
-        self.wandb_run = start_wandb(self.wandb_project, self.run_dir, self.run_config)
+        self.wandb_run = start_wandb(
+            self.wandb_project, self.run_dir, self.run_config, self.state.wandb_run_id
+        )
+        if self.wandb_run is not None:
+            self.state.wandb_run_id = self.wandb_run.id
+        if self.state.round_results:
+            # What the folder said when it was left, whatever happened after resume.pt.
+            save_json_atomically(self.run_dir / "results.json", self.state.round_results)
         return self
 
     def __exit__(self, error_type, error, traceback) -> None:
@@ -75,7 +146,7 @@ class RunOutputs:
         if self.wandb_run is None:
             return
         try:
-            if self.best_checkpoint is not None:
+            if self.state.best_checkpoint is not None:
                 self._log_best_checkpoint()
         except Exception as artifact_error:  # noqa: BLE001
             log(WARNING, "W&B did not take the best checkpoint (%s)", artifact_error)
@@ -93,22 +164,32 @@ class RunOutputs:
         and left out. Returns the round's results.json entry.
         """
         round_result = {"round": server_round, "learning_rate": learning_rate, "replies": replies or {}}
-        for section, field in RESULT_SECTIONS.items():
-            round_result[section] = dict(getattr(result, field).get(server_round, {}))
+        for section, result_field in RESULT_SECTIONS.items():
+            round_result[section] = dict(getattr(result, result_field).get(server_round, {}))
             log(DEBUG, "\t%s: %s", section, round_result[section])
-        self.round_results.append(round_result)
-        save_json_atomically(self.run_dir / "results.json", self.round_results)
+        state = self.state
+        state.round, state.arrays = server_round, result.arrays
+        state.round_results = [*state.round_results, round_result]
 
         accuracy = round_result["evaluate_metrics_serverapp"].get("accuracy")
-        if accuracy is not None and accuracy > self.best_accuracy:
-            self.best_accuracy = accuracy
+        if accuracy is not None and accuracy > state.best_accuracy:
             checkpoint = self.run_dir / f"best_model_round_{server_round}_acc_{accuracy:.4f}.pt"
             save_model(checkpoint, result.arrays)
-            self.best_round, self.best_checkpoint = server_round, checkpoint
+            state.best_accuracy, state.best_round, state.best_checkpoint = (
+                accuracy,
+                server_round,
+                checkpoint.name,
+            )
             log(DEBUG, "New best central accuracy %.4f: saved %s", accuracy, checkpoint.name)
             if self.wandb_run is not None:
                 self.wandb_run.summary["best_centralized_accuracy"] = accuracy
                 self.wandb_run.summary["best_centralized_accuracy_round"] = server_round
+
+        # The restart state first: a crash between the two writes loses nothing, since a
+        # resumed run rewrites results.json from it.
+        resume = {**vars(state), "arrays": result.arrays.to_torch_state_dict()}
+        save_atomically(self.run_dir / RESUME_FILE, lambda f: torch.save(resume, f))
+        save_json_atomically(self.run_dir / "results.json", state.round_results)
 
         if self.wandb_run is not None:
             series = {
@@ -127,9 +208,9 @@ class RunOutputs:
         artifact = wandb.Artifact(
             f"best-model-{self.wandb_run.id}",
             type="model",
-            metadata={"accuracy": self.best_accuracy, "round": self.best_round},
+            metadata={"accuracy": self.state.best_accuracy, "round": self.state.best_round},
         )
-        artifact.add_file(str(self.best_checkpoint))
+        artifact.add_file(str(self.run_dir / self.state.best_checkpoint))
         self.wandb_run.log_artifact(artifact, aliases=["best"])
 
     def save_final_model(self, arrays: ArrayRecord) -> None:
@@ -143,8 +224,9 @@ def save_model(path: Path, arrays: ArrayRecord) -> None:
     save_atomically(path, lambda f: torch.save(arrays.to_torch_state_dict(), f))
 
 
-def start_wandb(project: str | None, run_dir: Path, run_config: dict):
-    """A W&B run in `run_dir`; offline when no credentials exist, never a prompt."""
+def start_wandb(project: str | None, run_dir: Path, run_config: dict, run_id: str | None = None):
+    """A W&B run in `run_dir`, or the run `run_id` continued; offline when no
+    credentials exist, never a prompt."""
     if project is None:
         return None
     import wandb  # noqa: PLC0415 (costs a second; only when W&B is on)
@@ -163,6 +245,8 @@ def start_wandb(project: str | None, run_dir: Path, run_config: dict):
         "name": f"{run_dir.parent.name}/{run_dir.name}",
         "dir": run_dir,
         "config": run_config,
+        "id": run_id,
+        "resume": "allow" if run_id else None,
     }
     try:
         return wandb.init(**settings, mode=mode)

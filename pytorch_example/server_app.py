@@ -5,14 +5,14 @@ from logging import ERROR, INFO
 from pathlib import Path
 
 import torch
-from flwr.app import ArrayRecord, Context, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
 from pytorch_example import task
 from pytorch_example.config import AppConfig, ConfigError
 from pytorch_example.data import DataError, ImageSet, ensure_partitions, load_test_set
-from pytorch_example.outputs import RunOutputs
+from pytorch_example.outputs import ResumeError, ResumeState, RunOutputs, load_resume_state
 from pytorch_example.strategy import CustomFedAvg, RunFailed
 
 app = ServerApp()
@@ -27,6 +27,7 @@ def main(grid: Grid, context: Context) -> None:
         num_supernodes = len(list(grid.get_node_ids()))
         log(INFO, "The federation has %d SuperNodes connected", num_supernodes)
         test_set = prepare_data(config, num_supernodes)
+        resumed = resume_state(config)
     except ConfigError as err:
         # One readable line first; re-raising marks the run failed with it as the reason.
         log(ERROR, "%s", err)
@@ -36,12 +37,18 @@ def main(grid: Grid, context: Context) -> None:
     # Central evaluation runs while the ClientApps evaluate (see the strategy): one CPU
     # thread keeps it from fighting them for cores, at little cost on this small model.
     torch.set_num_threads(1)
-    initial_model = task.Net()
-    run_dir = create_run_dir(config.output_dir)
-    log(INFO, "Outputs of this run go to %s", run_dir)
+    if resumed is None:
+        initial_arrays, first_round = ArrayRecord(task.Net().state_dict()), 1
+        run_dir = create_run_dir(config.output_dir)
+        log(INFO, "Outputs of this run go to %s", run_dir)
+    else:
+        initial_arrays, first_round, run_dir = resumed.arrays, resumed.round + 1, config.resume_from
+        log(INFO, "Resuming %s after round %d of %d", run_dir, resumed.round, config.num_server_rounds)
 
     wandb_project = config.wandb_project if config.use_wandb else None
-    with RunOutputs(run_dir, dict(context.run_config), wandb_project) as outputs:
+    with RunOutputs(
+        run_dir, dict(context.run_config), wandb_project, config.resume_settings(), resumed
+    ) as outputs:
         strategy = CustomFedAvg(
             outputs=outputs,
             learning_rate_at=config.learning_rate_at,
@@ -49,17 +56,38 @@ def main(grid: Grid, context: Context) -> None:
             fraction_train=config.fraction_train,
             fraction_evaluate=config.fraction_evaluate,
         )
+        # Clients key the heads they keep on disk by the run's lineage.
+        client_config = ConfigRecord({"lineage": outputs.lineage})
         try:
             strategy.start(
                 grid=grid,
-                initial_arrays=ArrayRecord(initial_model.state_dict()),
+                initial_arrays=initial_arrays,
                 num_rounds=config.num_server_rounds,
                 timeout=config.round_timeout,
+                train_config=client_config,
+                evaluate_config=ConfigRecord(dict(client_config)),
                 evaluate_fn=central_evaluation(test_set, config),
+                first_round=first_round,
             )
         except RunFailed as err:
             log(ERROR, "%s", err)
             raise
+
+
+def resume_state(config: AppConfig) -> ResumeState | None:
+    """Where the run to continue stood, or None for a new run; one line if it cannot."""
+    if config.resume_from is None:
+        return None
+    model_shapes = {key: tuple(value.shape) for key, value in task.Net().state_dict().items()}
+    try:
+        resumed = load_resume_state(config.resume_from, config.resume_settings(), model_shapes)
+    except ResumeError as err:
+        raise config.resume_error(err) from None
+    if resumed.round >= config.num_server_rounds:
+        raise config.resume_error(
+            f"already finished round {resumed.round}: raise num-server-rounds above it to go on"
+        )
+    return resumed
 
 
 def prepare_data(config: AppConfig, num_supernodes: int) -> ImageSet:

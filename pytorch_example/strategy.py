@@ -75,9 +75,11 @@ class CustomFedAvg(FedAvg):
         train_config: ConfigRecord | None = None,
         evaluate_config: ConfigRecord | None = None,
         evaluate_fn: CentralEvaluation | None = None,
+        first_round: int = 1,
     ) -> Result:
-        """Run `num_rounds` rounds as `FedAvg.start` does, recording each one.
+        """Run rounds `first_round`..`num_rounds` as `FedAvg.start` does, recording each.
 
+        `first_round` > 1 continues a run whose earlier rounds gave `initial_arrays`.
         Returns the `Result` with the final model and every round's metrics; raises
         `RunFailed` when the clients stopped training (see `max_failed_rounds`).
         """
@@ -86,7 +88,7 @@ class CustomFedAvg(FedAvg):
         self.summary()
 
         result = Result(arrays=initial_arrays)
-        if evaluate_fn and (initial := evaluate_fn(0, initial_arrays)) is not None:
+        if first_round == 1 and evaluate_fn and (initial := evaluate_fn(0, initial_arrays)) is not None:
             log(INFO, "Initial central evaluation: %s", initial)
             result.evaluate_metrics_serverapp[0] = initial
 
@@ -94,7 +96,7 @@ class CustomFedAvg(FedAvg):
         failed_rounds: list[str] = []  # the first client error of each failed round in a row
         # One background thread: central evaluation overlaps the clients' evaluation.
         with ThreadPoolExecutor(max_workers=1) as background:
-            for server_round in range(1, num_rounds + 1):
+            for server_round in range(first_round, num_rounds + 1):
                 round_started = time.monotonic()
                 log(DEBUG, "[ROUND %s/%s]", server_round, num_rounds)
                 replies: dict[str, dict[str, int]] = {}
@@ -109,9 +111,12 @@ class CustomFedAvg(FedAvg):
                     server_round, result, self.learning_rate_at(server_round), replies
                 )
                 finished = time.monotonic()
-                log_progress(round_result, num_rounds, finished - round_started, finished - started)
+                rounds_here = server_round - first_round + 1
+                log_progress(
+                    round_result, num_rounds, finished - round_started, finished - started, rounds_here
+                )
                 failed_rounds = [*failed_rounds, train_error] if train_error is not None else []
-                if len(failed_rounds) >= min(self.max_failed_rounds, num_rounds):
+                if len(failed_rounds) >= min(self.max_failed_rounds, num_rounds - first_round + 1):
                     raise RunFailed(
                         f"{len(failed_rounds)} round(s) in a row got no valid train reply, so nothing "
                         f"was trained; the first client error: {failed_rounds[0]}"
@@ -217,10 +222,15 @@ def reply_counts(messages: list[Message], replies: list[Message], dropped: int) 
     }
 
 
-def log_progress(round_result: dict, num_rounds: int, round_s: float, elapsed_s: float) -> None:
-    """The one line per round a user watches: time, time left, the two accuracies."""
+def log_progress(
+    round_result: dict, num_rounds: int, round_s: float, elapsed_s: float, rounds_done: int
+) -> None:
+    """The one line per round a user watches: time, time left, the two accuracies.
+
+    `elapsed_s` and `rounds_done` count this process's rounds (a resumed run's own).
+    """
     server_round = round_result["round"]
-    eta_s = elapsed_s / server_round * (num_rounds - server_round)
+    eta_s = elapsed_s / rounds_done * (num_rounds - server_round)
     central = round_result["evaluate_metrics_serverapp"].get("accuracy")
     personal = round_result["evaluate_metrics_clientapp"].get("eval_acc")
     log(

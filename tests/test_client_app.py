@@ -1,5 +1,7 @@
 """The personalised, stateful client: its head kept in a RecordDict across rounds."""
 
+import logging
+
 import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
@@ -14,6 +16,7 @@ from pytorch_example.client_app import (
     model_with_own_head,
     node_setting,
     save_head,
+    train,
 )
 from pytorch_example.config import AppConfig, ConfigError
 from pytorch_example.data import load_partition
@@ -109,3 +112,45 @@ def test_evaluate_scores_the_own_head_and_the_global_head(tmp_path, monkeypatch)
 def load_partition_labels(run_config: dict, tmp_path):
     settings = AppConfig.from_run_config(run_config).data_settings(2)
     return load_partition(settings, 0).val.labels.numpy()
+
+
+def test_the_head_outlives_its_process_on_the_clients_disk(tmp_path, monkeypatch, caplog):
+    for name, value in (("_run_id", 1), ("_node_id", 0), ("_task_id", 1)):
+        monkeypatch.setattr(TaskIdentity, name, value)
+    dataset = write_idx_dataset(tmp_path / "data", num_train=600, num_test=100)
+    run_config = {
+        **default_run_config(),
+        "dataset-path": str(dataset),
+        "data-cache-dir": str(tmp_path / "cache"),
+    }
+    node_config = {"partition-id": 1, "num-partitions": 2, "head-dir": str(tmp_path / "heads")}
+
+    def message(kind: str, lineage: str) -> Message:
+        config = ConfigRecord({"server-round": 1, "lr": 0.1, "lineage": lineage})
+        content = RecordDict({"arrays": ArrayRecord(Net().state_dict()), "config": config})
+        return Message(content=content, dst_node_id=1, message_type=kind)
+
+    def fresh_context() -> Context:  # what a restarted SuperNode hands its ClientApp
+        return Context(
+            run_id=1, node_id=1, node_config=node_config, state=RecordDict(), run_config=run_config
+        )
+
+    trained_context = fresh_context()
+    train(message("train", "run-a"), trained_context)
+    head_file = tmp_path / "heads" / "run-a" / "partition-1.pt"
+    trained_head = trained_context.state[HEAD_STATE_KEY].to_torch_state_dict()
+    for name, value in torch.load(head_file, weights_only=True).items():
+        torch.testing.assert_close(value, trained_head[name])
+
+    with caplog.at_level(logging.INFO, logger="flwr"):
+        restored = fresh_context()
+        evaluate(message("evaluate", "run-a"), restored)
+    assert f"Restored this client's head from {head_file}" in caplog.text
+    torch.testing.assert_close(
+        restored.state[HEAD_STATE_KEY].to_torch_state_dict()["weight"], trained_head["weight"]
+    )
+
+    other_run = fresh_context()
+    metrics = evaluate(message("evaluate", "run-b"), other_run).content["metrics"]
+    assert HEAD_STATE_KEY not in other_run.state  # a new lineage starts fresh
+    assert metrics["eval_acc"] == metrics["eval_acc_global"]

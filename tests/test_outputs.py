@@ -8,7 +8,7 @@ from flwr.app import ArrayRecord, MetricRecord
 from flwr.serverapp.strategy import Result
 
 from harness.wandb_offline import read_offline_run
-from pytorch_example.outputs import RunOutputs
+from pytorch_example.outputs import ResumeError, RunOutputs, load_resume_state
 from pytorch_example.task import Net
 
 
@@ -159,3 +159,69 @@ def test_wandb_off_starts_no_run(tmp_path):
     with RunOutputs(tmp_path, {}, wandb_project=None) as outputs:
         assert outputs.wandb_run is None
     assert not (tmp_path / "wandb").exists()
+
+
+MODEL_SHAPES = {key: tuple(value.shape) for key, value in Net().state_dict().items()}
+SETTINGS = {"dataset-name": "zalando-datasets/fashion_mnist", "dirichlet-alpha": 1.0}
+
+
+def test_every_round_leaves_what_a_restart_needs(tmp_path):
+    with RunOutputs(tmp_path, {}, wandb_project=None, resume_settings=SETTINGS) as outputs:
+        result = Result()
+        for server_round, accuracy in ((1, 0.3), (2, 0.6), (3, 0.5)):
+            outputs.record_round(server_round, result_after_round(result, server_round, accuracy), 0.1)
+    state = load_resume_state(tmp_path, SETTINGS, MODEL_SHAPES)
+    assert state.round == 3 and state.lineage == outputs.lineage
+    assert (state.best_accuracy, state.best_round) == (0.6, 2)
+    assert state.best_checkpoint == "best_model_round_2_acc_0.6000.pt"
+    assert [entry["round"] for entry in state.round_results] == [1, 2, 3]
+    for name, value in result.arrays.to_torch_state_dict().items():
+        torch.testing.assert_close(state.arrays.to_torch_state_dict()[name], value)
+
+
+def test_a_resumed_run_keeps_its_best_and_rewrites_results_from_its_state(tmp_path):
+    with RunOutputs(tmp_path, {}, wandb_project=None, resume_settings=SETTINGS) as outputs:
+        result = Result()
+        for server_round, accuracy in ((1, 0.3), (2, 0.6)):
+            outputs.record_round(server_round, result_after_round(result, server_round, accuracy), 0.1)
+    # A crash after resume.pt but before results.json: the folder says one round less.
+    (tmp_path / "results.json").write_text(
+        json.dumps(json.loads((tmp_path / "results.json").read_text())[:1])
+    )
+    state = load_resume_state(tmp_path, SETTINGS, MODEL_SHAPES)
+    with RunOutputs(tmp_path, {}, None, SETTINGS, resumed=state) as outputs:
+        assert [entry["round"] for entry in json.loads((tmp_path / "results.json").read_text())] == [1, 2]
+        outputs.record_round(3, result_after_round(Result(), 3, 0.5), 0.05)  # not a new best
+    assert sorted(path.name for path in tmp_path.glob("best_model_*.pt")) == [
+        "best_model_round_1_acc_0.3000.pt",
+        "best_model_round_2_acc_0.6000.pt",
+    ]
+    assert [entry["round"] for entry in json.loads((tmp_path / "results.json").read_text())] == [1, 2, 3]
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        (lambda run_dir: (run_dir / "resume.pt").unlink(), "holds no resume.pt"),
+        (
+            lambda run_dir: (run_dir / "resume.pt").write_bytes(b"not a checkpoint"),
+            "resume.pt cannot be read",
+        ),
+    ],
+    ids=["no state", "unreadable state"],
+)
+def test_a_folder_without_usable_state_is_refused(tmp_path, damage, message):
+    with RunOutputs(tmp_path, {}, wandb_project=None, resume_settings=SETTINGS) as outputs:
+        outputs.record_round(1, result_after_round(Result(), 1, 0.3), 0.1)
+    damage(tmp_path)
+    with pytest.raises(ResumeError, match=message):
+        load_resume_state(tmp_path, SETTINGS, MODEL_SHAPES)
+
+
+def test_other_data_settings_or_another_model_are_refused(tmp_path):
+    with RunOutputs(tmp_path, {}, wandb_project=None, resume_settings=SETTINGS) as outputs:
+        outputs.record_round(1, result_after_round(Result(), 1, 0.3), 0.1)
+    with pytest.raises(ResumeError, match=r"other data settings \(dirichlet-alpha was 1.0\)"):
+        load_resume_state(tmp_path, {**SETTINGS, "dirichlet-alpha": 0.5}, MODEL_SHAPES)
+    with pytest.raises(ResumeError, match="its model is not this app's model"):
+        load_resume_state(tmp_path, SETTINGS, {**MODEL_SHAPES, "fc2.weight": (20, 128)})
