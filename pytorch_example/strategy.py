@@ -20,6 +20,7 @@ from pytorch_example.outputs import RunOutputs
 # How often the ServerApp asks for replies. Flower's own `send_and_receive` waits 3 s
 # between asks in a deployment (100 ms in simulation), which a round pays twice.
 REPLY_POLL_INTERVAL_S = 0.05
+NODE_POLL_INTERVAL_S = 1.0
 
 CentralEvaluation = Callable[[int, ArrayRecord], MetricRecord | None]
 
@@ -55,6 +56,7 @@ class CustomFedAvg(FedAvg):
         self.outputs = outputs
         self.learning_rate_at = learning_rate_at
         self.max_failed_rounds = max_failed_rounds
+        self.node_wait_s = 3600.0  # how long to wait for enough SuperNodes; `start` sets it
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -64,7 +66,33 @@ class CustomFedAvg(FedAvg):
         if server_round > 1 and lr != self.learning_rate_at(server_round - 1):
             log(DEBUG, "Learning rate is now %g", lr)
         config["lr"] = lr
+        if self.fraction_train > 0:
+            self._wait_for_nodes(grid, max(self.min_available_nodes, self.min_train_nodes))
         return super().configure_train(server_round, arrays, config, grid)
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """FedAvg's evaluate messages, once enough SuperNodes are there (see `_wait_for_nodes`)."""
+        if self.fraction_evaluate > 0:
+            self._wait_for_nodes(grid, max(self.min_available_nodes, self.min_evaluate_nodes))
+        return super().configure_evaluate(server_round, arrays, config, grid)
+
+    def _wait_for_nodes(self, grid: Grid, needed: int) -> None:
+        """Wait up to `node_wait_s` for `needed` SuperNodes, then fail in one line.
+
+        FedAvg itself would wait forever, e.g. for a second SuperNode that never comes.
+        """
+        deadline = time.monotonic() + self.node_wait_s
+        if (connected := len(list(grid.get_node_ids()))) < needed:
+            log(INFO, "Waiting for SuperNodes: %d connected, %d needed", connected, needed)
+        while (connected := len(list(grid.get_node_ids()))) < needed:
+            if time.monotonic() > deadline:
+                raise RunFailed(
+                    f"{connected} SuperNode(s) connected but {needed} needed to sample a round, still "
+                    f"after {self.node_wait_s:g}s (round-timeout): start more SuperNodes, or resume later"
+                )
+            time.sleep(NODE_POLL_INTERVAL_S)
 
     def start(
         self,
@@ -85,6 +113,7 @@ class CustomFedAvg(FedAvg):
         """
         train_config = train_config or ConfigRecord()
         evaluate_config = evaluate_config or ConfigRecord()
+        self.node_wait_s = timeout
         self.summary()
 
         result = Result(arrays=initial_arrays)

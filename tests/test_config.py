@@ -83,6 +83,22 @@ def test_dataset_path_must_be_a_folder(tmp_path):
         AppConfig.from_run_config({**default_run_config(), "dataset-path": str(tmp_path / "nope")})
 
 
+def test_resume_from_must_be_a_folder(tmp_path):
+    with pytest.raises(ConfigError, match="'resume-from' .* is not a folder: point it at the run folder"):
+        AppConfig.from_run_config({**default_run_config(), "resume-from": str(tmp_path / "nope")})
+
+
+def test_a_resumed_run_must_share_the_data_settings():
+    config = AppConfig.from_run_config({**default_run_config(), "dirichlet-alpha": 0.5})
+    assert config.resume_settings() == {
+        "dataset-name": "zalando-datasets/fashion_mnist",
+        "dataset-path": None,
+        "dirichlet-alpha": 0.5,
+        "partition-seed": 42,
+        "val-fraction": 0.2,
+    }
+
+
 def test_integers_are_accepted_for_float_keys():
     config = AppConfig.from_run_config({**default_run_config(), "learning-rate": 1, "fraction-train": 1})
     assert config.learning_rate == 1.0 and config.fraction_train == 1.0

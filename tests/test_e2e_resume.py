@@ -49,6 +49,8 @@ def test_a_killed_run_resumes_with_every_round_exactly_once(idx_dataset, tmp_pat
     assert record["status"] == "finished:completed", log
     # Nothing of the killed run went on: it left off where results.json said it had.
     assert f"Resuming {run_dir} after round {len(before)} of 5" in log
+    # Clients that trained before the crash go on with their own heads, from their disk.
+    assert "Restored this client's head from" in log
     results = json.loads((run_dir / "results.json").read_text())
     assert [entry["round"] for entry in results] == [1, 2, 3, 4, 5]
     assert [entry["learning_rate"] for entry in results] == [0.1, 0.1, 0.1, 0.05, 0.05]

@@ -5,6 +5,7 @@ import itertools
 import json
 import logging
 import re
+import time
 
 import pytest
 import torch
@@ -238,3 +239,15 @@ def test_error_replies_are_counted_as_failed(tmp_path):
     _, results = run(tmp_path, node_2_crashes, num_rounds=1)
     evaluate = results[0]["replies"]["evaluate"]
     assert evaluate == {"expected": 4, "received": 4, "failed": 1, "dropped": 0}
+
+
+def test_too_few_supernodes_stop_the_run_in_one_line_after_the_wait(tmp_path):
+    outputs = RunOutputs(tmp_path, {}, wandb_project=None)
+    strategy = CustomFedAvg(outputs=outputs, learning_rate_at=lambda _: 0.1, max_failed_rounds=3)
+    one_node = ScriptedGrid(1, lambda _, message: trained(message))  # FedAvg needs 2
+    started = time.monotonic()
+    with pytest.raises(
+        RunFailed, match=r"1 SuperNode\(s\) connected but 2 needed .* after 2s \(round-timeout\)"
+    ):
+        strategy.start(one_node, ArrayRecord(Net().state_dict()), num_rounds=2, timeout=2)
+    assert 2 <= time.monotonic() - started < 10
