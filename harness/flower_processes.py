@@ -131,29 +131,44 @@ class LocalFederation:
             self._wait_for_port(self.port)
             # SuperNodes sharing this machine share its cores: more torch threads than
             # cores make every ClientApp many times slower (measured: 20x on 2 cores).
-            threads_per_node = str(max(1, (os.cpu_count() or 1) // max(1, len(node_configs or []))))
-            for index, node_config in enumerate(node_configs or []):
-                self._start(
-                    f"supernode-{index}",
-                    [
-                        "flower-supernode",
-                        "--insecure",
-                        "--superlink",
-                        f"127.0.0.1:{self.port}",
-                        "--port",
-                        str(free_port()),
-                        "--node-config",
-                        pairs(node_config),
-                    ],
-                    # SuperExec checks for work every second by default; a round pays it twice.
-                    extra_env={
-                        "OMP_NUM_THREADS": threads_per_node,
-                        "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.1",
-                    },
-                )
+            self.threads_per_node = str(max(1, (os.cpu_count() or 1) // max(1, len(node_configs or []))))
+            self.node_configs = node_configs or []
+            self.supernodes: dict[int, subprocess.Popen] = {}
+            for index in range(len(self.node_configs)):
+                self.start_supernode(index)
         except BaseException:
             self.stop()
             raise
+
+    def start_supernode(self, index: int, name: str | None = None) -> None:
+        """Start SuperNode `index` with its node config (again, after `kill_supernode`)."""
+        self._start(
+            name or f"supernode-{index}",
+            [
+                "flower-supernode",
+                "--insecure",
+                "--superlink",
+                f"127.0.0.1:{self.port}",
+                "--port",
+                str(free_port()),
+                "--node-config",
+                pairs(self.node_configs[index]),
+            ],
+            # SuperExec checks for work every second by default; a round pays it twice.
+            extra_env={"OMP_NUM_THREADS": self.threads_per_node, "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.1"},
+        )
+        self.supernodes[index] = self.processes[-1]
+
+    def kill_supernode(self, index: int) -> None:
+        """SIGKILL SuperNode `index` and its ClientApps, as a machine failure would."""
+        for pid in descendants([self.supernodes[index].pid]):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        self.supernodes[index].wait()
+
+    def status(self, run_id: str) -> dict:
+        listing = self.flwr("ls", "test", "--format", "json", cwd=self.root, timeout=60)
+        return next(run for run in json.loads(listing.stdout)["runs"] if run["run-id"] == run_id)
 
     def _start(self, name: str, command: list[str], extra_env: dict | None = None) -> None:
         log = open(self.root / f"{name}.log", "wb")  # noqa: SIM115 (closed by stop())

@@ -1,6 +1,7 @@
 """End to end: the same app on the Deployment Engine, a SuperLink and two SuperNodes."""
 
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -61,3 +62,52 @@ def test_a_run_whose_clientapps_all_fail_ends_failed(idx_dataset, tmp_path):
     assert not (run_dir / "final_model.pt").exists()
     [wandb_run] = (run_dir / "wandb").glob("offline-run-*")
     assert read_offline_run(wandb_run).exit_code == 1
+
+
+def wait_until(condition, timeout_s: float = 600) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            raise TimeoutError("the federation did not get there in time")
+        time.sleep(0.2)
+
+
+def test_a_supernode_killed_mid_run_costs_its_replies_and_comes_back_with_its_head(idx_dataset, tmp_path):
+    output_dir = tmp_path / "outputs"
+    federation = LocalFederation(
+        tmp_path / "deployment", node_configs=[{"partition-id": i, "num-partitions": 3} for i in range(3)]
+    )
+    try:
+        run_id = federation.submit(
+            copy_app(tmp_path / "app"),
+            {
+                "num-server-rounds": 4,
+                "fraction-train": 1.0,
+                "fraction-evaluate": 1.0,
+                "dataset-path": str(idx_dataset),
+                "data-cache-dir": str(tmp_path / "cache"),
+                "output-dir": str(output_dir),
+                "use-wandb": False,
+            },
+        )
+
+        def rounds_done() -> int:
+            return sum(len(json.loads(path.read_text())) for path in output_dir.glob("*/*/results.json"))
+
+        wait_until(lambda: rounds_done() >= 1)
+        federation.kill_supernode(1)  # it trained in round 1: its head is on its disk
+        wait_until(lambda: rounds_done() >= 2)
+        federation.start_supernode(1, name="supernode-1-restarted")
+        wait_until(lambda: federation.status(run_id)["status"].startswith("finished"))
+        record = federation.status(run_id)
+    finally:
+        federation.stop()
+    assert record["status"] == "finished:completed", record
+    [results_file] = output_dir.glob("*/*/results.json")
+    results = json.loads(results_file.read_text())
+    assert [entry["round"] for entry in results] == [1, 2, 3, 4]
+    # The dead node's messages came back as errors; the others' replies were aggregated.
+    assert results[1]["replies"]["train"]["failed"] >= 1 and results[1]["train_metrics"]
+    assert results[-1]["replies"]["train"]["failed"] == 0
+    restarted_log = (tmp_path / "deployment" / "supernode-1-restarted.log").read_text()
+    assert "Restored this client's head from" in restarted_log and "partition-1.pt" in restarted_log
