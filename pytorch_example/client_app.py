@@ -22,6 +22,8 @@ from pytorch_example.data import DataError, Partition, load_partition
 from pytorch_example.files import save_atomically
 
 HEAD_STATE_KEY = "classification-head"
+# A node-config switch for tests only: the SuperNode's train replies carry NaN weights.
+POISON_SWITCH = "test-poison-replies"
 
 app = ClientApp()
 
@@ -49,9 +51,13 @@ def train(msg: Message, context: Context) -> Message:
     save_head(net, context.state)
     heads.save(net)
 
+    weights = net.state_dict()
+    if context.node_config.get(POISON_SWITCH):
+        # For tests only: this SuperNode sends NaN weights, which the ServerApp must refuse.
+        weights = {name: torch.full_like(value, float("nan")) for name, value in weights.items()}
     reply = RecordDict(
         {
-            "arrays": ArrayRecord(net.state_dict()),
+            "arrays": ArrayRecord(weights),
             "metrics": MetricRecord({"train_loss": train_loss, "num-examples": len(partition.train)}),
         }
     )

@@ -1,10 +1,12 @@
 """End to end: the same app on the Deployment Engine, a SuperLink and two SuperNodes."""
 
 import json
+import math
 import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from harness.flower_processes import LocalFederation, copy_app
 from harness.wandb_offline import read_offline_run
@@ -111,3 +113,22 @@ def test_a_supernode_killed_mid_run_costs_its_replies_and_comes_back_with_its_he
     assert results[-1]["replies"]["train"]["failed"] == 0
     restarted_log = (tmp_path / "deployment" / "supernode-1-restarted.log").read_text()
     assert "Restored this client's head from" in restarted_log and "partition-1.pt" in restarted_log
+
+
+def test_a_supernode_sending_nan_weights_is_refused_and_counted(idx_dataset, tmp_path):
+    nodes = [
+        {"partition-id": 0, "num-partitions": 2},
+        {"partition-id": 1, "num-partitions": 2, "test-poison-replies": True},
+    ]
+    log, record, _ = run_deployment(
+        tmp_path, idx_dataset, nodes, **{"num-server-rounds": 2, "use-wandb": False}
+    )
+    assert record["status"] == "finished:completed", log
+    [run_dir] = [path for path in (tmp_path / "outputs").glob("*/*") if path.is_dir()]
+    results = json.loads((run_dir / "results.json").read_text())
+    for entry in results:
+        assert entry["replies"]["train"] == {"expected": 2, "received": 2, "failed": 0, "dropped": 1}
+        assert math.isfinite(entry["evaluate_metrics_serverapp"]["loss"])
+    assert "left out the train reply of node" in log and "holds NaN or Inf" in log
+    for value in torch.load(run_dir / "final_model.pt", weights_only=True).values():
+        assert torch.isfinite(value).all()
