@@ -68,15 +68,16 @@ def test_missing_node_config_key_is_one_clear_error():
         node_setting(context, "num-partitions")
 
 
-def test_evaluate_scores_the_own_head_and_the_global_head(tmp_path, monkeypatch):
+@pytest.fixture
+def run_config(tmp_path, monkeypatch) -> dict:
+    """A run-config on a small generated data set, in a process set up as a ClientApp's."""
     for name, value in (("_run_id", 1), ("_node_id", 0), ("_task_id", 1)):
         monkeypatch.setattr(TaskIdentity, name, value)
     dataset = write_idx_dataset(tmp_path / "data", num_train=600, num_test=100)
-    run_config = {
-        **default_run_config(),
-        "dataset-path": str(dataset),
-        "data-cache-dir": str(tmp_path / "cache"),
-    }
+    return {**default_run_config(), "dataset-path": str(dataset), "data-cache-dir": str(tmp_path / "cache")}
+
+
+def test_evaluate_scores_the_own_head_and_the_global_head(tmp_path, run_config):
     context = Context(
         run_id=1,
         node_id=1,
@@ -114,15 +115,7 @@ def load_partition_labels(run_config: dict, tmp_path):
     return load_partition(settings, 0).val.labels.numpy()
 
 
-def test_the_head_outlives_its_process_on_the_clients_disk(tmp_path, monkeypatch, caplog):
-    for name, value in (("_run_id", 1), ("_node_id", 0), ("_task_id", 1)):
-        monkeypatch.setattr(TaskIdentity, name, value)
-    dataset = write_idx_dataset(tmp_path / "data", num_train=600, num_test=100)
-    run_config = {
-        **default_run_config(),
-        "dataset-path": str(dataset),
-        "data-cache-dir": str(tmp_path / "cache"),
-    }
+def test_the_head_outlives_its_process_on_the_clients_disk(tmp_path, run_config, caplog):
     node_config = {"partition-id": 1, "num-partitions": 2, "head-dir": str(tmp_path / "heads")}
 
     def message(kind: str, lineage: str) -> Message:
