@@ -115,6 +115,7 @@ class AppConfig:
         return {key: self.run_config_value(key) for key in RESUME_MUST_MATCH}
 
     def run_config_value(self, key: str):
+        """The typed value of run-config `key`, paths as strings."""
         value = getattr(self, key.replace("-", "_"))
         return str(value) if isinstance(value, Path) else value
 
@@ -138,8 +139,8 @@ class AppConfig:
         key = DATA_SETTING_KEYS.get(err.setting)
         if key is None:
             return ConfigError(str(err))
-        value = getattr(self, key.replace("-", "_"))
-        shown = f"'{value}'" if isinstance(value, (str, Path)) else value
+        value = self.run_config_value(key)
+        shown = f"'{value}'" if isinstance(value, str) else value
         line = f"run-config key '{key}' = {shown}: {err}"
         if key == "dataset-name":
             line += (

@@ -121,10 +121,6 @@ class RunOutputs:
     def lineage(self) -> str:
         return self.state.lineage
 
-    @property
-    def best_accuracy(self) -> float:
-        return self.state.best_accuracy
-
     def __enter__(self) -> "RunOutputs":
         save_json_atomically(self.run_dir / "config.json", self.run_config)
         self.wandb_run = start_wandb(

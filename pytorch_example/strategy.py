@@ -84,15 +84,17 @@ class CustomFedAvg(FedAvg):
         FedAvg itself would wait forever, e.g. for a second SuperNode that never comes.
         """
         deadline = time.monotonic() + self.node_wait_s
-        if (connected := len(list(grid.get_node_ids()))) < needed:
+        connected = len(list(grid.get_node_ids()))
+        if connected < needed:
             log(INFO, "Waiting for SuperNodes: %d connected, %d needed", connected, needed)
-        while (connected := len(list(grid.get_node_ids()))) < needed:
+        while connected < needed:
             if time.monotonic() > deadline:
                 raise RunFailed(
                     f"{connected} SuperNode(s) connected but {needed} needed to sample a round, still "
                     f"after {self.node_wait_s:g}s (round-timeout): start more SuperNodes, or resume later"
                 )
             time.sleep(NODE_POLL_INTERVAL_S)
+            connected = len(list(grid.get_node_ids()))
 
     def start(
         self,

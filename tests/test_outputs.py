@@ -76,7 +76,7 @@ def test_checkpoint_only_on_a_new_best_central_accuracy(tmp_path):
     saved = torch.load(tmp_path / names[-1], weights_only=True)
     for name, value in arrays_by_round[3].items():
         torch.testing.assert_close(saved[name], value)
-    assert outputs.best_accuracy == 0.6
+    assert outputs.state.best_accuracy == 0.6
 
 
 def test_round_without_central_evaluation_saves_no_checkpoint(tmp_path):
