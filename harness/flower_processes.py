@@ -60,6 +60,25 @@ def pairs(values: dict) -> str:
     return " ".join(f"{key}={toml_value(value)}" for key, value in values.items())
 
 
+def isolated_env(root: Path) -> dict:
+    """This environment with its own Flower Config and home under `root`, no W&B
+    credentials, and the Hub out of reach."""
+    (root / "flwr-home").mkdir(parents=True)
+    (root / "home").mkdir()
+    env = {
+        key: value for key, value in os.environ.items() if not key.startswith("WANDB_") and key != "FLWR_HOME"
+    }
+    env.update(
+        FLWR_HOME=str(root / "flwr-home"),
+        HOME=str(root / "home"),
+        PATH=f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+        FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1",
+        HF_HUB_OFFLINE="1",
+        PYTHONUNBUFFERED="1",
+    )
+    return env
+
+
 def descendants(root_pids: list[int]) -> list[int]:
     """`root_pids` and every process below them, read from /proc (Linux)."""
     children: dict[int, list[int]] = {}
@@ -87,24 +106,9 @@ class LocalFederation:
     def __init__(self, root: Path, node_configs: list[dict] | None = None) -> None:
         self.root = root
         self.flwr_home = root / "flwr-home"
-        self.home = root / "home"  # no W&B credentials in here
-        self.flwr_home.mkdir(parents=True)
-        self.home.mkdir()
+        self.env = isolated_env(root)
         self.simulation = node_configs is None
         self.port = free_port()
-        self.env = {
-            key: value
-            for key, value in os.environ.items()
-            if not key.startswith("WANDB_") and key != "FLWR_HOME"
-        }
-        self.env.update(
-            FLWR_HOME=str(self.flwr_home),
-            HOME=str(self.home),
-            PATH=f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}",
-            FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1",
-            HF_HUB_OFFLINE="1",
-            PYTHONUNBUFFERED="1",
-        )
         (self.flwr_home / "config.toml").write_text(
             f'[superlink]\ndefault = "test"\n\n[superlink.test]\n'
             f'address = "127.0.0.1:{self.port}"\ninsecure = true\n'

@@ -1,0 +1,292 @@
+"""deploy/local_federation.py: credentials, and a real TLS + authenticated federation on
+loopback brought up, used, refused to strangers, restarted and brought down."""
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import tomllib
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import load_ssh_private_key
+from flwr.cli.supernode.register import try_load_public_key
+
+from deploy import local_federation
+from harness.flower_processes import REPO, VENV_BIN, copy_app, descendants, free_port, isolated_env
+
+SCRIPT = REPO / "deploy" / "local_federation.py"
+
+
+def mode(path: Path) -> int:
+    return path.stat().st_mode & 0o777
+
+
+# -- Credentials, no processes ----------------------------------------------------
+
+
+def test_the_superlink_certificate_is_signed_by_the_ca_for_every_name_given(tmp_path):
+    names = [*local_federation.LOCAL_NAMES, "superlink.example.org", "10.0.0.5"]
+    local_federation.write_superlink_certificate(tmp_path, names)
+    ca = x509.load_pem_x509_certificate((tmp_path / "ca.pem").read_bytes())
+    certificate = x509.load_pem_x509_certificate((tmp_path / "superlink.pem").read_bytes())
+    certificate.verify_directly_issued_by(ca)
+    alternative_names = certificate.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert alternative_names.get_values_for_type(x509.DNSName) == ["localhost", "superlink.example.org"]
+    assert [str(ip) for ip in alternative_names.get_values_for_type(x509.IPAddress)] == [
+        "127.0.0.1",
+        "::1",
+        "10.0.0.5",
+    ]
+    assert mode(tmp_path / "ca.key") == 0o600
+    assert mode(tmp_path / "superlink.key") == 0o600
+
+
+def test_the_ca_is_kept_across_restarts_and_the_superlink_certificate_renewed(tmp_path):
+    local_federation.write_superlink_certificate(tmp_path, ["localhost"])
+    ca, superlink = (tmp_path / "ca.pem").read_bytes(), (tmp_path / "superlink.pem").read_bytes()
+    local_federation.write_superlink_certificate(tmp_path, ["localhost", "superlink.example.org"])
+    assert (tmp_path / "ca.pem").read_bytes() == ca
+    assert (tmp_path / "superlink.pem").read_bytes() != superlink
+
+
+def test_supernode_keys_are_what_flower_reads_and_are_kept(tmp_path):
+    private_path, public_path = local_federation.ensure_supernode_key(tmp_path, 3)
+    assert private_path == tmp_path / "supernodes" / "supernode-3"
+    assert mode(private_path) == 0o600
+    assert mode(private_path.parent) == 0o700
+    # The loaders `flower-supernode` and `flwr supernode register` use.
+    load_ssh_private_key(private_path.read_bytes(), None)
+    try_load_public_key(public_path)
+    assert local_federation.ensure_supernode_key(tmp_path, 3) == (private_path, public_path)
+    assert private_path.read_bytes() == local_federation.ensure_supernode_key(tmp_path, 3)[0].read_bytes()
+
+
+def test_stop_processes_ends_only_the_process_it_recorded(tmp_path):
+    sleeper = subprocess.Popen(["sleep", "60"])
+    try:
+        record = {"name": "sleeper", "pid": sleeper.pid, "started": local_federation.start_time(sleeper.pid)}
+        # The same PID with another start time is another process: a PID reused.
+        assert local_federation.stop_processes([{**record, "started": "Mon Jan  1 00:00:00 2001"}]) == []
+        assert sleeper.poll() is None
+        assert local_federation.stop_processes([record]) == ["sleeper"]
+        assert sleeper.wait(timeout=10) == -signal.SIGTERM
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+
+
+# -- The script, run for real -------------------------------------------------------
+
+
+class Deployment:
+    """The script with its own folder and Flower Config; `close()` brings down what it
+    brought up, and fails the test if anything it started is still running."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.folder = root / "federation"
+        self.env = isolated_env(root)
+        self.strangers: list[subprocess.Popen] = []
+        self.seen_pids: set[int] = set()
+
+    def script(self, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+        command, *options = args
+        done = subprocess.run(
+            [sys.executable, str(SCRIPT), command, "--dir", str(self.folder), *options],
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            stdin=subprocess.DEVNULL,
+        )
+        if command == "up" and done.returncode == 0:
+            self.seen_pids.update(self.pids())
+        return done
+
+    def up(self, *options: str) -> str:
+        done = self.script("up", *options)
+        assert done.returncode == 0, done.stdout + done.stderr
+        return done.stdout
+
+    def state(self) -> dict:
+        return json.loads((self.folder / "federation.json").read_text())
+
+    def pids(self) -> list[int]:
+        """What `up` started and everything below it, now."""
+        return descendants([record["pid"] for record in self.state()["processes"]])
+
+    def connection(self, name: str = "local-deployment") -> dict:
+        with open(self.root / "flwr-home" / "config.toml", "rb") as file:
+            return tomllib.load(file)["superlink"][name]
+
+    def flwr(self, *args: str, cwd: Path | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [str(VENV_BIN / "flwr"), *args],
+            cwd=cwd or self.root,
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            stdin=subprocess.DEVNULL,
+        )
+
+    def supernodes(self) -> list[dict]:
+        listing = self.flwr("supernode", "list", "local-deployment", "--format", "json", timeout=60)
+        return json.loads(listing.stdout)["nodes"]
+
+    def start_stranger(self, name: str, *security: str) -> subprocess.Popen:
+        """A SuperNode started by the test, not by the script."""
+        with open(self.root / f"{name}.log", "wb") as log:
+            process = subprocess.Popen(
+                [str(VENV_BIN / "flower-supernode"), *security, "--superlink", self.state()["address"]]
+                + ["--port", str(free_port()), "--node-config", "partition-id=0 num-partitions=2"],
+                env=self.env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        self.strangers.append(process)
+        return process
+
+    def close(self) -> None:
+        for stranger in self.strangers:
+            for pid in descendants([stranger.pid]):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            stranger.wait()
+        if (self.folder / "federation.json").exists():
+            self.script("down")
+        left = [pid for pid in self.seen_pids if Path(f"/proc/{pid}").exists()]
+        for pid in left:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        assert not left, f"processes left running after `down`: {left}"
+
+
+@pytest.fixture
+def deployment(tmp_path):
+    deployment = Deployment(tmp_path / "deployment")
+    yield deployment
+    deployment.close()
+
+
+def test_a_bad_request_is_refused_in_one_line_and_starts_nothing(deployment):
+    done = deployment.script("up", "--nodes", "3", "--num-partitions", "2")
+    assert done.returncode == 1
+    assert done.stderr.strip() == "local_federation up: --nodes 3 is more than --num-partitions 2"
+    assert not deployment.folder.exists()
+    done = deployment.script("down")
+    assert (done.returncode, done.stdout.strip()) == (0, f"No federation from {deployment.folder} was up.")
+
+
+@pytest.mark.e2e
+def test_up_run_down_then_a_restart_still_lists_the_run(deployment, idx_dataset, tmp_path):
+    printed = deployment.up()
+    assert "2 SuperNode(s) connected" in printed
+    assert "flwr run . local-deployment --stream" in printed
+    connection = deployment.connection()
+    assert connection == {
+        "address": deployment.state()["address"],
+        "root-certificates": str(deployment.folder / "ca.pem"),
+    }
+    secrets = ["ca.key", "superlink.key", "supernodes/supernode-0", "supernodes/supernode-1"]
+    assert {name: mode(deployment.folder / name) for name in secrets} == dict.fromkeys(secrets, 0o600)
+    assert [node["status"] for node in deployment.supernodes()] == ["online", "online"]
+
+    again = deployment.script("up")
+    assert again.returncode == 1
+    assert "is already up: superlink (PID" in again.stderr
+    assert len(again.stderr.strip().splitlines()) == 1
+
+    app_dir = copy_app(tmp_path / "app")
+    run_config = {
+        "num-server-rounds": 2,
+        "fraction-train": 1.0,
+        "fraction-evaluate": 1.0,
+        "dataset-path": str(idx_dataset),
+        "data-cache-dir": str(tmp_path / "cache"),
+        "output-dir": str(tmp_path / "outputs"),
+        "use-wandb": False,
+    }
+    overrides = " ".join(f"{key}={json.dumps(value)}" for key, value in run_config.items())
+    done = deployment.flwr("run", ".", "local-deployment", "--stream", "--run-config", overrides, cwd=app_dir)
+    log = done.stdout + done.stderr
+    assert done.returncode == 0, log
+    assert "Sampled 2 nodes (out of 2)" in log
+    [results_file] = (tmp_path / "outputs").glob("*/*/results.json")
+    assert [entry["round"] for entry in json.loads(results_file.read_text())] == [1, 2]
+    [run] = json.loads(deployment.flwr("ls", "local-deployment", "--format", "json").stdout)["runs"]
+    assert run["status"] == "finished:completed"
+
+    running = deployment.pids()
+    assert len(running) >= 3
+    done = deployment.script("down")
+    assert done.stdout.strip() == "Stopped supernode-0, supernode-1, superlink."
+    assert not [pid for pid in running if Path(f"/proc/{pid}").exists()]
+
+    deployment.up()  # the same folder: the same database, keys already registered
+    [listed] = json.loads(deployment.flwr("ls", "local-deployment", "--format", "json").stdout)["runs"]
+    assert (listed["run-id"], listed["status"]) == (run["run-id"], "finished:completed")
+    assert len(deployment.supernodes()) == 2
+
+
+@pytest.mark.e2e
+def test_the_tls_federation_refuses_strangers(deployment, tmp_path):
+    deployment.up()
+    ca = str(deployment.folder / "ca.pem")
+
+    # A key the SuperLink was never told about: refused, so it never gets a node id.
+    stranger_key, _ = local_federation.ensure_supernode_key(tmp_path / "stranger", 0)
+    unregistered = deployment.start_stranger(
+        "unregistered", "--root-certificates", ca, "--auth-supernode-private-key", str(stranger_key)
+    )
+    assert unregistered.wait(timeout=120) != 0
+    log = (deployment.root / "unregistered.log").read_text()
+    assert "Exit Code: 305" in log  # Flower's "could not connect to the SuperLink"
+    assert "Failed to activate SuperNode" in log
+    assert "SuperNode ID" not in log
+    assert len(deployment.supernodes()) == 2
+
+    # A registered key, but no CA to trust the SuperLink's certificate: no connection.
+    newcomer_key, newcomer_public_key = local_federation.ensure_supernode_key(tmp_path / "newcomer", 0)
+    registered = deployment.flwr("supernode", "register", str(newcomer_public_key), "local-deployment")
+    assert registered.returncode == 0, registered.stdout + registered.stderr
+    without_ca = deployment.start_stranger("without-ca", "--auth-supernode-private-key", str(newcomer_key))
+    assert without_ca.wait(timeout=120) != 0
+    log = (deployment.root / "without-ca.log").read_text()
+    assert "Exit Code: 305" in log
+    assert "CERTIFICATE_VERIFY_FAILED" in log
+    # ... and the same SuperNode with the CA joins: the CA was all it lacked.
+    deployment.start_stranger(
+        "with-ca", "--root-certificates", ca, "--auth-supernode-private-key", str(newcomer_key)
+    )
+    deadline = time.monotonic() + 120
+    while "SuperNode ID" not in (deployment.root / "with-ca.log").read_text():
+        assert time.monotonic() < deadline, (deployment.root / "with-ca.log").read_text()
+        time.sleep(0.5)
+
+    # `flwr` from a connection without the CA cannot reach the SuperLink: no run starts.
+    config_path = deployment.root / "flwr-home" / "config.toml"
+    address = deployment.state()["address"]
+    with open(config_path, "a") as file:
+        file.write(f'\n[superlink.no-ca]\naddress = "{address}"\n')
+    done = deployment.flwr("run", ".", "no-ca", cwd=copy_app(tmp_path / "app"), timeout=120)
+    assert done.returncode == 1
+    assert "Connection to the SuperLink is unavailable" in done.stdout + done.stderr
+    assert json.loads(deployment.flwr("ls", "local-deployment", "--format", "json").stdout)["runs"] == []
+
+
+@pytest.mark.e2e
+def test_insecure_federation_has_no_tls_and_no_registration(deployment):
+    printed = deployment.up("--insecure", "--nodes", "3")
+    assert "3 SuperNode(s) connected" in printed
+    assert deployment.connection() == {"address": deployment.state()["address"], "insecure": True}
+    assert not (deployment.folder / "ca.pem").exists()
+    status = deployment.script("status").stdout
+    assert "partition-id=2 num-partitions=3" in status
+    assert status.count(" online") == 3
