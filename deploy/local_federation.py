@@ -339,7 +339,10 @@ def up(args: argparse.Namespace) -> None:
     address = f"[{connect_host}]:{port}" if ":" in connect_host else f"{connect_host}:{port}"
 
     if not args.insecure:
-        write_superlink_certificate(folder, [*LOCAL_NAMES, *args.san])
+        # Every name the SuperLink is reached by: its own ServerApp process connects to
+        # `--host` (or to localhost when it listens on all addresses).
+        names = [*LOCAL_NAMES, *([args.host] if args.host not in ("0.0.0.0", "::") else []), *args.san]
+        write_superlink_certificate(folder, list(dict.fromkeys(names)))
     write_superlink_connection(
         SuperLinkConnection(
             name=CONNECTION,

@@ -4,6 +4,7 @@ loopback brought up, used, refused to strangers, restarted and brought down."""
 import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -17,7 +18,8 @@ from cryptography.hazmat.primitives.serialization import load_ssh_private_key
 from flwr.cli.supernode.register import try_load_public_key
 
 from deploy import local_federation
-from harness.flower_processes import REPO, VENV_BIN, copy_app, descendants, free_port, isolated_env
+from harness import netns
+from harness.flower_processes import REPO, VENV_BIN, copy_app, descendants, free_port, isolated_env, pairs
 
 SCRIPT = REPO / "deploy" / "local_federation.py"
 
@@ -87,17 +89,22 @@ class Deployment:
     """The script with its own folder and Flower Config; `close()` brings down what it
     brought up, and fails the test if anything it started is still running."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, namespace: str | None = None) -> None:
         self.root = root
         self.folder = root / "federation"
         self.env = isolated_env(root)
+        self.namespace = namespace  # the host it runs on (see harness/netns.py); None: this one
         self.strangers: list[subprocess.Popen] = []
         self.seen_pids: set[int] = set()
+
+    def on_host(self, command: list[str], namespace: str | None = None) -> list[str]:
+        namespace = namespace or self.namespace
+        return netns.in_namespace(namespace, command) if namespace else command
 
     def script(self, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
         command, *options = args
         done = subprocess.run(
-            [sys.executable, str(SCRIPT), command, "--dir", str(self.folder), *options],
+            self.on_host([sys.executable, str(SCRIPT), command, "--dir", str(self.folder), *options]),
             env=self.env,
             capture_output=True,
             text=True,
@@ -126,7 +133,7 @@ class Deployment:
 
     def flwr(self, *args: str, cwd: Path | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
         return subprocess.run(
-            [str(VENV_BIN / "flwr"), *args],
+            self.on_host([str(VENV_BIN / "flwr"), *args]),
             cwd=cwd or self.root,
             env=self.env,
             capture_output=True,
@@ -139,12 +146,24 @@ class Deployment:
         listing = self.flwr("supernode", "list", "local-deployment", "--format", "json", timeout=60)
         return json.loads(listing.stdout)["nodes"]
 
-    def start_stranger(self, name: str, *security: str) -> subprocess.Popen:
+    def start_stranger(
+        self,
+        name: str,
+        *security: str,
+        superlink: str | None = None,
+        node_config: str = "partition-id=0 num-partitions=2",
+        namespace: str | None = None,
+    ) -> subprocess.Popen:
         """A SuperNode started by the test, not by the script."""
+        command = [
+            str(VENV_BIN / "flower-supernode"),
+            *security,
+            "--superlink",
+            superlink or self.state()["address"],
+        ]
         with open(self.root / f"{name}.log", "wb") as log:
             process = subprocess.Popen(
-                [str(VENV_BIN / "flower-supernode"), *security, "--superlink", self.state()["address"]]
-                + ["--port", str(free_port()), "--node-config", "partition-id=0 num-partitions=2"],
+                self.on_host([*command, "--port", str(free_port()), "--node-config", node_config], namespace),
                 env=self.env,
                 stdout=log,
                 stderr=subprocess.STDOUT,
@@ -152,6 +171,12 @@ class Deployment:
             )
         self.strangers.append(process)
         return process
+
+    def wait_until_online(self, count: int, timeout_s: float = 120) -> None:
+        deadline = time.monotonic() + timeout_s
+        while [node["status"] for node in self.supernodes()].count("online") < count:
+            assert time.monotonic() < deadline, f"fewer than {count} SuperNodes online: {self.supernodes()}"
+            time.sleep(0.5)
 
     def close(self) -> None:
         for stranger in self.strangers:
@@ -166,6 +191,29 @@ class Deployment:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         assert not left, f"processes left running after `down`: {left}"
+
+
+def two_rounds(idx_dataset: Path, tmp_path: Path) -> str:
+    """--run-config for 2 quick rounds on the generated data, every node every round."""
+    return pairs(
+        {
+            "num-server-rounds": 2,
+            "fraction-train": 1.0,
+            "fraction-evaluate": 1.0,
+            "dataset-path": str(idx_dataset),
+            "data-cache-dir": str(tmp_path / "cache"),
+            "output-dir": str(tmp_path / "outputs"),
+            "use-wandb": False,
+        }
+    )
+
+
+def assert_two_rounds_ran(done: subprocess.CompletedProcess, tmp_path: Path) -> None:
+    log = done.stdout + done.stderr
+    assert done.returncode == 0, log
+    assert "Sampled 2 nodes (out of 2)" in log
+    [results_file] = (tmp_path / "outputs").glob("*/*/results.json")
+    assert [entry["round"] for entry in json.loads(results_file.read_text())] == [1, 2]
 
 
 @pytest.fixture
@@ -204,22 +252,16 @@ def test_up_run_down_then_a_restart_still_lists_the_run(deployment, idx_dataset,
     assert len(again.stderr.strip().splitlines()) == 1
 
     app_dir = copy_app(tmp_path / "app")
-    run_config = {
-        "num-server-rounds": 2,
-        "fraction-train": 1.0,
-        "fraction-evaluate": 1.0,
-        "dataset-path": str(idx_dataset),
-        "data-cache-dir": str(tmp_path / "cache"),
-        "output-dir": str(tmp_path / "outputs"),
-        "use-wandb": False,
-    }
-    overrides = " ".join(f"{key}={json.dumps(value)}" for key, value in run_config.items())
-    done = deployment.flwr("run", ".", "local-deployment", "--stream", "--run-config", overrides, cwd=app_dir)
-    log = done.stdout + done.stderr
-    assert done.returncode == 0, log
-    assert "Sampled 2 nodes (out of 2)" in log
-    [results_file] = (tmp_path / "outputs").glob("*/*/results.json")
-    assert [entry["round"] for entry in json.loads(results_file.read_text())] == [1, 2]
+    done = deployment.flwr(
+        "run",
+        ".",
+        "local-deployment",
+        "--stream",
+        "--run-config",
+        two_rounds(idx_dataset, tmp_path),
+        cwd=app_dir,
+    )
+    assert_two_rounds_ran(done, tmp_path)
     [run] = json.loads(deployment.flwr("ls", "local-deployment", "--format", "json").stdout)["runs"]
     assert run["status"] == "finished:completed"
 
@@ -290,3 +332,66 @@ def test_insecure_federation_has_no_tls_and_no_registration(deployment):
     status = deployment.script("status").stdout
     assert "partition-id=2 num-partitions=3" in status
     assert status.count(" online") == 3
+
+
+@pytest.mark.e2e
+@pytest.mark.skipif(
+    not netns.available() or shutil.which("ssh-keygen") is None, reason="needs root, iproute2 and ssh-keygen"
+)
+def test_readme_recipe_for_several_machines(tmp_path, idx_dataset):
+    """README's steps across four hosts with their own addresses (network namespaces):
+    the SuperLink's, two SuperNodes' and the user's laptop."""
+    with netns.hosts(["superlink", "node-a", "node-b", "laptop"]) as network:
+        superlink_host, superlink_ip = network["superlink"]
+        superlink = f"{superlink_ip}:9092"
+        deployment = Deployment(tmp_path / "superlink-host", namespace=superlink_host)
+        try:
+            deployment.up("--nodes", "0", "--host", "0.0.0.0", "--port", "9092", "--san", superlink_ip)
+            for index, host in enumerate(["node-a", "node-b"]):
+                machine = tmp_path / host
+                machine.mkdir()
+                # The key pair is made on the SuperNode's machine; only the public key leaves it.
+                key = machine / "supernode-key"
+                subprocess.run(
+                    ["ssh-keygen", "-q", "-t", "ecdsa", "-b", "384", "-N", "", "-f", str(key)], check=True
+                )
+                shutil.copy(key.with_suffix(".pub"), deployment.root / f"{host}.pub")
+                registered = deployment.flwr("supernode", "register", f"{host}.pub", "local-deployment")
+                assert registered.returncode == 0, registered.stdout + registered.stderr
+                shutil.copy(deployment.folder / "ca.pem", machine / "ca.pem")
+                deployment.start_stranger(
+                    host,
+                    *(
+                        "--root-certificates",
+                        str(machine / "ca.pem"),
+                        "--auth-supernode-private-key",
+                        str(key),
+                    ),
+                    superlink=superlink,
+                    node_config=f"partition-id={index} num-partitions=2",
+                    namespace=network[host][0],
+                )
+            deployment.wait_until_online(2)
+
+            laptop = tmp_path / "laptop"
+            laptop_env = isolated_env(laptop)
+            shutil.copy(deployment.folder / "ca.pem", laptop / "ca.pem")
+            (laptop / "flwr-home" / "config.toml").write_text(
+                f'[superlink.lab]\naddress = "{superlink}"\nroot-certificates = "{laptop / "ca.pem"}"\n'
+            )
+            done = subprocess.run(
+                netns.in_namespace(
+                    network["laptop"][0],
+                    [str(VENV_BIN / "flwr"), "run", ".", "lab", "--stream"]
+                    + ["--run-config", two_rounds(idx_dataset, tmp_path)],
+                ),
+                cwd=copy_app(tmp_path / "app"),
+                env=laptop_env,
+                capture_output=True,
+                text=True,
+                timeout=600,
+                stdin=subprocess.DEVNULL,
+            )
+            assert_two_rounds_ran(done, tmp_path)
+        finally:
+            deployment.close()
