@@ -29,6 +29,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from flwr.cli.flower_config import write_superlink_connection
 from flwr.cli.typing import SuperLinkConnection
+from flwr.supercore.utils import get_flwr_home
 
 CONNECTION = "local-deployment"
 DEFAULT_DIR = Path(__file__).resolve().parent / ".federation"
@@ -412,12 +413,14 @@ def up(args: argparse.Namespace) -> None:
     if args.insecure:
         kind = "plain text, any SuperNode may join (--insecure)"
     print(f"Federation up: SuperLink at {address} ({kind}), {args.nodes} SuperNode(s) connected.")
-    print(f"Flower Config connection '{CONNECTION}' points to it; credentials, database, logs: {folder}")
+    print(f"Connection '{CONNECTION}' is in {get_flwr_home() / 'config.toml'}.")
+    print(f"Credentials and the SuperLink's database: {folder}; logs: {folder / 'logs'}")
     if args.nodes < 2:
         print("Note: the app samples at least 2 SuperNodes a round; start more before `flwr run`.")
-    print(f"\n  flwr run . {CONNECTION} --stream")
-    print(f"  python {sys.argv[0]} status")
-    print(f"  python {sys.argv[0]} down")
+    dir_option = "" if folder == DEFAULT_DIR else f" --dir {folder}"
+    print(f"\nNext:\n  flwr run . {CONNECTION} --stream")
+    print(f"  python {sys.argv[0]} status{dir_option}")
+    print(f"  python {sys.argv[0]} down{dir_option}")
 
 
 def status(args: argparse.Namespace) -> None:
