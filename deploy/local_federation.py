@@ -12,7 +12,9 @@ the PIDs `down` stops. It is not part of the app: `flwr run` never ships this fo
 """
 
 import argparse
+import contextlib
 import datetime
+import fcntl
 import ipaddress
 import json
 import os
@@ -23,6 +25,7 @@ import sys
 import time
 from pathlib import Path
 
+import click
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -34,6 +37,7 @@ from flwr.supercore.utils import get_flwr_home
 CONNECTION = "local-deployment"
 DEFAULT_DIR = Path(__file__).resolve().parent / ".federation"
 STATE_FILE = "federation.json"
+WILDCARD_HOSTS = ("0.0.0.0", "::")
 CERTIFICATE_DAYS = 365
 LOCAL_NAMES = ["localhost", "127.0.0.1", "::1"]
 CONNECT_TIMEOUT_S = 120.0
@@ -173,10 +177,20 @@ def flower_command(name: str) -> str:
 
 
 def start_time(pid: int) -> str | None:
-    """When process `pid` started, as `ps` says (None if there is no such process). With
-    the PID it names one process: a PID the system reused has another start time."""
-    done = subprocess.run(["ps", "-o", "lstart=", "-p", str(pid)], capture_output=True, text=True)
-    return done.stdout.strip() or None
+    """When process `pid` started (None if it is gone, or a zombie). With the PID it
+    names one process: a PID the system reused has another start time."""
+    listing = subprocess.run(
+        ["ps", "-o", "stat=,lstart=", "-p", str(pid)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "TZ": "UTC"},  # the same answer whatever the caller's time zone
+    )
+    process_state, _, started = listing.stdout.strip().partition(" ")
+    return None if not process_state or process_state.startswith("Z") else started.strip()
+
+
+def alive(record: dict) -> bool:
+    return start_time(record["pid"]) == record["started"]
 
 
 def descendants(pid: int) -> list[int]:
@@ -194,17 +208,15 @@ def descendants(pid: int) -> list[int]:
     return found
 
 
-def alive(record: dict) -> bool:
-    return start_time(record["pid"]) == record["started"]
-
-
 def start_process(folder: Path, name: str, command: list[str], env: dict | None = None) -> dict:
     log_path = folder / "logs" / f"{name}.log"
+    # Flower starts its own helpers (flower-superexec) by name: from this environment too.
+    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
     with open(log_path, "ab") as log:
         process = subprocess.Popen(
             command,
             cwd=folder,
-            env={**os.environ, **(env or {})},
+            env={**os.environ, "PATH": path, **(env or {})},
             stdin=subprocess.DEVNULL,
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -216,74 +228,156 @@ def start_process(folder: Path, name: str, command: list[str], env: dict | None 
 def stop_processes(records: list[dict]) -> list[str]:
     """SIGTERM together the processes that are still the ones we started, SIGKILL what
     is left after a grace period, and whatever they started; return the names stopped."""
-    started = [record for record in records if alive(record)]
-    below = [
-        {"pid": pid, "started": start_time(pid)} for record in started for pid in descendants(record["pid"])
+    previous_handler = signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not stop halfway
+    try:
+        running_now = [record for record in records if alive(record)]
+        below = [
+            {"pid": pid, "started": start_time(pid)}
+            for record in running_now
+            for pid in descendants(record["pid"])
+        ]
+        for record in running_now:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(record["pid"], signal.SIGTERM)
+        deadline = time.monotonic() + STOP_TIMEOUT_S
+        while any(alive(record) for record in running_now) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        for process in [*running_now, *below]:
+            if alive(process):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(process["pid"], signal.SIGKILL)
+        return [record["name"] for record in running_now]
+    finally:
+        signal.signal(signal.SIGINT, previous_handler)
+
+
+def stop_federation(processes: list[dict]) -> list[str]:
+    # SuperNodes first: a SuperLink that goes first leaves them retrying.
+    supernodes = [record for record in processes if record["name"] != "superlink"]
+    return stop_processes(supernodes) + stop_processes([r for r in processes if r not in supernodes])
+
+
+# -- Talking to the SuperLink ------------------------------------------------------
+
+
+def flwr(folder: Path, *args: str) -> subprocess.CompletedProcess:
+    """`flwr *args` against this folder's SuperLink, through a Flower Config of its own
+    (connection `this`): what the user does to theirs cannot mislead `up` or `status`."""
+    try:
+        return subprocess.run(
+            [flower_command("flwr"), *args],
+            env={**os.environ, "FLWR_HOME": str(folder / "flwr-home")},
+            capture_output=True,
+            text=True,
+            stdin=subprocess.DEVNULL,
+            timeout=120,
+        )
+    except subprocess.TimeoutExpired as error:
+        raise FederationError(f"`flwr {' '.join(args)}` got no answer in {error.timeout:g}s") from None
+
+
+def write_connections(folder: Path, address: str, insecure: bool) -> None:
+    """The connection `local-deployment` in the user's Flower Config, and `this` in the
+    folder's own one."""
+    ca = None if insecure else str(folder / "ca.pem")
+    try:
+        write_superlink_connection(SuperLinkConnection(CONNECTION, address, ca, insecure or None))
+    except click.ClickException as error:
+        raise FederationError(f"could not add connection '{CONNECTION}': {error.message}") from None
+    security = "insecure = true" if insecure else f"root-certificates = {json.dumps(ca)}"
+    (folder / "flwr-home").mkdir(exist_ok=True)
+    (folder / "flwr-home" / "config.toml").write_text(
+        f'[superlink]\ndefault = "this"\n\n[superlink.this]\naddress = {json.dumps(address)}\n{security}\n'
+    )
+
+
+def supernodes(folder: Path) -> list[dict]:
+    """The SuperNodes the SuperLink knows, as `flwr supernode list` gives them."""
+    listing = flwr(folder, "supernode", "list", "this", "--format", "json")
+    try:
+        return json.loads(listing.stdout).get("nodes", []) if listing.returncode == 0 else []
+    except json.JSONDecodeError:
+        return []
+
+
+def connected_since(folder: Path, since: str) -> list[dict]:
+    """The SuperNodes that came online after `since` (ISO time): the database keeps the
+    statuses from before a restart, which say nothing about now."""
+    start = datetime.datetime.fromisoformat(since).replace(microsecond=0)
+    return [
+        node
+        for node in supernodes(folder)
+        if node["status"] == "online"
+        and node["online-at"] != "N/A"
+        and datetime.datetime.strptime(node["online-at"], "%Y-%m-%d %H:%M:%SZ").replace(tzinfo=datetime.UTC)
+        >= start
     ]
-    for record in started:
-        os.kill(record["pid"], signal.SIGTERM)
-    deadline = time.monotonic() + STOP_TIMEOUT_S
-    while any(alive(record) for record in started) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    for process in [*started, *below]:
-        if alive(process):
-            os.kill(process["pid"], signal.SIGKILL)
-    return [record["name"] for record in started]
+
+
+def register(folder: Path, public_key: Path) -> None:
+    """Let the SuperNode holding the matching private key join (once per database)."""
+    done = flwr(folder, "supernode", "register", str(public_key), "this")
+    reply = (done.stdout + done.stderr).strip()
+    if done.returncode != 0 and "already in use" not in reply:
+        raise FederationError(f"flwr supernode register {public_key} failed: {reply}")
 
 
 # -- The federation ----------------------------------------------------------------
 
 
-def read_state(folder: Path) -> dict | None:
+@contextlib.contextmanager
+def exclusive(folder: Path):
+    """One `up` or `down` at a time on a folder."""
+    with open(folder / ".lock", "w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise FederationError(f"another `up` or `down` is working on {folder}") from None
+        yield
+
+
+def read_state(folder: Path) -> dict:
     path = folder / STATE_FILE
-    return json.loads(path.read_text()) if path.exists() else None
+    try:
+        return json.loads(path.read_text()) if path.exists() else {"processes": []}
+    except (json.JSONDecodeError, OSError) as error:
+        raise FederationError(
+            f"{path} is unreadable ({error}): its processes must be stopped by hand"
+        ) from None
 
 
-def running(state: dict | None) -> list[dict]:
-    return [record for record in (state or {}).get("processes", []) if alive(record)]
+def write_state(folder: Path, state: dict) -> None:
+    (folder / STATE_FILE).write_text(json.dumps(state, indent=2))
 
 
-def port_is_free(host: str, port: int) -> bool:
-    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
+def running(state: dict) -> list[dict]:
+    return [record for record in state["processes"] if alive(record)]
+
+
+def socket_for(host: str) -> socket.socket:
+    return socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+
+
+def check_port(host: str, port: int) -> None:
+    with socket_for(host) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the SuperLink binds
         try:
             sock.bind((host, port))
-        except OSError:
-            return False
-    return True
+        except OSError as error:
+            raise FederationError(
+                f"cannot listen on {host} port {port} ({error.strerror}): change --port"
+            ) from None
+
+
+def accepts_connections(host: str, port: int) -> bool:
+    with socket_for(host) as sock:
+        return sock.connect_ex((host, port)) == 0
 
 
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
-
-
-def flwr(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [flower_command("flwr"), *args], capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=120
-    )
-
-
-def online_supernodes(since: datetime.datetime) -> int:
-    """SuperNodes that came online after `since`: the database keeps the status of
-    nodes from before a restart, which says nothing about now."""
-    listing = flwr("supernode", "list", CONNECTION, "--format", "json")
-    if listing.returncode != 0:
-        return 0
-    count = 0
-    for node in json.loads(listing.stdout).get("nodes", []):
-        if node["status"] == "online" and node["online-at"] != "N/A":
-            online_at = datetime.datetime.strptime(node["online-at"], "%Y-%m-%d %H:%M:%SZ")
-            count += online_at.replace(tzinfo=datetime.UTC) >= since.replace(microsecond=0)
-    return count
-
-
-def register(public_key: Path) -> None:
-    """Let the SuperNode holding the matching private key join (once per database)."""
-    done = flwr("supernode", "register", str(public_key), CONNECTION)
-    if done.returncode != 0 and "already in use" not in done.stdout + done.stderr:
-        reply = (done.stdout + done.stderr).strip()
-        raise FederationError(f"flwr supernode register {public_key} failed: {reply}")
 
 
 def wait_for(condition, what: str, processes: list[dict], timeout_s: float = CONNECT_TIMEOUT_S) -> None:
@@ -299,124 +393,109 @@ def wait_for(condition, what: str, processes: list[dict], timeout_s: float = CON
         time.sleep(0.5)
 
 
-def accepts_connections(host: str, port: int) -> bool:
-    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
-        return sock.connect_ex((host, port)) == 0
+def start_superlink(folder: Path, args: argparse.Namespace) -> dict:
+    security = ["--insecure"]
+    if not args.insecure:
+        security = [
+            "--ssl-certfile", str(folder / "superlink.pem"),
+            "--ssl-keyfile", str(folder / "superlink.key"),
+            "--ssl-ca-certfile", str(folder / "ca.pem"),
+            "--enable-supernode-auth",
+        ]  # fmt: skip
+    return start_process(
+        folder,
+        "superlink",
+        [
+            flower_command("flower-superlink"),
+            *security,
+            "--host", args.host,
+            "--port", str(args.port),
+            "--database", str(folder / "superlink.db"),
+            # This environment already has the app's dependencies (README's install
+            # step): no per-run `uv sync` into a fresh environment.
+            "--disable-runtime-dependency-installation",
+        ],
+    )  # fmt: skip
 
 
-def superlink_security(folder: Path, insecure: bool) -> list[str]:
-    if insecure:
-        return ["--insecure"]
-    return [
-        "--ssl-certfile", str(folder / "superlink.pem"),
-        "--ssl-keyfile", str(folder / "superlink.key"),
-        "--ssl-ca-certfile", str(folder / "ca.pem"),
-        "--enable-supernode-auth",
-    ]  # fmt: skip
-
-
-def supernode_security(folder: Path, index: int, insecure: bool) -> list[str]:
-    if insecure:
-        return ["--insecure"]
-    return [
-        "--root-certificates", str(folder / "ca.pem"),
-        "--auth-supernode-private-key", str(ensure_supernode_key(folder, index)[0]),
-    ]  # fmt: skip
+def start_supernode(folder: Path, args: argparse.Namespace, index: int, address: str) -> dict:
+    security = ["--insecure"]
+    if not args.insecure:
+        private_key, _ = ensure_supernode_key(folder, index)
+        security = [
+            "--root-certificates",
+            str(folder / "ca.pem"),
+            "--auth-supernode-private-key",
+            str(private_key),
+        ]
+    node_config = f"partition-id={index} num-partitions={args.num_partitions}"
+    # SuperNodes sharing this machine share its cores: more torch threads than cores
+    # made every ClientApp 20x slower on 2 cores.
+    threads = str(max(1, (os.cpu_count() or 1) // args.nodes))
+    record = start_process(
+        folder,
+        f"supernode-{index}",
+        [flower_command("flower-supernode"), *security, "--superlink", address]
+        + ["--port", str(free_port()), "--node-config", node_config],
+        # SuperExec checks for work every second by default; a round pays it twice.
+        env={"OMP_NUM_THREADS": threads, "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.1"},
+    )
+    return {**record, "node_config": node_config}
 
 
 def up(args: argparse.Namespace) -> None:
     folder = args.dir.resolve()
-    if started := running(read_state(folder)):
-        names = ", ".join(f"{record['name']} (PID {record['pid']})" for record in started)
-        raise FederationError(f"a federation from {folder} is already up: {names}; stop it with `down` first")
-    if args.nodes > args.num_partitions:
-        raise FederationError(f"--nodes {args.nodes} is more than --num-partitions {args.num_partitions}")
-    port = args.port or free_port()
-    if not port_is_free(args.host, port):
-        raise FederationError(f"port {port} on {args.host} is taken: choose another with --port")
     folder.mkdir(mode=0o700, parents=True, exist_ok=True)
-    (folder / "logs").mkdir(exist_ok=True)
-    connect_host = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
-    address = f"[{connect_host}]:{port}" if ":" in connect_host else f"{connect_host}:{port}"
-
-    if not args.insecure:
-        # Every name the SuperLink is reached by: its own ServerApp process connects to
-        # `--host` (or to localhost when it listens on all addresses).
-        names = [*LOCAL_NAMES, *([args.host] if args.host not in ("0.0.0.0", "::") else []), *args.san]
-        write_superlink_certificate(folder, list(dict.fromkeys(names)))
-    write_superlink_connection(
-        SuperLinkConnection(
-            name=CONNECTION,
-            address=address,
-            root_certificates=None if args.insecure else str(folder / "ca.pem"),
-            insecure=args.insecure or None,
-        )
-    )
-
-    since = datetime.datetime.now(datetime.UTC)
-    processes: list[dict] = []
-    state = {"address": address, "insecure": args.insecure, "processes": processes}
-    try:
-        superlink = start_process(
-            folder,
-            "superlink",
-            [
-                flower_command("flower-superlink"),
-                *superlink_security(folder, args.insecure),
-                "--host", args.host,
-                "--port", str(port),
-                "--database", str(folder / "superlink.db"),
-                # This environment already has the app's dependencies (README's install
-                # step): no per-run `uv sync` into a fresh environment.
-                "--disable-runtime-dependency-installation",
-            ],
-        )  # fmt: skip
-        processes.append(superlink)
-        (folder / STATE_FILE).write_text(json.dumps(state, indent=2))
-        wait_for(lambda: accepts_connections(connect_host, port), "starting the SuperLink", processes)
-        if not args.insecure:
-            for index in range(args.nodes):
-                register(ensure_supernode_key(folder, index)[1])
-
-        # SuperNodes sharing this machine share its cores: more torch threads than
-        # cores made every ClientApp 20x slower on 2 cores.
-        threads = str(max(1, (os.cpu_count() or 1) // max(1, args.nodes)))
-        for index in range(args.nodes):
-            node_config = f"partition-id={index} num-partitions={args.num_partitions}"
-            record = start_process(
-                folder,
-                f"supernode-{index}",
-                [
-                    flower_command("flower-supernode"),
-                    *supernode_security(folder, index, args.insecure),
-                    "--superlink",
-                    address,
-                    "--port",
-                    str(free_port()),
-                    "--node-config",
-                    node_config,
-                ],  # fmt: skip
-                # SuperExec checks for work every second by default; a round pays it twice.
-                env={"OMP_NUM_THREADS": threads, "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.1"},
+    with exclusive(folder):
+        if started := running(read_state(folder)):
+            names = ", ".join(f"{record['name']} (PID {record['pid']})" for record in started)
+            raise FederationError(
+                f"a federation from {folder} is already up: {names}; stop it with `down` first"
             )
-            processes.append({**record, "node_config": node_config})
-            (folder / STATE_FILE).write_text(json.dumps(state, indent=2))
-        wait_for(
-            lambda: online_supernodes(since) >= args.nodes, f"waiting for {args.nodes} SuperNodes", processes
-        )
-    except BaseException:
-        stop_processes(processes[1:])
-        stop_processes(processes[:1])
-        raise
+        args.port = args.port or free_port()
+        check_port(args.host, args.port)
+        (folder / "logs").mkdir(exist_ok=True)
+        # The SuperLink's own ServerApps connect to `--host`, or to localhost when it
+        # listens on every address: both must be names in its certificate.
+        local_host = "127.0.0.1" if args.host in WILDCARD_HOSTS else args.host
+        address = f"[{local_host}]:{args.port}" if ":" in local_host else f"{local_host}:{args.port}"
+        if not args.insecure:
+            names = [*LOCAL_NAMES, *([] if args.host in WILDCARD_HOSTS else [args.host]), *args.san]
+            write_superlink_certificate(folder, list(dict.fromkeys(names)))
+        write_connections(folder, address, args.insecure)
 
-    kind = "TLS, registered SuperNodes only"
-    if args.insecure:
-        kind = "plain text, any SuperNode may join (--insecure)"
+        since = datetime.datetime.now(datetime.UTC).isoformat()
+        state = {"address": address, "insecure": args.insecure, "since": since, "processes": []}
+        try:
+            state["processes"].append(start_superlink(folder, args))
+            write_state(folder, state)
+            wait_for(
+                lambda: accepts_connections(local_host, args.port),
+                "starting the SuperLink",
+                state["processes"],
+            )
+            for index in range(args.nodes if not args.insecure else 0):
+                register(folder, ensure_supernode_key(folder, index)[1])
+            for index in range(args.nodes):
+                state["processes"].append(start_supernode(folder, args, index, address))
+                write_state(folder, state)
+            wait_for(
+                lambda: len(connected_since(folder, since)) >= args.nodes,
+                f"waiting for {args.nodes} SuperNodes to connect",
+                state["processes"],
+            )
+        except BaseException:
+            stop_federation(state["processes"])
+            raise
+
+    kind = "plain text, any SuperNode may join" if args.insecure else "TLS, registered SuperNodes only"
     print(f"Federation up: SuperLink at {address} ({kind}), {args.nodes} SuperNode(s) connected.")
     print(f"Connection '{CONNECTION}' is in {get_flwr_home() / 'config.toml'}.")
     print(f"Credentials and the SuperLink's database: {folder}; logs: {folder / 'logs'}")
     if args.nodes < 2:
         print("Note: the app samples at least 2 SuperNodes a round; start more before `flwr run`.")
+    if args.host in WILDCARD_HOSTS and not args.insecure and not args.san:
+        print("Note: SuperNodes on other machines need the name they reach this one by: add --san NAME.")
     dir_option = "" if folder == DEFAULT_DIR else f" --dir {folder}"
     print(f"\nNext:\n  flwr run . {CONNECTION} --stream")
     print(f"  python {sys.argv[0]} status{dir_option}")
@@ -431,28 +510,37 @@ def status(args: argparse.Namespace) -> None:
         return
     print(f"SuperLink at {state['address']} ({'insecure' if state['insecure'] else 'TLS + SuperNode auth'})")
     for record in state["processes"]:
-        where = record.get("node_config", "")
-        state_now = "running" if alive(record) else "stopped"
-        print(f"  {record['name']:<13} PID {record['pid']:<8} {state_now:<8} {where}")
+        process_state = "running" if alive(record) else "stopped"
+        node_config = record.get("node_config", "")
+        print(f"  {record['name']:<13} PID {record['pid']:<8} {process_state:<8} {node_config}")
         print(f"  {'':<13} log {record['log']}")
-    listing = flwr("supernode", "list", CONNECTION, "--format", "json")
-    if listing.returncode == 0:
-        nodes = [
-            f"{node['node-id']} {node['status']}" for node in json.loads(listing.stdout).get("nodes", [])
-        ]
-        print(f"SuperNodes the SuperLink knows: {', '.join(nodes) or 'none'}")
+    connected = connected_since(folder, state["since"])
+    print(f"SuperNodes connected: {len(connected)} ({', '.join(node['node-id'] for node in connected)})")
 
 
 def down(args: argparse.Namespace) -> None:
     folder = args.dir.resolve()
-    state = read_state(folder)
-    processes = (state or {}).get("processes", [])
-    # SuperNodes first: a SuperLink that goes first leaves them retrying.
-    stopped = stop_processes([record for record in processes if record["name"] != "superlink"])
-    stopped += stop_processes([record for record in processes if record["name"] == "superlink"])
-    if state:
-        (folder / STATE_FILE).write_text(json.dumps({**state, "processes": []}, indent=2))
+    if not (folder / STATE_FILE).exists():
+        print(f"No federation from {folder} was up.")
+        return
+    with exclusive(folder):
+        state = read_state(folder)
+        stopped = stop_federation(state["processes"])
+        write_state(folder, {**state, "processes": []})
     print(f"Stopped {', '.join(stopped)}." if stopped else f"No federation from {folder} was up.")
+
+
+def check_up_options(args: argparse.Namespace) -> None:
+    args.host = args.host.strip("[]")
+    args.san = [name.strip("[]") for name in args.san]
+    if args.num_partitions is None:
+        args.num_partitions = max(1, args.nodes)
+    if args.nodes < 0:
+        raise FederationError(f"--nodes {args.nodes}: use 0 (the SuperLink only) or more")
+    if args.nodes > args.num_partitions:
+        raise FederationError(f"--nodes {args.nodes} is more than --num-partitions {args.num_partitions}")
+    if args.san and args.insecure:
+        raise FederationError("--san names the SuperLink in its TLS certificate, and --insecure has none")
 
 
 def main() -> None:
@@ -462,35 +550,27 @@ def main() -> None:
     up_parser.add_argument(
         "--nodes", type=int, default=2, help="SuperNodes to start here (0: SuperLink only)"
     )
-    up_parser.add_argument(
-        "--num-partitions",
-        type=int,
-        help="partitions in the federation (default: --nodes); node i holds partition i",
-    )
+    up_parser.add_argument("--num-partitions", type=int, help="partitions in all (default: --nodes)")
     up_parser.add_argument("--insecure", action="store_true", help="no TLS, no SuperNode authentication")
     up_parser.add_argument("--host", default="127.0.0.1", help="address the SuperLink listens on")
     up_parser.add_argument(
         "--port", type=int, default=0, help="the SuperLink's one port (default: a free one)"
     )
     up_parser.add_argument(
-        "--san",
-        action="append",
-        default=[],
-        help="another name or address of the SuperLink for its certificate",
+        "--san", action="append", default=[], help="another name or address of the SuperLink (repeatable)"
     )
     for command in (up_parser, commands.add_parser("status"), commands.add_parser("down")):
         command.add_argument("--dir", type=Path, default=DEFAULT_DIR, help="the federation's folder")
     args = parser.parse_args()
-    if args.command == "up":
-        args.num_partitions = args.num_partitions or max(1, args.nodes)
-        if args.nodes < 0 or args.num_partitions < 1:
-            parser.error("--nodes must be 0 or more, --num-partitions 1 or more")
     try:
+        if args.command == "up":
+            check_up_options(args)
         {"up": up, "status": status, "down": down}[args.command](args)
     except FederationError as error:
         sys.exit(f"local_federation {args.command}: {error}")
     except KeyboardInterrupt:
-        sys.exit(f"local_federation {args.command}: interrupted; what it had started is stopped")
+        stopped = "; what it had started is stopped" if args.command == "up" else ""
+        sys.exit(f"local_federation {args.command}: interrupted{stopped}")
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -95,7 +96,7 @@ class Deployment:
         self.env = isolated_env(root)
         self.namespace = namespace  # the host it runs on (see harness/netns.py); None: this one
         self.strangers: list[subprocess.Popen] = []
-        self.seen_pids: set[int] = set()
+        self.seen: dict[int, str | None] = {}  # PID: start time, of every process `up` started
 
     def on_host(self, command: list[str], namespace: str | None = None) -> list[str]:
         namespace = namespace or self.namespace
@@ -111,8 +112,8 @@ class Deployment:
             timeout=timeout,
             stdin=subprocess.DEVNULL,
         )
-        if command == "up" and done.returncode == 0:
-            self.seen_pids.update(self.pids())
+        if command == "up" and (self.folder / "federation.json").exists():
+            self.seen.update({pid: local_federation.start_time(pid) for pid in self.pids()})
         return done
 
     def up(self, *options: str) -> str:
@@ -179,17 +180,23 @@ class Deployment:
             time.sleep(0.5)
 
     def close(self) -> None:
-        for stranger in self.strangers:
-            for pid in descendants([stranger.pid]):
+        try:
+            for stranger in self.strangers:
+                for pid in descendants([stranger.pid]):
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGKILL)
+                stranger.wait()
+            if (self.folder / "federation.json").exists():
+                self.script("down")
+        finally:
+            left = [
+                pid
+                for pid, started in self.seen.items()
+                if started and local_federation.start_time(pid) == started
+            ]
+            for pid in left:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
-            stranger.wait()
-        if (self.folder / "federation.json").exists():
-            self.script("down")
-        left = [pid for pid in self.seen_pids if Path(f"/proc/{pid}").exists()]
-        for pid in left:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
         assert not left, f"processes left running after `down`: {left}"
 
 
@@ -232,6 +239,35 @@ def test_a_bad_request_is_refused_in_one_line_and_starts_nothing(deployment):
     assert (done.returncode, done.stdout.strip()) == (0, f"No federation from {deployment.folder} was up.")
 
 
+def test_a_port_in_use_is_refused_in_one_line(deployment):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = deployment.script("up", "--port", str(port))
+    assert done.returncode == 1
+    assert done.stderr.strip() == (
+        f"local_federation up: cannot listen on 127.0.0.1 port {port} (Address already in use): change --port"
+    )
+    assert not (deployment.folder / "federation.json").exists()
+
+
+@pytest.mark.e2e
+def test_a_failed_up_says_why_in_one_line_and_leaves_nothing_running(deployment):
+    # SuperNode 1's private key is damaged: it cannot start.
+    private_key, _ = local_federation.ensure_supernode_key(deployment.folder, 1)
+    private_key.write_text("not a key")
+    done = deployment.script("up")
+    assert done.returncode == 1
+    log = deployment.folder / "logs" / "supernode-1.log"
+    assert done.stderr.strip() == (
+        f"local_federation up: supernode-1 exited while waiting for 2 SuperNodes to connect: see {log}"
+    )
+    assert "Unable to parse the private key file" in log.read_text()
+    assert not [record for record in deployment.state()["processes"] if local_federation.alive(record)]
+    assert deployment.script("status").stdout.strip() == f"No federation from {deployment.folder} is up."
+
+
 @pytest.mark.e2e
 def test_up_run_down_then_a_restart_still_lists_the_run(deployment, idx_dataset, tmp_path):
     printed = deployment.up()
@@ -266,10 +302,10 @@ def test_up_run_down_then_a_restart_still_lists_the_run(deployment, idx_dataset,
     assert run["status"] == "finished:completed"
 
     running = deployment.pids()
-    assert len(running) >= 3
+    assert len(running) > len(deployment.state()["processes"])  # Flower's SuperExecs too
     done = deployment.script("down")
     assert done.stdout.strip() == "Stopped supernode-0, supernode-1, superlink."
-    assert not [pid for pid in running if Path(f"/proc/{pid}").exists()]
+    assert not [pid for pid in running if local_federation.start_time(pid)]  # gone, or a zombie
 
     deployment.up()  # the same folder: the same database, keys already registered
     [listed] = json.loads(deployment.flwr("ls", "local-deployment", "--format", "json").stdout)["runs"]
@@ -331,7 +367,7 @@ def test_insecure_federation_has_no_tls_and_no_registration(deployment):
     assert not (deployment.folder / "ca.pem").exists()
     status = deployment.script("status").stdout
     assert "partition-id=2 num-partitions=3" in status
-    assert status.count(" online") == 3
+    assert "SuperNodes connected: 3 (" in status
 
 
 @pytest.mark.e2e
