@@ -254,7 +254,8 @@ def stop_processes(records: list[dict]) -> list[str]:
 def stop_federation(processes: list[dict]) -> list[str]:
     # SuperNodes first: a SuperLink that goes first leaves them retrying.
     supernodes = [record for record in processes if record["name"] != "superlink"]
-    return stop_processes(supernodes) + stop_processes([r for r in processes if r not in supernodes])
+    superlink = [record for record in processes if record["name"] == "superlink"]
+    return stop_processes(supernodes) + stop_processes(superlink)
 
 
 # -- Talking to the SuperLink ------------------------------------------------------
@@ -418,10 +419,11 @@ def start_superlink(folder: Path, args: argparse.Namespace) -> dict:
     )  # fmt: skip
 
 
-def start_supernode(folder: Path, args: argparse.Namespace, index: int, address: str) -> dict:
+def start_supernode(
+    folder: Path, args: argparse.Namespace, index: int, address: str, private_key: Path | None
+) -> dict:
     security = ["--insecure"]
-    if not args.insecure:
-        private_key, _ = ensure_supernode_key(folder, index)
+    if private_key:
         security = [
             "--root-certificates",
             str(folder / "ca.pem"),
@@ -460,7 +462,7 @@ def up(args: argparse.Namespace) -> None:
         local_host = "127.0.0.1" if args.host in WILDCARD_HOSTS else args.host
         address = f"[{local_host}]:{args.port}" if ":" in local_host else f"{local_host}:{args.port}"
         if not args.insecure:
-            names = [*LOCAL_NAMES, *([] if args.host in WILDCARD_HOSTS else [args.host]), *args.san]
+            names = [*LOCAL_NAMES, local_host, *args.san]
             write_superlink_certificate(folder, list(dict.fromkeys(names)))
         write_connections(folder, address, args.insecure)
 
@@ -474,10 +476,13 @@ def up(args: argparse.Namespace) -> None:
                 "starting the SuperLink",
                 state["processes"],
             )
-            for index in range(args.nodes if not args.insecure else 0):
-                register(folder, ensure_supernode_key(folder, index)[1])
-            for index in range(args.nodes):
-                state["processes"].append(start_supernode(folder, args, index, address))
+            private_keys = [None] * args.nodes
+            if not args.insecure:
+                for index in range(args.nodes):
+                    private_keys[index], public_key = ensure_supernode_key(folder, index)
+                    register(folder, public_key)
+            for index, private_key in enumerate(private_keys):
+                state["processes"].append(start_supernode(folder, args, index, address, private_key))
                 write_state(folder, state)
             wait_for(
                 lambda: len(connected_since(folder, since)) >= args.nodes,

@@ -18,6 +18,9 @@ import time
 import tomllib
 from pathlib import Path
 
+from deploy import local_federation
+from deploy.local_federation import free_port
+
 REPO = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
 RUN_TIMEOUT_S = 1800
@@ -27,12 +30,6 @@ def default_run_config() -> dict:
     """The run-config defaults from pyproject.toml."""
     with open(REPO / "pyproject.toml", "rb") as file:
         return tomllib.load(file)["tool"]["flwr"]["app"]["config"]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def copy_app(destination: Path) -> Path:
@@ -80,20 +77,8 @@ def isolated_env(root: Path) -> dict:
 
 
 def descendants(root_pids: list[int]) -> list[int]:
-    """`root_pids` and every process below them, read from /proc (Linux)."""
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            with contextlib.suppress(OSError, ValueError, IndexError):
-                parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-                children.setdefault(parent, []).append(int(entry.name))
-    found, todo = [], list(root_pids)
-    while todo:
-        pid = todo.pop()
-        if pid not in found:
-            found.append(pid)
-            todo.extend(children.get(pid, []))
-    return found
+    """`root_pids` and every process below them."""
+    return [*root_pids, *(pid for root in root_pids for pid in local_federation.descendants(root))]
 
 
 class LocalFederation:
