@@ -18,6 +18,7 @@ import fcntl
 import ipaddress
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -26,6 +27,7 @@ import time
 from pathlib import Path
 
 import click
+import psutil
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -38,10 +40,17 @@ CONNECTION = "local-deployment"
 DEFAULT_DIR = Path(__file__).resolve().parent / ".federation"
 STATE_FILE = "federation.json"
 WILDCARD_HOSTS = ("0.0.0.0", "::")
+# `--host` one of these: the federation stays on this machine, with no proxy.
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 CERTIFICATE_DAYS = 365
 LOCAL_NAMES = ["localhost", "127.0.0.1", "::1"]
 CONNECT_TIMEOUT_S = 120.0
 STOP_TIMEOUT_S = 20.0
+# Flower cuts every array into chunks of at most 5 MiB (FLWR_PRIVATE_MAX_ARRAY_CHUNK_SIZE),
+# so no SuperNode request comes near this; anything larger is refused by the proxy.
+MAX_REQUEST_MIB = 16
+# Where Debian and others put nginx, outside a non-root user's PATH.
+SYSTEM_BINARY_DIRS = ["/usr/sbin", "/usr/local/sbin", "/sbin"]
 
 
 class FederationError(Exception):
@@ -176,17 +185,14 @@ def flower_command(name: str) -> str:
     return str(path)
 
 
-def start_time(pid: int) -> str | None:
+def start_time(pid: int) -> float | None:
     """When process `pid` started (None if it is gone, or a zombie). With the PID it
     names one process: a PID the system reused has another start time."""
-    listing = subprocess.run(
-        ["ps", "-o", "stat=,lstart=", "-p", str(pid)],
-        capture_output=True,
-        text=True,
-        env={**os.environ, "TZ": "UTC"},  # the same answer whatever the caller's time zone
-    )
-    process_state, _, started = listing.stdout.strip().partition(" ")
-    return None if not process_state or process_state.startswith("Z") else started.strip()
+    try:
+        process = psutil.Process(pid)
+        return None if process.status() == psutil.STATUS_ZOMBIE else process.create_time()
+    except psutil.NoSuchProcess:
+        return None
 
 
 def alive(record: dict) -> bool:
@@ -194,18 +200,11 @@ def alive(record: dict) -> bool:
 
 
 def descendants(pid: int) -> list[int]:
-    """Every process below `pid`: Flower's SuperExec, ServerApp and ClientApps."""
-    listing = subprocess.run(["ps", "-A", "-o", "pid=,ppid="], capture_output=True, text=True).stdout
-    children: dict[int, list[int]] = {}
-    for line in listing.splitlines():
-        child, parent = map(int, line.split())
-        children.setdefault(parent, []).append(child)
-    found, todo = [], list(children.get(pid, []))
-    while todo:
-        child = todo.pop()
-        found.append(child)
-        todo.extend(children.get(child, []))
-    return found
+    """Every process below `pid`: Flower's SuperExec, ServerApp and ClientApps, nginx's workers."""
+    try:
+        return [child.pid for child in psutil.Process(pid).children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return []
 
 
 def start_process(folder: Path, name: str, command: list[str], env: dict | None = None) -> dict:
@@ -252,10 +251,128 @@ def stop_processes(records: list[dict]) -> list[str]:
 
 
 def stop_federation(processes: list[dict]) -> list[str]:
-    # SuperNodes first: a SuperLink that goes first leaves them retrying.
-    supernodes = [record for record in processes if record["name"] != "superlink"]
-    superlink = [record for record in processes if record["name"] == "superlink"]
-    return stop_processes(supernodes) + stop_processes(superlink)
+    # SuperNodes first: a SuperLink (or proxy) that goes first leaves them retrying.
+    supernodes = [record for record in processes if record["name"].startswith("supernode-")]
+    return stop_processes(supernodes) + stop_processes(
+        [record for record in processes if record not in supernodes]
+    )
+
+
+# -- The public port: nginx passes the Fleet API and nothing else ---------------------
+#
+# Flower's SuperLink serves the Fleet API (what SuperNodes use), the Control API (runs,
+# logs, node registration) and the Runtime API (what ServerApps use) on one port, and
+# the open-source SuperLink has no accounts: whoever reaches that port with `ca.pem` can
+# start apps that run on every SuperNode. So with a public address the SuperLink listens
+# on 127.0.0.1 only, and nginx, on the public address, terminates TLS with the
+# federation's certificate and forwards `/v1/fleet/` alone.
+
+PROXY_CONFIG = """# Written by deploy/local_federation.py at every `up`; edits are lost.
+daemon off;  # `up` tracks and `down` stops the master process by its PID
+worker_processes 1;
+pid {proxy_dir}/nginx.pid;
+error_log stderr notice;
+
+events {{
+    worker_connections 1024;
+}}
+
+http {{
+    access_log {logs_dir}/proxy-access.log;
+    # nginx makes these at start; outside the folder a non-root user cannot.
+    client_body_temp_path {proxy_dir}/client_body;
+    proxy_temp_path {proxy_dir}/proxy;
+    fastcgi_temp_path {proxy_dir}/fastcgi;
+    uwsgi_temp_path {proxy_dir}/uwsgi;
+    scgi_temp_path {proxy_dir}/scgi;
+    # Bodies and replies stay in memory: started by root, nginx's worker runs as
+    # `nobody`, which cannot write in this folder.
+    client_max_body_size {max_request_mib}m;
+    client_body_buffer_size {max_request_mib}m;
+    proxy_max_temp_file_size 0;
+    # A client that is silent or slow is dropped here, and never holds the SuperLink.
+    client_header_timeout 10s;
+    client_body_timeout 10s;
+    send_timeout 30s;
+    keepalive_timeout 60s;
+    limit_conn_zone $binary_remote_addr zone=per_address:1m;
+    default_type text/plain;
+    server_tokens off;
+
+    upstream superlink {{
+        server {superlink_address};
+        keepalive 8;
+    }}
+
+    server {{
+        listen {listen} ssl;
+        ssl_certificate {folder}/superlink.pem;
+        ssl_certificate_key {folder}/superlink.key;
+        ssl_protocols TLSv1.2 TLSv1.3;
+        limit_conn per_address 64;
+
+        location /v1/fleet/ {{
+            limit_except POST {{
+                deny all;
+            }}
+            proxy_pass https://superlink;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_ssl_verify on;
+            proxy_ssl_trusted_certificate {folder}/ca.pem;
+            # nginx checks the upstream's certificate by DNS name only.
+            proxy_ssl_name localhost;
+            proxy_ssl_session_reuse on;
+        }}
+
+        location / {{
+            return 403 "{refusal}\\n";
+        }}
+    }}
+}}
+"""
+REFUSAL = (
+    "Refused: this address serves SuperNodes only (Flower's Fleet API). "
+    "Run flwr on the SuperLink's machine, or through an SSH tunnel to it."
+)
+
+
+def find_nginx(search_path: str | None = None) -> str:
+    """The nginx binary, or a one-line refusal naming the package."""
+    if search_path is None:
+        search_path = os.pathsep.join([os.environ.get("PATH", ""), *SYSTEM_BINARY_DIRS])
+    found = shutil.which("nginx", path=search_path)
+    if not found:
+        raise FederationError(
+            "--host makes a public address, served through nginx, which is not installed: "
+            "install the package nginx (Debian, Ubuntu: apt-get install nginx)"
+        )
+    return found
+
+
+def write_proxy_config(folder: Path, listen: str, superlink_address: str) -> Path:
+    proxy_dir = folder / "proxy"
+    proxy_dir.mkdir(mode=0o700, exist_ok=True)
+    config_path = proxy_dir / "nginx.conf"
+    config_path.write_text(
+        PROXY_CONFIG.format(
+            proxy_dir=proxy_dir,
+            logs_dir=folder / "logs",
+            folder=folder,
+            listen=listen,
+            superlink_address=superlink_address,
+            max_request_mib=MAX_REQUEST_MIB,
+            refusal=REFUSAL,
+        )
+    )
+    return config_path
+
+
+def start_proxy(folder: Path, nginx: str, listen: str, superlink_address: str) -> dict:
+    config_path = write_proxy_config(folder, listen, superlink_address)
+    return start_process(
+        folder, "proxy", [nginx, "-e", "stderr", "-p", str(folder / "proxy"), "-c", str(config_path)]
+    )
 
 
 # -- Talking to the SuperLink ------------------------------------------------------
@@ -394,7 +511,7 @@ def wait_for(condition, what: str, processes: list[dict], timeout_s: float = CON
         time.sleep(0.5)
 
 
-def start_superlink(folder: Path, args: argparse.Namespace) -> dict:
+def start_superlink(folder: Path, args: argparse.Namespace, host: str, port: int) -> dict:
     security = ["--insecure"]
     if not args.insecure:
         security = [
@@ -409,8 +526,8 @@ def start_superlink(folder: Path, args: argparse.Namespace) -> dict:
         [
             flower_command("flower-superlink"),
             *security,
-            "--host", args.host,
-            "--port", str(args.port),
+            "--host", host,
+            "--port", str(port),
             "--database", str(folder / "superlink.db"),
             # This environment already has the app's dependencies (README's install
             # step): no per-run `uv sync` into a fresh environment.
@@ -445,6 +562,10 @@ def start_supernode(
     return {**record, "node_config": node_config}
 
 
+def host_port(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 def up(args: argparse.Namespace) -> None:
     folder = args.dir.resolve()
     folder.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -454,35 +575,60 @@ def up(args: argparse.Namespace) -> None:
             raise FederationError(
                 f"a federation from {folder} is already up: {names}; stop it with `down` first"
             )
+        # What reaches this machine from outside, and the SuperLink itself: one and the
+        # same on one machine; with a public address, nginx on it and the SuperLink on
+        # loopback behind it.
+        public = args.host not in LOOPBACK_HOSTS
+        superlink_host = "127.0.0.1" if public else args.host
         args.port = args.port or free_port()
+        superlink_port = (args.local_port or free_port()) if public else args.port
         check_port(args.host, args.port)
+        if public:
+            check_port(superlink_host, superlink_port)
         (folder / "logs").mkdir(exist_ok=True)
-        # The SuperLink's own ServerApps connect to `--host`, or to localhost when it
-        # listens on every address: both must be names in its certificate.
-        local_host = "127.0.0.1" if args.host in WILDCARD_HOSTS else args.host
-        address = f"[{local_host}]:{args.port}" if ":" in local_host else f"{local_host}:{args.port}"
+        # SuperNodes started here reach the public address by a local one when it is
+        # every address of this machine: both must be names in the certificate.
+        reach_host = "127.0.0.1" if args.host in WILDCARD_HOSTS else args.host
+        address = host_port(superlink_host, superlink_port)
+        fleet_address = host_port(reach_host, args.port)
         if not args.insecure:
-            names = [*LOCAL_NAMES, local_host, *args.san]
+            names = [*LOCAL_NAMES, reach_host, *args.san]
             write_superlink_certificate(folder, list(dict.fromkeys(names)))
         write_connections(folder, address, args.insecure)
 
         since = datetime.datetime.now(datetime.UTC).isoformat()
-        state = {"address": address, "insecure": args.insecure, "since": since, "processes": []}
+        state = {
+            "address": address,
+            "fleet_address": fleet_address,
+            "insecure": args.insecure,
+            "since": since,
+            "processes": [],
+        }
         try:
-            state["processes"].append(start_superlink(folder, args))
+            state["processes"].append(start_superlink(folder, args, superlink_host, superlink_port))
             write_state(folder, state)
             wait_for(
-                lambda: accepts_connections(local_host, args.port),
+                lambda: accepts_connections(superlink_host, superlink_port),
                 "starting the SuperLink",
                 state["processes"],
             )
+            if public:
+                state["processes"].append(
+                    start_proxy(folder, args.nginx, host_port(args.host, args.port), address)
+                )
+                write_state(folder, state)
+                wait_for(
+                    lambda: accepts_connections(reach_host, args.port),
+                    "starting the proxy (nginx)",
+                    state["processes"],
+                )
             private_keys = [None] * args.nodes
             if not args.insecure:
                 for index in range(args.nodes):
                     private_keys[index], public_key = ensure_supernode_key(folder, index)
                     register(folder, public_key)
             for index, private_key in enumerate(private_keys):
-                state["processes"].append(start_supernode(folder, args, index, address, private_key))
+                state["processes"].append(start_supernode(folder, args, index, fleet_address, private_key))
                 write_state(folder, state)
             wait_for(
                 lambda: len(connected_since(folder, since)) >= args.nodes,
@@ -494,12 +640,17 @@ def up(args: argparse.Namespace) -> None:
             raise
 
     kind = "plain text, any SuperNode may join" if args.insecure else "TLS, registered SuperNodes only"
-    print(f"Federation up: SuperLink at {address} ({kind}), {args.nodes} SuperNode(s) connected.")
-    print(f"Connection '{CONNECTION}' is in {get_flwr_home() / 'config.toml'}.")
+    if public:
+        print(f"Federation up: SuperNodes reach {fleet_address} ({kind}), where nginx passes the")
+        print(f"Fleet API only; the SuperLink listens on {address}, for this machine only.")
+        print(f"{args.nodes} SuperNode(s) connected.")
+    else:
+        print(f"Federation up: SuperLink at {address} ({kind}), {args.nodes} SuperNode(s) connected.")
+    print(f"Connection '{CONNECTION}' ({address}) is in {get_flwr_home() / 'config.toml'}.")
     print(f"Credentials and the SuperLink's database: {folder}; logs: {folder / 'logs'}")
     if args.nodes < 2:
         print("Note: the app samples at least 2 SuperNodes a round; start more before `flwr run`.")
-    if args.host in WILDCARD_HOSTS and not args.insecure and not args.san:
+    if args.host in WILDCARD_HOSTS and not args.san:
         print("Note: SuperNodes on other machines need the name they reach this one by: add --san NAME.")
     dir_option = "" if folder == DEFAULT_DIR else f" --dir {folder}"
     print(f"\nNext:\n  flwr run . {CONNECTION} --stream")
@@ -514,6 +665,8 @@ def status(args: argparse.Namespace) -> None:
         print(f"No federation from {folder} is up.")
         return
     print(f"SuperLink at {state['address']} ({'insecure' if state['insecure'] else 'TLS + SuperNode auth'})")
+    if state.get("fleet_address", state["address"]) != state["address"]:
+        print(f"SuperNodes reach {state['fleet_address']} (nginx: the Fleet API only)")
     for record in state["processes"]:
         process_state = "running" if alive(record) else "stopped"
         node_config = record.get("node_config", "")
@@ -546,6 +699,15 @@ def check_up_options(args: argparse.Namespace) -> None:
         raise FederationError(f"--nodes {args.nodes} is more than --num-partitions {args.num_partitions}")
     if args.san and args.insecure:
         raise FederationError("--san names the SuperLink in its TLS certificate, and --insecure has none")
+    if args.host not in LOOPBACK_HOSTS:
+        if args.insecure:
+            raise FederationError(
+                f"--host {args.host} with --insecure would let anyone who reaches it join and read "
+                "every model in plain text: drop --insecure (or --host, to stay on this machine)"
+            )
+        args.nginx = find_nginx()
+    elif args.local_port:
+        raise FederationError("--local-port is the SuperLink's port behind a public --host: use --port")
 
 
 def main() -> None:
@@ -557,9 +719,20 @@ def main() -> None:
     )
     up_parser.add_argument("--num-partitions", type=int, help="partitions in all (default: --nodes)")
     up_parser.add_argument("--insecure", action="store_true", help="no TLS, no SuperNode authentication")
-    up_parser.add_argument("--host", default="127.0.0.1", help="address the SuperLink listens on")
     up_parser.add_argument(
-        "--port", type=int, default=0, help="the SuperLink's one port (default: a free one)"
+        "--host",
+        default="127.0.0.1",
+        help="address SuperNodes reach; other than 127.0.0.1, ::1 or localhost it is public: "
+        "nginx serves the Fleet API there, and the SuperLink listens on 127.0.0.1 only",
+    )
+    up_parser.add_argument(
+        "--port", type=int, default=0, help="the port SuperNodes reach (default: a free one)"
+    )
+    up_parser.add_argument(
+        "--local-port",
+        type=int,
+        default=0,
+        help="with a public --host: the SuperLink's own port on 127.0.0.1 (default: a free one)",
     )
     up_parser.add_argument(
         "--san", action="append", default=[], help="another name or address of the SuperLink (repeatable)"

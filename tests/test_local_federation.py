@@ -4,6 +4,7 @@ loopback brought up, used, refused to strangers, restarted and brought down."""
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -13,6 +14,7 @@ import time
 import tomllib
 from pathlib import Path
 
+import psutil
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import load_ssh_private_key
@@ -74,13 +76,43 @@ def test_stop_processes_ends_only_the_process_it_recorded(tmp_path):
     try:
         record = {"name": "sleeper", "pid": sleeper.pid, "started": local_federation.start_time(sleeper.pid)}
         # The same PID with another start time is another process: a PID reused.
-        assert local_federation.stop_processes([{**record, "started": "Mon Jan  1 00:00:00 2001"}]) == []
+        assert local_federation.stop_processes([{**record, "started": record["started"] - 1.0}]) == []
         assert sleeper.poll() is None
         assert local_federation.stop_processes([record]) == ["sleeper"]
         assert sleeper.wait(timeout=10) == -signal.SIGTERM
     finally:
         sleeper.kill()
         sleeper.wait()
+
+
+def test_a_missing_nginx_is_refused_in_one_line_naming_the_package(tmp_path):
+    with pytest.raises(local_federation.FederationError) as refused:
+        local_federation.find_nginx(search_path=str(tmp_path))
+    assert str(refused.value) == (
+        "--host makes a public address, served through nginx, which is not installed: "
+        "install the package nginx (Debian, Ubuntu: apt-get install nginx)"
+    )
+
+
+def test_the_flower_internals_the_script_writes_connections_with_still_work(tmp_path, monkeypatch):
+    """`flwr` offers no public way to add a connection: the script uses flwr.cli's own
+    writer. Should Flower move or change it, this fails before a user does."""
+    env = isolated_env(tmp_path)
+    monkeypatch.setenv("FLWR_HOME", env["FLWR_HOME"])
+    folder = tmp_path / "federation"
+    folder.mkdir()
+    local_federation.write_connections(folder, "127.0.0.1:9093", insecure=False)
+    assert local_federation.get_flwr_home() == Path(env["FLWR_HOME"])
+    listed = subprocess.run(
+        [str(VENV_BIN / "flwr"), "config", "list"], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert listed.returncode == 0, listed.stdout + listed.stderr
+    assert "local-deployment" in listed.stdout
+    with open(Path(env["FLWR_HOME"]) / "config.toml", "rb") as file:
+        assert tomllib.load(file)["superlink"]["local-deployment"] == {
+            "address": "127.0.0.1:9093",
+            "root-certificates": str(folder / "ca.pem"),
+        }
 
 
 # -- The script, run for real -------------------------------------------------------
@@ -132,11 +164,20 @@ class Deployment:
         with open(self.root / "flwr-home" / "config.toml", "rb") as file:
             return tomllib.load(file)["superlink"][name]
 
-    def flwr(self, *args: str, cwd: Path | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
+    def flwr(
+        self,
+        *args: str,
+        cwd: Path | None = None,
+        timeout: float = 600,
+        env: dict | None = None,
+        namespace: str | None = None,
+    ) -> subprocess.CompletedProcess:
+        """`flwr *args` as the SuperLink's operator, or as whoever `env` (their Flower
+        Config and home) and `namespace` (their host) make it."""
         return subprocess.run(
-            self.on_host([str(VENV_BIN / "flwr"), *args]),
+            self.on_host([str(VENV_BIN / "flwr"), *args], namespace),
             cwd=cwd or self.root,
-            env=self.env,
+            env=env or self.env,
             capture_output=True,
             text=True,
             timeout=timeout,
@@ -370,28 +411,240 @@ def test_insecure_federation_has_no_tls_and_no_registration(deployment):
     assert "SuperNodes connected: 3 (" in status
 
 
+# -- A public address: SuperNodes train, and nothing else gets through ---------------
+
+MARKER_APP = REPO / "harness" / "marker_app"
+
+
+def nginx_installed() -> bool:
+    try:
+        return bool(local_federation.find_nginx())
+    except local_federation.FederationError:
+        return False
+
+
+# CI installs nginx (.ci/run) and never skips: there a missing nginx fails the test.
+needs_nginx = pytest.mark.skipif(
+    not nginx_installed() and not os.environ.get("CI"), reason="needs nginx (apt-get install nginx)"
+)
+
+
+def holder_of_ca(root: Path, ca: Path, public_address: str) -> dict:
+    """The environment of someone given `ca.pem`, with a connection to the public address."""
+    env = isolated_env(root)
+    shutil.copy(ca, root / "ca.pem")
+    (root / "flwr-home" / "config.toml").write_text(
+        f'[superlink.public]\naddress = "{public_address}"\nroot-certificates = "{root / "ca.pem"}"\n'
+    )
+    return env
+
+
+def marker_run_config(marker_dir: Path) -> str:
+    return pairs({"marker-dir": str(marker_dir), "wait-for-nodes": 2})
+
+
+def assert_control_refused(
+    deployment: Deployment, env: dict, marker_dir: Path, namespace: str | None = None
+) -> None:
+    """What the Control API offers, tried through the public address by the holder of
+    `env`: listing, registering a key of their own and starting an app of their own.
+    Each gets the proxy's refusal, and nothing changes on the SuperLink."""
+    runs_before = deployment.flwr("ls", "local-deployment", "--format", "json").stdout
+    nodes_before = [node["node-id"] for node in deployment.supernodes()]
+    home = Path(env["HOME"])
+    _, public_key = local_federation.ensure_supernode_key(home / "keys", 0)
+    marker_app = home / "marker-app"
+    shutil.copytree(MARKER_APP, marker_app, ignore=shutil.ignore_patterns("__pycache__"))
+    tries = {
+        "ls": ("ls", "public"),
+        "supernode list": ("supernode", "list", "public"),
+        "supernode register": ("supernode", "register", str(public_key), "public"),
+        "run": ("run", ".", "public", "--run-config", marker_run_config(marker_dir)),
+    }
+    for what, args in tries.items():
+        done = deployment.flwr(*args, cwd=marker_app, env=env, namespace=namespace, timeout=120)
+        output = done.stdout + done.stderr
+        assert done.returncode == 1, f"flwr {what}: {output}"
+        assert "Client error '403 Forbidden'" in output, f"flwr {what}: {output}"
+    assert deployment.flwr("ls", "local-deployment", "--format", "json").stdout == runs_before
+    assert [node["node-id"] for node in deployment.supernodes()] == nodes_before
+    assert list(marker_dir.iterdir()) == []
+
+
+def run_under_burst(
+    deployment: Deployment,
+    run: tuple[str, ...],
+    public_address: str,
+    tmp_path: Path,
+    env: dict | None = None,
+    namespace: str | None = None,
+    burst_namespace: str | None = None,
+) -> dict:
+    """Start `flwr run *run` (as `env` on `namespace`), send harness.burst's 2,000
+    hostile requests to the public address from `burst_namespace` while it runs, and
+    return what the burst got back once the run has finished and completed."""
+    app_dir = copy_app(tmp_path / "burst-app")
+    submitted = deployment.flwr(*run, cwd=app_dir, env=env, namespace=namespace)
+    output = submitted.stdout + submitted.stderr
+    assert submitted.returncode == 0, output
+    run_id = re.search(r"Successfully started run (\d+)", output).group(1)
+    burst_command = [sys.executable, "-m", "harness.burst", public_address]
+    burst_command += ["--ca", str(deployment.folder / "ca.pem"), "--requests", "2000", "--half-open", "200"]
+    burst = subprocess.run(
+        deployment.on_host(burst_command, burst_namespace),
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        stdin=subprocess.DEVNULL,
+    )
+    assert burst.returncode == 0, burst.stdout + burst.stderr
+    deadline = time.monotonic() + 600
+    while True:
+        listing = deployment.flwr("ls", "local-deployment", "--format", "json", timeout=60)
+        [record] = [run for run in json.loads(listing.stdout)["runs"] if run["run-id"] == run_id]
+        if record["status"].startswith("finished"):
+            break
+        assert time.monotonic() < deadline, record
+        time.sleep(1)
+    assert record["status"] == "finished:completed", record
+    [results_file] = (tmp_path / "outputs").glob("*/*/results.json")
+    assert [entry["round"] for entry in json.loads(results_file.read_text())] == [1, 2]
+    return json.loads(burst.stdout)
+
+
+def assert_the_proxy_refused_the_burst(result: dict) -> None:
+    statuses = result["statuses"]
+    # Never past the proxy: Control, Runtime and the SuperLink's other pages.
+    for kind in ("control", "runtime", "other"):
+        assert statuses[kind] == {"403": 400}, (kind, statuses)
+    assert statuses["oversized"] == {"413": 400}, statuses
+    # Fleet posts reach the SuperLink, which refuses garbage: none succeeds.
+    assert sum(statuses["fleet-malformed"].values()) == 400
+    assert not [status for status in statuses["fleet-malformed"] if status.startswith("2")], statuses
+    # A stalled TLS handshake is dropped after client_header_timeout.
+    assert result["half_open"] == {"opened": 200, "closed_by_server": 200}, result
+
+
 @pytest.mark.e2e
+@needs_nginx
+def test_a_public_address_serves_supernodes_only(deployment, idx_dataset, tmp_path):
+    """README's "who can do what", on one machine: 127.0.0.2 stands for the public
+    address, and the SuperLink's own port is on 127.0.0.1."""
+    public_port = free_port()
+    printed = deployment.up("--host", "127.0.0.2", "--port", str(public_port), "--san", "127.0.0.2")
+    assert "nginx passes the" in printed
+    public_address = f"127.0.0.2:{public_port}"
+    state = deployment.state()
+    assert state["fleet_address"] == public_address
+    assert state["address"].startswith("127.0.0.1:")
+    assert deployment.connection()["address"] == state["address"]
+    [superlink] = [record for record in state["processes"] if record["name"] == "superlink"]
+    listening = {
+        (connection.laddr.ip, connection.laddr.port)
+        for connection in psutil.Process(superlink["pid"]).net_connections("tcp")
+        if connection.status == psutil.CONN_LISTEN
+    }
+    assert listening == {("127.0.0.1", int(state["address"].rpartition(":")[2]))}
+    assert "SuperNodes reach 127.0.0.2" in deployment.script("status").stdout
+    assert [node["status"] for node in deployment.supernodes()] == ["online", "online"]
+
+    marker_dir = tmp_path / "markers"
+    marker_dir.mkdir()
+    stranger = holder_of_ca(tmp_path / "stranger", deployment.folder / "ca.pem", public_address)
+    assert_control_refused(deployment, stranger, marker_dir)
+
+    # Meanwhile the operator runs the app, and it trains through the proxy under a burst.
+    run = ("run", ".", "local-deployment", "--run-config", two_rounds(idx_dataset, tmp_path))
+    assert_the_proxy_refused_the_burst(run_under_burst(deployment, run, public_address, tmp_path))
+    access_log = (deployment.folder / "logs" / "proxy-access.log").read_text()
+    assert '"POST /v1/fleet/push-messages HTTP/1.1" 200' in access_log  # the SuperNodes' replies
+
+
+@pytest.mark.e2e
+def test_a_public_address_needs_tls(deployment):
+    done = deployment.script("up", "--insecure", "--host", "0.0.0.0")
+    assert done.returncode == 1
+    assert done.stderr.strip() == (
+        "local_federation up: --host 0.0.0.0 with --insecure would let anyone who reaches it join and "
+        "read every model in plain text: drop --insecure (or --host, to stay on this machine)"
+    )
+    assert not (deployment.folder / "federation.json").exists()
+
+
+@contextlib.contextmanager
+def ssh_server(namespace: str, address: str, root: Path, authorized_key: Path):
+    """OpenSSH's sshd on host `namespace`, letting in the holder of `authorized_key`
+    (port forwarding only is what the test uses)."""
+    root.mkdir()
+    host_key = root / "host-key"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(host_key)], check=True)
+    Path("/run/sshd").mkdir(exist_ok=True)  # sshd's privilege-separation folder
+    options = {
+        "ListenAddress": f"{address}:22",
+        "HostKey": str(host_key),
+        "AuthorizedKeysFile": str(authorized_key),
+        "PasswordAuthentication": "no",
+        "PermitRootLogin": "prohibit-password",
+        "StrictModes": "no",
+        "UsePAM": "no",
+        "PidFile": "none",
+        "AllowTcpForwarding": "local",
+    }
+    command = ["/usr/sbin/sshd", "-D", "-e", "-f", "/dev/null"]
+    command += [argument for key, value in options.items() for argument in ("-o", f"{key}={value}")]
+    with open(root / "sshd.log", "wb") as log:
+        server = subprocess.Popen(
+            netns.in_namespace(namespace, command), stdout=log, stderr=subprocess.STDOUT
+        )
+    try:
+        yield
+    finally:
+        server.terminate()
+        server.wait(timeout=20)
+
+
+def ssh_tunnel(namespace: str, local_port: int, remote_port: int, host: str, key: Path) -> subprocess.Popen:
+    """README's `ssh -N -L ...`, from host `namespace`."""
+    command = ["ssh", "-N", "-L", f"{local_port}:127.0.0.1:{remote_port}", "-i", str(key)]
+    command += ["-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null"]
+    command += ["-o", "BatchMode=yes", "-o", "ExitOnForwardFailure=yes", f"root@{host}"]
+    return subprocess.Popen(
+        netns.in_namespace(namespace, command), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+
+
+@pytest.mark.e2e
+@needs_nginx
 @pytest.mark.skipif(
-    not netns.available() or shutil.which("ssh-keygen") is None, reason="needs root, iproute2 and ssh-keygen"
+    not netns.available() or not all(map(shutil.which, ["ssh-keygen", "ssh", "/usr/sbin/sshd"])),
+    reason="needs root, iproute2 and OpenSSH's client and server",
 )
 def test_readme_recipe_for_several_machines(tmp_path, idx_dataset):
-    """README's steps across four hosts with their own addresses (network namespaces):
-    the SuperLink's, two SuperNodes' and the user's laptop."""
-    with netns.hosts(["superlink", "node-a", "node-b", "laptop"]) as network:
+    """README's steps across five hosts with their own addresses (network namespaces):
+    the SuperLink's, two SuperNodes', the user's laptop, and an outsider's."""
+    hosts = ["superlink", "node-a", "node-b", "laptop", "outsider"]
+    with netns.hosts(hosts) as network:
         superlink_host, superlink_ip = network["superlink"]
-        superlink = f"{superlink_ip}:9092"
+        public_address = f"{superlink_ip}:9092"
         deployment = Deployment(tmp_path / "superlink-host", namespace=superlink_host)
+        tunnel = None
         try:
-            deployment.up("--nodes", "0", "--host", "0.0.0.0", "--port", "9092", "--san", superlink_ip)
+            deployment.up(
+                "--nodes", "0", "--host", "0.0.0.0", "--port", "9092", "--local-port", "9093",
+                "--san", superlink_ip,
+            )  # fmt: skip
+            keys = {}
             for index, host in enumerate(["node-a", "node-b"]):
                 machine = tmp_path / host
                 machine.mkdir()
                 # The key pair is made on the SuperNode's machine; only the public key leaves it.
-                key = machine / "supernode-key"
+                keys[host] = machine / "supernode-key"
                 subprocess.run(
-                    ["ssh-keygen", "-q", "-t", "ecdsa", "-b", "384", "-N", "", "-f", str(key)], check=True
+                    ["ssh-keygen", "-q", "-t", "ecdsa", "-b", "384", "-N", "", "-f", str(keys[host])],
+                    check=True,
                 )
-                shutil.copy(key.with_suffix(".pub"), deployment.root / f"{host}.pub")
+                shutil.copy(keys[host].with_suffix(".pub"), deployment.root / f"{host}.pub")
                 registered = deployment.flwr("supernode", "register", f"{host}.pub", "local-deployment")
                 assert registered.returncode == 0, registered.stdout + registered.stderr
                 shutil.copy(deployment.folder / "ca.pem", machine / "ca.pem")
@@ -401,33 +654,65 @@ def test_readme_recipe_for_several_machines(tmp_path, idx_dataset):
                         "--root-certificates",
                         str(machine / "ca.pem"),
                         "--auth-supernode-private-key",
-                        str(key),
+                        str(keys[host]),
                     ),
-                    superlink=superlink,
+                    superlink=public_address,
                     node_config=f"partition-id={index} num-partitions=2",
                     namespace=network[host][0],
                 )
             deployment.wait_until_online(2)
 
+            # A SuperNode's operator, holding ca.pem and a registered key, trains and
+            # nothing else; nor does the laptop from the public address.
+            marker_dir = tmp_path / "markers"
+            marker_dir.mkdir()
+            ca = deployment.folder / "ca.pem"
+            node_operator = holder_of_ca(tmp_path / "node-a-operator", ca, public_address)
+            assert_control_refused(deployment, node_operator, marker_dir, namespace=network["node-a"][0])
             laptop = tmp_path / "laptop"
-            laptop_env = isolated_env(laptop)
-            shutil.copy(deployment.folder / "ca.pem", laptop / "ca.pem")
-            (laptop / "flwr-home" / "config.toml").write_text(
-                f'[superlink.lab]\naddress = "{superlink}"\nroot-certificates = "{laptop / "ca.pem"}"\n'
-            )
-            done = subprocess.run(
-                netns.in_namespace(
-                    network["laptop"][0],
-                    [str(VENV_BIN / "flwr"), "run", ".", "lab", "--stream"]
-                    + ["--run-config", two_rounds(idx_dataset, tmp_path)],
-                ),
-                cwd=copy_app(tmp_path / "app"),
-                env=laptop_env,
-                capture_output=True,
-                text=True,
-                timeout=600,
-                stdin=subprocess.DEVNULL,
-            )
-            assert_two_rounds_ran(done, tmp_path)
+            laptop_env = holder_of_ca(laptop, ca, public_address)
+            assert_control_refused(deployment, laptop_env, marker_dir, namespace=network["laptop"][0])
+
+            # The laptop runs the app through an SSH tunnel to the SuperLink's own port,
+            # while an outsider bursts at the public address.
+            login_key = laptop / "login-key"
+            subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(login_key)], check=True)
+            with ssh_server(superlink_host, superlink_ip, tmp_path / "sshd", login_key.with_suffix(".pub")):
+                tunnel = ssh_tunnel(network["laptop"][0], 9093, 9093, superlink_ip, login_key)
+                with open(laptop / "flwr-home" / "config.toml", "a") as config:
+                    config.write(
+                        f'\n[superlink.my-federation]\naddress = "127.0.0.1:9093"\n'
+                        f'root-certificates = "{laptop / "ca.pem"}"\n'
+                    )
+                deadline = time.monotonic() + 60
+                while deployment.flwr(
+                    "ls", "my-federation", env=laptop_env, namespace=network["laptop"][0], timeout=60
+                ).returncode:
+                    assert tunnel.poll() is None, (tmp_path / "sshd" / "sshd.log").read_text()
+                    assert time.monotonic() < deadline, "the SSH tunnel never carried `flwr ls`"
+                    time.sleep(1)
+                run = ("run", ".", "my-federation", "--run-config", two_rounds(idx_dataset, tmp_path))
+                result = run_under_burst(
+                    deployment,
+                    run,
+                    public_address,
+                    tmp_path,
+                    env=laptop_env,
+                    namespace=network["laptop"][0],
+                    burst_namespace=network["outsider"][0],
+                )
+                assert_the_proxy_refused_the_burst(result)
+
+            # The SuperLink's operator does run code on every SuperNode: by design.
+            marker_app = shutil.copytree(MARKER_APP, tmp_path / "marker-app")
+            done = deployment.flwr(
+                "run", ".", "local-deployment", "--stream", "--run-config", marker_run_config(marker_dir),
+                cwd=marker_app, timeout=300,
+            )  # fmt: skip
+            assert done.returncode == 0, done.stdout + done.stderr
+            assert len(list(marker_dir.glob("marker-*"))) == 2
         finally:
+            if tunnel:
+                tunnel.terminate()
+                tunnel.wait(timeout=20)
             deployment.close()

@@ -1,0 +1,1 @@
+"""A Flower app whose ClientApp writes a file on each SuperNode (tests only)."""
