@@ -16,7 +16,6 @@ after the burst (a round is "during" if it overlaps the burst at all).
 
 import argparse
 import json
-import re
 import subprocess
 import sys
 import tempfile
@@ -28,7 +27,7 @@ import numpy as np
 
 from deploy.local_federation import free_port
 from harness.burst import burst
-from harness.flower_processes import REPO, VENV_BIN, copy_app, isolated_env, pairs
+from harness.flower_processes import REPO, VENV_BIN, copy_app, isolated_env, pairs, started_run_id
 from harness.synthetic_fmnist import write_idx_dataset
 
 SCRIPT = REPO / "deploy" / "local_federation.py"
@@ -88,26 +87,31 @@ def measure(work: Path, dataset: Path, public: bool, args: argparse.Namespace) -
             text=True,
             timeout=300,
         )
-        run_id = re.search(r"Successfully started run (\d+)", submitted.stdout + submitted.stderr).group(1)
-        while len(landed) < args.burst_after:
-            time.sleep(0.1)
+        run_id = started_run_id(submitted.stdout + submitted.stderr)
+
+        status = [str(VENV_BIN / "flwr"), "ls", "local-deployment", "--run-id", run_id, "--format", "json"]
+
+        def wait_for_rounds(count: int) -> None:
+            while len(landed) < count:
+                listing = subprocess.run(
+                    status,
+                    env=env,
+                    capture_output=True,
+                    text=True,
+                    timeout=60,
+                )
+                [record] = json.loads(listing.stdout)["runs"]
+                if record["status"].startswith("finished"):
+                    time.sleep(1)  # the last entry may land a moment after the status
+                    if len(landed) < count:
+                        raise RuntimeError(f"the run ended {record['status']} after {len(landed)} rounds")
+                time.sleep(0.5)
+
+        wait_for_rounds(args.burst_after)
         burst_started = time.monotonic()
         result = burst(f"{host}:{port}", str(folder / "ca.pem"), requests=args.requests)
         burst_ended = time.monotonic()
-        while len(landed) < args.rounds:
-            listing = subprocess.run(
-                [str(VENV_BIN / "flwr"), "ls", "local-deployment", "--run-id", run_id, "--format", "json"],
-                env=env,
-                capture_output=True,
-                text=True,
-                timeout=60,
-            )
-            [record] = json.loads(listing.stdout)["runs"]
-            if record["status"].startswith("finished") and len(landed) < args.rounds:
-                time.sleep(1)  # the last entry may land a moment after the status
-                if len(landed) < args.rounds:
-                    raise RuntimeError(f"the run ended {record['status']} after {len(landed)} rounds")
-            time.sleep(1)
+        wait_for_rounds(args.rounds)
     finally:
         stop.set()
         script("down")
@@ -126,11 +130,15 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=8)
     parser.add_argument("--burst-after", type=int, default=3, help="rounds landed before the burst")
     parser.add_argument("--requests", type=int, default=2000)
+    parser.add_argument(
+        "--setups", nargs="+", default=["superlink port", "nginx"], choices=["superlink port", "nginx"]
+    )
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="public-port-") as tmp:
         work = Path(tmp)
         dataset = write_idx_dataset(work / "fmnist-idx", 60_000, 10_000, noise=200.0)
-        for name, public in (("superlink port", False), ("nginx", True)):
+        for name in args.setups:
+            public = name == "nginx"
             measured = measure(work / name.replace(" ", "-"), dataset, public, args)
             print(f"\n== {name}: {args.requests} requests in {measured['burst_s']:.1f} s")
             for kind, statuses in measured["burst"]["statuses"].items():

@@ -18,6 +18,7 @@ import fcntl
 import ipaddress
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -48,7 +49,9 @@ CONNECT_TIMEOUT_S = 120.0
 STOP_TIMEOUT_S = 20.0
 # Flower cuts every array into chunks of at most 5 MiB (FLWR_PRIVATE_MAX_ARRAY_CHUNK_SIZE),
 # so no SuperNode request comes near this; anything larger is refused by the proxy.
-MAX_REQUEST_MIB = 16
+MAX_REQUEST_MIB = 8
+# Open connections nginx allows one address: a SuperNode uses a few.
+CONNECTIONS_PER_ADDRESS = 16
 # Where Debian and others put nginx, outside a non-root user's PATH.
 SYSTEM_BINARY_DIRS = ["/usr/sbin", "/usr/local/sbin", "/sbin"]
 
@@ -211,11 +214,13 @@ def start_process(folder: Path, name: str, command: list[str], env: dict | None 
     log_path = folder / "logs" / f"{name}.log"
     # Flower starts its own helpers (flower-superexec) by name: from this environment too.
     path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+    # These switch on Flower's legacy gRPC APIs, Control included, on every address.
+    inherited = {key: value for key, value in os.environ.items() if not key.startswith("FLWR_INTERNAL_GRPC_")}
     with open(log_path, "ab") as log:
         process = subprocess.Popen(
             command,
             cwd=folder,
-            env={**os.environ, "PATH": path, **(env or {})},
+            env={**inherited, "PATH": path, **(env or {})},
             stdin=subprocess.DEVNULL,
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -269,16 +274,22 @@ def stop_federation(processes: list[dict]) -> list[str]:
 
 PROXY_CONFIG = """# Written by deploy/local_federation.py at every `up`; edits are lost.
 daemon off;  # `up` tracks and `down` stops the master process by its PID
-worker_processes 1;
+worker_processes auto;
+worker_rlimit_nofile 16384;
 pid {proxy_dir}/nginx.pid;
 error_log stderr notice;
 
 events {{
-    worker_connections 1024;
+    worker_connections 4096;
 }}
 
 http {{
-    access_log {logs_dir}/proxy-access.log;
+    # What it refused; SuperNodes' own requests (every 3 s each) are not logged.
+    map $status $refused {{
+        ~^[23] 0;
+        default 1;
+    }}
+    access_log {logs_dir}/proxy-refused.log combined if=$refused;
     # nginx makes these at start; outside the folder a non-root user cannot.
     client_body_temp_path {proxy_dir}/client_body;
     proxy_temp_path {proxy_dir}/proxy;
@@ -291,7 +302,7 @@ http {{
     client_body_buffer_size {max_request_mib}m;
     proxy_max_temp_file_size 0;
     # A client that is silent or slow is dropped here, and never holds the SuperLink.
-    client_header_timeout 10s;
+    {ssl_handshake_timeout}client_header_timeout 10s;
     client_body_timeout 10s;
     send_timeout 30s;
     keepalive_timeout 60s;
@@ -309,11 +320,16 @@ http {{
         ssl_certificate {folder}/superlink.pem;
         ssl_certificate_key {folder}/superlink.key;
         ssl_protocols TLSv1.2 TLSv1.3;
-        limit_conn per_address 64;
+        limit_conn per_address {connections_per_address};
 
         location /v1/fleet/ {{
             limit_except POST {{
                 deny all;
+            }}
+            # The location matches the normalised path; what goes upstream is the path
+            # as sent. Only a plain Fleet path, as SuperNodes send them, passes.
+            if ($request_uri !~ "^/v1/fleet/[a-z-]+$") {{
+                return 403 "{refusal}\\n";
             }}
             proxy_pass https://superlink;
             proxy_http_version 1.1;
@@ -350,12 +366,24 @@ def find_nginx(search_path: str | None = None) -> str:
     return found
 
 
-def write_proxy_config(folder: Path, listen: str, superlink_address: str) -> Path:
+def nginx_version(nginx: str) -> tuple[int, ...]:
+    """`(1, 22, 1)` for nginx 1.22.1, from `nginx -v`."""
+    printed = subprocess.run([nginx, "-v"], capture_output=True, text=True, timeout=30).stderr
+    found = re.search(r"nginx/(\d+)\.(\d+)\.(\d+)", printed)
+    return tuple(map(int, found.groups())) if found else (0, 0, 0)
+
+
+def write_proxy_config(folder: Path, nginx: str, listen: str, superlink_address: str) -> Path:
     proxy_dir = folder / "proxy"
     proxy_dir.mkdir(mode=0o700, exist_ok=True)
     config_path = proxy_dir / "nginx.conf"
+    # From nginx 1.25.5 the TLS handshake has a timeout of its own (60 s by default);
+    # before, client_header_timeout covers it.
+    handshake = "ssl_handshake_timeout 10s;\n    " if nginx_version(nginx) >= (1, 25, 5) else ""
     config_path.write_text(
         PROXY_CONFIG.format(
+            ssl_handshake_timeout=handshake,
+            connections_per_address=CONNECTIONS_PER_ADDRESS,
             proxy_dir=proxy_dir,
             logs_dir=folder / "logs",
             folder=folder,
@@ -369,7 +397,7 @@ def write_proxy_config(folder: Path, listen: str, superlink_address: str) -> Pat
 
 
 def start_proxy(folder: Path, nginx: str, listen: str, superlink_address: str) -> dict:
-    config_path = write_proxy_config(folder, listen, superlink_address)
+    config_path = write_proxy_config(folder, nginx, listen, superlink_address)
     return start_process(
         folder, "proxy", [nginx, "-e", "stderr", "-p", str(folder / "proxy"), "-c", str(config_path)]
     )
@@ -476,14 +504,14 @@ def socket_for(host: str) -> socket.socket:
     return socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
 
 
-def check_port(host: str, port: int) -> None:
+def check_port(host: str, port: int, option: str = "--port") -> None:
     with socket_for(host) as sock:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the SuperLink binds
         try:
             sock.bind((host, port))
         except OSError as error:
             raise FederationError(
-                f"cannot listen on {host} port {port} ({error.strerror}): change --port"
+                f"cannot listen on {host} port {port} ({error.strerror}): change {option}"
             ) from None
 
 
@@ -584,11 +612,11 @@ def up(args: argparse.Namespace) -> None:
         superlink_port = (args.local_port or free_port()) if public else args.port
         check_port(args.host, args.port)
         if public:
-            check_port(superlink_host, superlink_port)
+            check_port(superlink_host, superlink_port, "--local-port")
         (folder / "logs").mkdir(exist_ok=True)
         # SuperNodes started here reach the public address by a local one when it is
         # every address of this machine: both must be names in the certificate.
-        reach_host = "127.0.0.1" if args.host in WILDCARD_HOSTS else args.host
+        reach_host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(args.host, args.host)
         address = host_port(superlink_host, superlink_port)
         fleet_address = host_port(reach_host, args.port)
         if not args.insecure:
@@ -699,15 +727,23 @@ def check_up_options(args: argparse.Namespace) -> None:
         raise FederationError(f"--nodes {args.nodes} is more than --num-partitions {args.num_partitions}")
     if args.san and args.insecure:
         raise FederationError("--san names the SuperLink in its TLS certificate, and --insecure has none")
-    if args.host not in LOOPBACK_HOSTS:
-        if args.insecure:
-            raise FederationError(
-                f"--host {args.host} with --insecure would let anyone who reaches it join and read "
-                "every model in plain text: drop --insecure (or --host, to stay on this machine)"
-            )
-        args.nginx = find_nginx()
-    elif args.local_port:
-        raise FederationError("--local-port is the SuperLink's port behind a public --host: use --port")
+    for option, port in (("--port", args.port), ("--local-port", args.local_port)):
+        if not 0 <= port <= 65535:
+            raise FederationError(f"{option} {port} is not a port: use 1 to 65535, or 0 for a free one")
+    if args.host in LOOPBACK_HOSTS:
+        if args.local_port:
+            raise FederationError("--local-port is the SuperLink's port behind a public --host: use --port")
+        return
+    if args.port and args.port == args.local_port:
+        raise FederationError(
+            f"--port and --local-port are both {args.port}: nginx and the SuperLink need one each"
+        )
+    if args.insecure:
+        raise FederationError(
+            f"--host {args.host} with --insecure would let anyone who reaches it join and read "
+            "every model in plain text: drop --insecure (or --host, to stay on this machine)"
+        )
+    args.nginx = find_nginx()
 
 
 def main() -> None:
@@ -737,7 +773,13 @@ def main() -> None:
     up_parser.add_argument(
         "--san", action="append", default=[], help="another name or address of the SuperLink (repeatable)"
     )
-    for command in (up_parser, commands.add_parser("status"), commands.add_parser("down")):
+    status_parser = commands.add_parser(
+        "status", help="the processes `up` started, their logs and SuperNodes"
+    )
+    down_parser = commands.add_parser(
+        "down", help="stop the SuperNodes, nginx and the SuperLink `up` started"
+    )
+    for command in (up_parser, status_parser, down_parser):
         command.add_argument("--dir", type=Path, default=DEFAULT_DIR, help="the federation's folder")
     args = parser.parse_args()
     try:

@@ -71,6 +71,21 @@ def one_request(host: str, port: int, context: ssl.SSLContext, kind: str, rng: r
         connection.close()
 
 
+def raw_request(address: str, ca: str, request_line: str) -> tuple[int, str]:
+    """Send `request_line` as it is (no client library normalises it): the status and body."""
+    host, port = split_address(address)
+    context = ssl.create_default_context(cafile=ca)
+    with (
+        socket.create_connection((host, port), timeout=30) as plain,
+        context.wrap_socket(plain, server_hostname=host) as connection,
+    ):
+        request = f"{request_line}\r\nHost: {host}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+        connection.sendall(request.encode())
+        response = http.client.HTTPResponse(connection, method=request_line.split()[0])
+        response.begin()
+        return response.status, response.read().decode(errors="replace")
+
+
 def hold_half_open(host: str, port: int, count: int, until: threading.Event) -> dict:
     """Open `count` connections that start a TLS handshake and stall; count those the
     server closed before `until` was set."""

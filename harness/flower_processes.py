@@ -32,15 +32,28 @@ def default_run_config() -> dict:
         return tomllib.load(file)["tool"]["flwr"]["app"]["config"]
 
 
-def copy_app(destination: Path) -> Path:
-    """A copy of the app to run: `flwr run` rewrites the pyproject.toml it is given."""
+def copy_app(destination: Path, client_app: str | None = None) -> Path:
+    """A copy of the app to run: `flwr run` rewrites the pyproject.toml it is given.
+
+    With `client_app` (`"module.path:object"`, a module of this repository such as
+    `harness.attacks:app`), the copy ships that module too and runs it as its ClientApp.
+    """
     destination.mkdir(parents=True)
-    shutil.copy(REPO / "pyproject.toml", destination)
     shutil.copytree(
         REPO / "pytorch_example",
         destination / "pytorch_example",
         ignore=shutil.ignore_patterns("__pycache__"),
     )
+    pyproject = (REPO / "pyproject.toml").read_text()
+    if client_app:
+        module = Path(*client_app.partition(":")[0].split(".")).with_suffix(".py")
+        (destination / module).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(REPO / module, destination / module)
+        own_app, own_include = 'clientapp = "pytorch_example.client_app:app"', '"pytorch_example/*.py"'
+        assert own_app in pyproject and own_include in pyproject, "pyproject.toml no longer names them so"
+        pyproject = pyproject.replace(own_app, f'clientapp = "{client_app}"')
+        pyproject = pyproject.replace(own_include, f'{own_include}, "{module}"')
+    (destination / "pyproject.toml").write_text(pyproject)
     return destination
 
 
@@ -74,6 +87,14 @@ def isolated_env(root: Path) -> dict:
         PYTHONUNBUFFERED="1",
     )
     return env
+
+
+def started_run_id(flwr_run_output: str) -> str:
+    """The run id `flwr run` printed, or an error holding all it printed."""
+    match = re.search(r"Successfully started run (\d+)", flwr_run_output)
+    if not match:
+        raise RuntimeError(f"flwr run did not start a run:\n{flwr_run_output}")
+    return match.group(1)
 
 
 def descendants(root_pids: list[int]) -> list[int]:
@@ -207,22 +228,17 @@ class LocalFederation:
             "run", ".", "test", "--run-config", pairs(run_config), *federation, "--stream", cwd=app_dir
         )
         output = done.stdout + done.stderr
-        match = re.search(r"Successfully started run (\d+)", output)
-        if not match:
-            raise RuntimeError(f"flwr run did not start a run:\n{output}")
+        run_id = started_run_id(output)
         listing = self.flwr("ls", "test", "--format", "json", cwd=app_dir, timeout=60)
         runs = json.loads(listing.stdout)["runs"]
-        record = next(run for run in runs if run["run-id"] == match.group(1))
+        record = next(run for run in runs if run["run-id"] == run_id)
         return output, record
 
     def submit(self, app_dir: Path, run_config: dict, federation_config: dict | None = None) -> str:
         """`flwr run` without waiting for the run to end; return its run id."""
         federation = ["--federation-config", pairs(federation_config)] if federation_config else []
         done = self.flwr("run", ".", "test", "--run-config", pairs(run_config), *federation, cwd=app_dir)
-        match = re.search(r"Successfully started run (\d+)", done.stdout + done.stderr)
-        if not match:
-            raise RuntimeError(f"flwr run did not start a run:\n{done.stdout}{done.stderr}")
-        return match.group(1)
+        return started_run_id(done.stdout + done.stderr)
 
     def kill(self) -> None:
         """SIGKILL every process started here and all they started, as a crash would."""

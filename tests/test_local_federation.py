@@ -4,7 +4,6 @@ loopback brought up, used, refused to strangers, restarted and brought down."""
 import contextlib
 import json
 import os
-import re
 import shutil
 import signal
 import socket
@@ -21,8 +20,17 @@ from cryptography.hazmat.primitives.serialization import load_ssh_private_key
 from flwr.cli.supernode.register import try_load_public_key
 
 from deploy import local_federation
-from harness import netns
-from harness.flower_processes import REPO, VENV_BIN, copy_app, descendants, free_port, isolated_env, pairs
+from harness import burst, netns
+from harness.flower_processes import (
+    REPO,
+    VENV_BIN,
+    copy_app,
+    descendants,
+    free_port,
+    isolated_env,
+    pairs,
+    started_run_id,
+)
 
 SCRIPT = REPO / "deploy" / "local_federation.py"
 
@@ -271,10 +279,27 @@ def deployment(tmp_path):
     deployment.close()
 
 
-def test_a_bad_request_is_refused_in_one_line_and_starts_nothing(deployment):
-    done = deployment.script("up", "--nodes", "3", "--num-partitions", "2")
+@pytest.mark.parametrize(
+    ("options", "refusal"),
+    [
+        (["--nodes", "3", "--num-partitions", "2"], "--nodes 3 is more than --num-partitions 2"),
+        (["--local-port", "9093"], "--local-port is the SuperLink's port behind a public --host: use --port"),
+        (["--port", "70000"], "--port 70000 is not a port: use 1 to 65535, or 0 for a free one"),
+        (
+            ["--host", "0.0.0.0", "--port", "9092", "--local-port", "9092"],
+            "--port and --local-port are both 9092: nginx and the SuperLink need one each",
+        ),
+        (
+            ["--insecure", "--host", "0.0.0.0"],
+            "--host 0.0.0.0 with --insecure would let anyone who reaches it join and read every model "
+            "in plain text: drop --insecure (or --host, to stay on this machine)",
+        ),
+    ],
+)
+def test_a_bad_request_is_refused_in_one_line_and_starts_nothing(deployment, options, refusal):
+    done = deployment.script("up", *options)
     assert done.returncode == 1
-    assert done.stderr.strip() == "local_federation up: --nodes 3 is more than --num-partitions 2"
+    assert done.stderr.strip() == f"local_federation up: {refusal}"
     assert not deployment.folder.exists()
     done = deployment.script("down")
     assert (done.returncode, done.stdout.strip()) == (0, f"No federation from {deployment.folder} was up.")
@@ -487,10 +512,10 @@ def run_under_burst(
     submitted = deployment.flwr(*run, cwd=app_dir, env=env, namespace=namespace)
     output = submitted.stdout + submitted.stderr
     assert submitted.returncode == 0, output
-    run_id = re.search(r"Successfully started run (\d+)", output).group(1)
+    run_id = started_run_id(output)
     burst_command = [sys.executable, "-m", "harness.burst", public_address]
     burst_command += ["--ca", str(deployment.folder / "ca.pem"), "--requests", "2000", "--half-open", "200"]
-    burst = subprocess.run(
+    bursting = subprocess.run(
         deployment.on_host(burst_command, burst_namespace),
         cwd=REPO,
         capture_output=True,
@@ -498,7 +523,7 @@ def run_under_burst(
         timeout=600,
         stdin=subprocess.DEVNULL,
     )
-    assert burst.returncode == 0, burst.stdout + burst.stderr
+    assert bursting.returncode == 0, bursting.stdout + bursting.stderr
     deadline = time.monotonic() + 600
     while True:
         listing = deployment.flwr("ls", "local-deployment", "--format", "json", timeout=60)
@@ -510,7 +535,34 @@ def run_under_burst(
     assert record["status"] == "finished:completed", record
     [results_file] = (tmp_path / "outputs").glob("*/*/results.json")
     assert [entry["round"] for entry in json.loads(results_file.read_text())] == [1, 2]
-    return json.loads(burst.stdout)
+    return json.loads(bursting.stdout)
+
+
+# Ways to dress a Control or Runtime path, or another method, as a Fleet request.
+DISGUISED_REQUESTS = [
+    "POST /v1/fleet/../control/list-runs HTTP/1.1",
+    "POST /v1/fleet/%2e%2e/control/list-runs HTTP/1.1",
+    "POST /v1/fleet%2F..%2Fcontrol%2Flist-runs HTTP/1.1",
+    "POST /v1/fleet/pull-messages/../../runtime/acquire-task HTTP/1.1",
+    "POST //v1/control/list-runs HTTP/1.1",
+    "POST /v1/fleet//..//control/list-runs HTTP/1.1",
+    "POST https://localhost/v1/control/list-runs HTTP/1.1",
+    "POST /V1/CONTROL/list-runs HTTP/1.1",
+    "POST /v1/fleet/pull-messages?/../../control/list-runs HTTP/1.1",
+    "GET /v1/fleet/pull-messages HTTP/1.1",
+    "HEAD /v1/fleet/get-run HTTP/1.1",
+    "POST /docs HTTP/1.1",
+]
+
+
+def assert_disguises_refused(public_address: str, ca: Path) -> None:
+    """Each gets nginx's own refusal (403, or 400 for a path it cannot parse), never
+    a SuperLink's answer."""
+    for request_line in DISGUISED_REQUESTS:
+        status, body = burst.raw_request(public_address, str(ca), request_line)
+        # A HEAD answer has no body: a 403 to it is nginx's (the SuperLink would say 405).
+        from_nginx = local_federation.REFUSAL in body or "nginx" in body or request_line.startswith("HEAD")
+        assert status in (400, 403) and from_nginx, (request_line, status, body)
 
 
 def assert_the_proxy_refused_the_burst(result: dict) -> None:
@@ -553,23 +605,14 @@ def test_a_public_address_serves_supernodes_only(deployment, idx_dataset, tmp_pa
     marker_dir.mkdir()
     stranger = holder_of_ca(tmp_path / "stranger", deployment.folder / "ca.pem", public_address)
     assert_control_refused(deployment, stranger, marker_dir)
+    assert_disguises_refused(public_address, deployment.folder / "ca.pem")
 
     # Meanwhile the operator runs the app, and it trains through the proxy under a burst.
     run = ("run", ".", "local-deployment", "--run-config", two_rounds(idx_dataset, tmp_path))
     assert_the_proxy_refused_the_burst(run_under_burst(deployment, run, public_address, tmp_path))
-    access_log = (deployment.folder / "logs" / "proxy-access.log").read_text()
-    assert '"POST /v1/fleet/push-messages HTTP/1.1" 200' in access_log  # the SuperNodes' replies
-
-
-@pytest.mark.e2e
-def test_a_public_address_needs_tls(deployment):
-    done = deployment.script("up", "--insecure", "--host", "0.0.0.0")
-    assert done.returncode == 1
-    assert done.stderr.strip() == (
-        "local_federation up: --host 0.0.0.0 with --insecure would let anyone who reaches it join and "
-        "read every model in plain text: drop --insecure (or --host, to stay on this machine)"
-    )
-    assert not (deployment.folder / "federation.json").exists()
+    refused_log = (deployment.folder / "logs" / "proxy-refused.log").read_text()
+    assert '"POST /v1/control/list-runs HTTP/1.1" 403' in refused_log
+    assert " 200 " not in refused_log
 
 
 @contextlib.contextmanager
@@ -598,6 +641,10 @@ def ssh_server(namespace: str, address: str, root: Path, authorized_key: Path):
             netns.in_namespace(namespace, command), stdout=log, stderr=subprocess.STDOUT
         )
     try:
+        deadline = time.monotonic() + 30
+        while "Server listening" not in (root / "sshd.log").read_text():
+            assert server.poll() is None and time.monotonic() < deadline, (root / "sshd.log").read_text()
+            time.sleep(0.1)
         yield
     finally:
         server.terminate()
