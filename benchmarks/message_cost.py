@@ -187,7 +187,7 @@ def main() -> None:
     from harness.flower_processes import default_run_config  # noqa: PLC0415
     from harness.synthetic_fmnist import write_idx_dataset  # noqa: PLC0415
     from pytorch_example.config import AppConfig  # noqa: PLC0415
-    from pytorch_example.data import ensure_partitions  # noqa: PLC0415
+    from pytorch_example.data import prepare_partitions  # noqa: PLC0415
 
     with tempfile.TemporaryDirectory(prefix="message-cost-") as tmp:
         work = Path(tmp)
@@ -208,7 +208,7 @@ def main() -> None:
         )
         print(header)
         for num_partitions in args.partitions:
-            ensure_partitions(config.data_settings(num_partitions))
+            prepare_partitions(config.data_source, config.partitioning(num_partitions))
             for kind in ("train", "evaluate"):
                 cold = [
                     in_fresh_process(kind, run_config, num_partitions, 1, args.optimizer)[0]

@@ -49,7 +49,7 @@ def _worker_init() -> None:
 
 def _floor_train(job) -> tuple[dict, int]:
     config, num_partitions, partition_id, state = job
-    partition = load_partition(config.data_settings(num_partitions), partition_id)
+    partition = load_partition(config.data_source, config.partitioning(num_partitions), partition_id)
     net = task.Net()
     net.load_state_dict(state)
     optimizer = torch.optim.SGD(net.parameters(), lr=config.learning_rate, momentum=config.momentum)
@@ -65,7 +65,7 @@ def _floor_train(job) -> tuple[dict, int]:
 
 def _floor_evaluate(job) -> None:
     config, num_partitions, partition_id, state = job
-    partition = load_partition(config.data_settings(num_partitions), partition_id)
+    partition = load_partition(config.data_source, config.partitioning(num_partitions), partition_id)
     net = task.Net()
     net.load_state_dict(state)
     task.test(net, partition.val, config.eval_batch_size, torch.device("cpu"))
@@ -84,7 +84,7 @@ def compute_floor(
     Clients run on `workers` single-threaded processes, as the federation runs them;
     loading a partition from the warm cache is timed too (it is milliseconds).
     """
-    test_set = load_test_set(config.data_settings(num_partitions))
+    test_set = load_test_set(config.data_source)
     rng = np.random.default_rng(0)
     net = task.Net()
     times = []

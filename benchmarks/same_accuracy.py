@@ -29,7 +29,8 @@ from torchvision.transforms import Compose, Normalize, RandomCrop, RandomHorizon
 
 from harness.synthetic_fmnist import write_parquet_dataset
 from pytorch_example import task
-from pytorch_example.data import DataSettings, load_partition, load_test_set
+from pytorch_example.config import DataSource, Partitioning
+from pytorch_example.data import load_partition, load_test_set
 
 NUM_PARTITIONS = 10
 CLIENTS_PER_ROUND = 5
@@ -134,18 +135,13 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="same-accuracy-") as tmp:
         # Noisy enough that accuracy stays well below 100%, where a difference would show.
         folder = write_parquet_dataset(Path(tmp) / "parquet", args.train_images, 2_000, noise=NOISE)
-        settings = DataSettings(
-            dataset_name="unused",
-            dataset_path=folder,
-            cache_dir=Path(tmp) / "cache",
-            num_partitions=NUM_PARTITIONS,
-            alpha=1.0,
-            partition_seed=42,
-            val_fraction=0.2,
+        source = DataSource(dataset_name="unused", dataset_path=folder, data_cache_dir=Path(tmp) / "cache")
+        partitioning = Partitioning(
+            num_partitions=NUM_PARTITIONS, dirichlet_alpha=1.0, partition_seed=42, val_fraction=0.2
         )
         client_loaders, test_loader = straightforward_path(folder)
-        partitions = [load_partition(settings, p) for p in range(NUM_PARTITIONS)]
-        test_set = load_test_set(settings)
+        partitions = [load_partition(source, partitioning, p) for p in range(NUM_PARTITIONS)]
+        test_set = load_test_set(source)
 
         results = {"straightforward": [], "this app": []}
         seconds = dict.fromkeys(results, 0.0)

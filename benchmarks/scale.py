@@ -33,13 +33,13 @@ FIXED_CLIENTS = 10
 
 def lookup_ms(config: AppConfig, num_partitions: int, calls: int = 200) -> float:
     """Median milliseconds of one `load_partition` with a warm cache."""
-    settings = config.data_settings(num_partitions)
-    load_partition(settings, 0)  # fills the cache
+    settings = config.data_source, config.partitioning(num_partitions)
+    load_partition(*settings, 0)  # fills the cache
     ids = np.random.default_rng(0).integers(0, num_partitions, calls)
     durations = []
     for partition_id in ids:
         started = time.perf_counter()
-        load_partition(settings, int(partition_id))
+        load_partition(*settings, int(partition_id))
         durations.append(time.perf_counter() - started)
     return 1000 * float(np.median(durations))
 

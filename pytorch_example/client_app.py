@@ -3,12 +3,11 @@
 Each client keeps its classification head (`fc2`) in `context.state`, which Flower
 carries from one message to the next while its SuperNode lives, and on its own disk,
 which outlives a restarted SuperNode and a resumed run: the head this client trained
-last time replaces the global one before training and before evaluating. The head is
-never sent to the server.
+last time replaces the global one before training and before evaluating. The trained
+model goes back to the server whole, this head included, and is averaged there.
 """
 
 from logging import INFO
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -17,13 +16,11 @@ from flwr.clientapp import ClientApp
 from flwr.common.logger import log
 
 from pytorch_example import task
-from pytorch_example.config import AppConfig, ConfigError
-from pytorch_example.data import DataError, Partition, load_partition
+from pytorch_example.config import AppConfig, NodeConfig
+from pytorch_example.data import Partition, load_partition
 from pytorch_example.files import save_atomically
 
 HEAD_STATE_KEY = "classification-head"
-# A node-config switch for tests only: the SuperNode's train replies carry NaN weights.
-POISON_SWITCH = "test-poison-replies"
 
 app = ClientApp()
 
@@ -31,11 +28,12 @@ app = ClientApp()
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """Train the received model on this client's partition and send it back."""
-    config = AppConfig.from_run_config(context.run_config)
-    partition_id, partition = local_partition(config, context)
+    config = run_settings(msg, context)
+    node = NodeConfig.from_node_config(context.node_config)
+    partition = local_partition(config, node)
     server_round = int(msg.content["config"]["server-round"])
 
-    heads = HeadStore(config, context, msg, partition_id)
+    heads = HeadStore(config, node, msg)
     heads.restore_into(context.state)
     net = model_with_own_head(msg.content["arrays"], context.state)
     train_loss = task.train(
@@ -46,18 +44,14 @@ def train(msg: Message, context: Context) -> Message:
         learning_rate=float(msg.content["config"]["lr"]),
         momentum=config.momentum,
         device=device(),
-        generator=client_generator(config.seed, server_round, partition_id),
+        generator=client_generator(config.seed, server_round, node.partition_id),
     )
     save_head(net, context.state)
     heads.save(net)
 
-    weights = net.state_dict()
-    if context.node_config.get(POISON_SWITCH):
-        # For tests only: this SuperNode sends NaN weights, which the ServerApp must refuse.
-        weights = {name: torch.full_like(value, float("nan")) for name, value in weights.items()}
     reply = RecordDict(
         {
-            "arrays": ArrayRecord(weights),
+            "arrays": ArrayRecord(net.state_dict()),
             "metrics": MetricRecord({"train_loss": train_loss, "num-examples": len(partition.train)}),
         }
     )
@@ -68,9 +62,10 @@ def train(msg: Message, context: Context) -> Message:
 def evaluate(msg: Message, context: Context) -> Message:
     """Score the received model on this client's validation rows, twice: with this
     client's own head (`eval_*`) and with the global head (`eval_*_global`)."""
-    config = AppConfig.from_run_config(context.run_config)
-    partition_id, partition = local_partition(config, context)
-    HeadStore(config, context, msg, partition_id).restore_into(context.state)
+    config = run_settings(msg, context)
+    node = NodeConfig.from_node_config(context.node_config)
+    partition = local_partition(config, node)
+    HeadStore(config, node, msg).restore_into(context.state)
 
     net = global_model(msg.content["arrays"])
     global_loss, global_acc = task.test(net, partition.val, config.eval_batch_size, device())
@@ -86,6 +81,11 @@ def evaluate(msg: Message, context: Context) -> Message:
         "num-examples": len(partition.val),
     }
     return Message(content=RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
+
+
+def run_settings(msg: Message, context: Context) -> AppConfig:
+    """The run's settings, as the ServerApp sends them with each message."""
+    return AppConfig.from_run_config({**context.run_config, **msg.content["config"]})
 
 
 def global_model(global_arrays: ArrayRecord) -> task.Net:
@@ -115,20 +115,23 @@ def save_head(net: task.Net, state: RecordDict) -> None:
 
 
 class HeadStore:
-    """This client's head on its own disk: `<head-dir>/<lineage>/partition-<id>.pt`.
+    """This client's head on its own disk: `<head-dir>/<lineage>/partition-<id>-of-<n>.pt`.
 
-    `head-dir` comes from the node config, else `<data-cache-dir>/heads`; the lineage
-    (sent by the ServerApp) is the same for a run and its resumptions, so a resumed run
-    finds its heads and a new run starts fresh.
+    `head-dir` comes from the node config, else `<data-cache-dir>/heads`. The lineage
+    (sent by the ServerApp) is the same for a run and its resumptions, which must keep
+    its data settings; with the partition id and count, the name holds all that
+    decides the client's rows. So a resumed run finds its heads, a new run starts
+    fresh, and no client loads a head trained on other rows.
     """
 
-    def __init__(self, config: AppConfig, context: Context, msg: Message, partition_id: int) -> None:
-        head_dir = context.node_config.get("head-dir") or config.data_cache_dir / "heads"
+    def __init__(self, config: AppConfig, node: NodeConfig, msg: Message) -> None:
+        head_dir = node.head_dir or config.data_cache_dir / "heads"
         lineage = msg.content["config"].get("lineage")
         # Without a lineage (a ServerApp other than this app's) heads stay in memory only.
         self.path = None
         if lineage:
-            self.path = Path(head_dir).expanduser() / str(lineage) / f"partition-{partition_id}.pt"
+            name = f"partition-{node.partition_id}-of-{node.num_partitions}.pt"
+            self.path = head_dir / str(lineage) / name
 
     def restore_into(self, state: RecordDict) -> None:
         """Put the head from disk into `state` when `state` has none (a fresh SuperNode)."""
@@ -145,29 +148,10 @@ class HeadStore:
         save_atomically(self.path, lambda file: torch.save(head, file))
 
 
-def local_partition(config: AppConfig, context: Context) -> tuple[int, Partition]:
-    """This node's partition id and data, as its node config names them."""
-    partition_id = node_setting(context, "partition-id")
-    num_partitions = node_setting(context, "num-partitions")
-    try:
-        return partition_id, load_partition(config.data_settings(num_partitions), partition_id)
-    except DataError as err:
-        if err.setting == "num_partitions":
-            raise ConfigError(
-                f"node config partition-id={partition_id} num-partitions={num_partitions}: {err}"
-            ) from None
-        raise config.data_error(err) from None
-
-
-def node_setting(context: Context, key: str) -> int:
-    """An integer from the node config (`partition-id`, `num-partitions`), or one clear error."""
-    try:
-        return int(context.node_config[key])
-    except (KeyError, TypeError, ValueError):
-        raise ConfigError(
-            f"node config key '{key}' is missing or not an integer: start the SuperNode "
-            f'with --node-config "partition-id=<i> num-partitions=<n>"'
-        ) from None
+def local_partition(config: AppConfig, node: NodeConfig) -> Partition:
+    """The data of the partition this node's config names."""
+    partitioning = config.partitioning(node.num_partitions)
+    return load_partition(config.data_source, partitioning, node.partition_id)
 
 
 def client_generator(seed: int, server_round: int, partition_id: int) -> torch.Generator:

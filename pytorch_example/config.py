@@ -8,14 +8,12 @@ stops the run with one line that names the key, the value and the fix.
 import functools
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, distribution
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
 from flwr.app import UserConfig
-
-from pytorch_example.data import DataError, DataSettings
 
 DISTRIBUTION_NAME = "pytorchexample"
 DEFAULT_CACHE_DIR = Path.home() / ".cache" / "pytorch-example"
@@ -29,44 +27,56 @@ class ConfigError(ValueError):
 # values would silently mix two experiments, so it is refused.
 RESUME_MUST_MATCH = ("dataset-name", "dataset-path", "dirichlet-alpha", "partition-seed", "val-fraction")
 
-# The run-config key behind each `DataSettings` field, to name it in data errors.
-DATA_SETTING_KEYS = {
-    "dataset_name": "dataset-name",
-    "dataset_path": "dataset-path",
-    "alpha": "dirichlet-alpha",
-    "partition_seed": "partition-seed",
-    "val_fraction": "val-fraction",
-}
+
+@dataclass(frozen=True)
+class DataSource:
+    """Where the images come from, and where they are cached, as the run-config says."""
+
+    dataset_name: str
+    dataset_path: Path | None
+    data_cache_dir: Path
+
+
+@dataclass(frozen=True)
+class Partitioning:
+    """How the train split is cut into clients' rows: the run-config's settings, and the
+    number of partitions, which the federation decides."""
+
+    num_partitions: int
+    dirichlet_alpha: float
+    partition_seed: int
+    val_fraction: float
 
 
 @dataclass(frozen=True)
 class AppConfig:
-    """All run-config keys, typed and checked. Field names are the keys in snake_case."""
+    """All run-config keys, typed and checked. Field names are the keys in snake_case,
+    and the defaults are pyproject.toml's (a test keeps them, and README's table, equal)."""
 
-    num_server_rounds: int
-    fraction_train: float
-    fraction_evaluate: float
-    local_epochs: int
-    batch_size: int
-    eval_batch_size: int
-    learning_rate: float
-    momentum: float
-    lr_decay_rounds: tuple[int, ...]
-    lr_decay_factor: float
-    server_device: str
-    seed: int
-    partition_seed: int
-    dirichlet_alpha: float
-    val_fraction: float
-    dataset_name: str
-    dataset_path: Path | None
-    data_cache_dir: Path
-    output_dir: Path
-    max_failed_rounds: int
-    round_timeout: float
-    resume_from: Path | None
-    use_wandb: bool
-    wandb_project: str
+    num_server_rounds: int = 10
+    fraction_train: float = 0.25
+    fraction_evaluate: float = 0.5
+    local_epochs: int = 1
+    batch_size: int = 32
+    eval_batch_size: int = 256
+    learning_rate: float = 0.1
+    momentum: float = 0.9
+    lr_decay_rounds: tuple[int, ...] = (5,)
+    lr_decay_factor: float = 0.5
+    server_device: str = "cpu"
+    seed: int = 42
+    partition_seed: int = 42
+    dirichlet_alpha: float = 1.0
+    val_fraction: float = 0.2
+    dataset_name: str = "zalando-datasets/fashion_mnist"
+    dataset_path: Path | None = None
+    data_cache_dir: Path = DEFAULT_CACHE_DIR
+    output_dir: Path = field(default_factory=lambda: resolve_path("outputs"))
+    max_failed_rounds: int = 3
+    round_timeout: float = 300.0
+    resume_from: Path | None = None
+    use_wandb: bool = True
+    wandb_project: str = "pytorch-example"
 
     @classmethod
     def from_run_config(cls, run_config: UserConfig) -> "AppConfig":
@@ -122,36 +132,51 @@ class AppConfig:
     def resume_error(self, err: Exception) -> ConfigError:
         return ConfigError(f"run-config key 'resume-from' = '{self.resume_from}' {err}")
 
-    def data_settings(self, num_partitions: int) -> DataSettings:
-        """What decides the data a node sees, given the federation's partition count."""
-        return DataSettings(
-            dataset_name=self.dataset_name,
-            dataset_path=self.dataset_path,
-            cache_dir=self.data_cache_dir,
-            num_partitions=num_partitions,
-            alpha=self.dirichlet_alpha,
-            partition_seed=self.partition_seed,
-            val_fraction=self.val_fraction,
-        )
+    @property
+    def data_source(self) -> DataSource:
+        return DataSource(self.dataset_name, self.dataset_path, self.data_cache_dir)
 
-    def data_error(self, err: DataError) -> ConfigError:
-        """`err` as one line that names the run-config key to change."""
-        key = DATA_SETTING_KEYS.get(err.setting)
-        if key is None:
-            return ConfigError(str(err))
-        value = self.run_config_value(key)
-        shown = f"'{value}'" if isinstance(value, str) else value
-        line = f"run-config key '{key}' = {shown}: {err}"
-        if key == "dataset-name":
-            line += (
-                "; set run-config key 'dataset-path' to a folder with the Fashion-MNIST .gz or parquet files"
-            )
-        return ConfigError(line)
+    def partitioning(self, num_partitions: int) -> Partitioning:
+        return Partitioning(num_partitions, self.dirichlet_alpha, self.partition_seed, self.val_fraction)
 
     def learning_rate_at(self, server_round: int) -> float:
         """Step schedule: multiply by `lr_decay_factor` at each round in `lr_decay_rounds`."""
         passed = sum(1 for milestone in self.lr_decay_rounds if milestone <= server_round)
         return self.learning_rate * self.lr_decay_factor**passed
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    """What a SuperNode's `--node-config` says of its client: the partition it holds, of
+    how many, and where it keeps its head (`head-dir`; None: under `data-cache-dir`)."""
+
+    partition_id: int
+    num_partitions: int
+    head_dir: Path | None
+
+    @classmethod
+    def from_node_config(cls, node_config: UserConfig) -> "NodeConfig":
+        """Validate `node_config`; raise `ConfigError` in one line on bad input."""
+        values = {}
+        for key in ("partition-id", "num-partitions"):
+            value = node_config.get(key)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ConfigError(
+                    f"node config key '{key}' is missing or not an integer >= 0: start the SuperNode "
+                    f'with --node-config "partition-id=<i> num-partitions=<n>"'
+                )
+            values[key] = value
+        partition_id, num_partitions = values["partition-id"], values["num-partitions"]
+        if partition_id >= num_partitions:
+            raise ConfigError(
+                f"node config partition-id={partition_id} num-partitions={num_partitions}: partition "
+                f"{partition_id} does not exist: the train split is cut into {num_partitions} partitions, "
+                f"0..{num_partitions - 1}"
+            )
+        head_dir = node_config.get("head-dir")
+        if head_dir is not None and (not isinstance(head_dir, str) or not head_dir.strip()):
+            raise ConfigError(f"node config key 'head-dir' = {head_dir!r} is invalid: expected a folder")
+        return cls(partition_id, num_partitions, Path(head_dir).expanduser() if head_dir else None)
 
 
 class _Reader:

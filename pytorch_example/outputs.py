@@ -1,11 +1,14 @@
-"""What a run leaves behind: config.json, results.json, best checkpoints, the final
-model, figures, and its Weights & Biases run. The strategy hands over each finished
-round; only this module writes into the run folder.
+"""The run folder and all a run leaves in it: config.json, results.json, resume.pt,
+best checkpoints, the final model, figures, and its Weights & Biases run. A run opens
+its folder here (new, or resumed), the strategy hands over each finished round, and
+only this module writes into the folder.
 """
 
+import json
 import os
 import uuid
 from dataclasses import dataclass, field
+from datetime import datetime
 from logging import DEBUG, INFO, WARNING
 from pathlib import Path
 
@@ -15,6 +18,7 @@ from flwr.common.logger import log
 from flwr.serverapp.strategy import Result
 
 from pytorch_example import plots
+from pytorch_example.config import AppConfig
 from pytorch_example.files import save_atomically, save_json_atomically
 
 # What a restart needs, rewritten after every round before results.json says it is done.
@@ -64,6 +68,7 @@ class ResumeState:
     best_round: int | None = None
     best_checkpoint: str | None = None
     wandb_run_id: str | None = None
+    num_supernodes: int | None = None  # when the run started
 
 
 def load_resume_state(run_dir: Path, settings: dict, model_shapes: dict[str, tuple]) -> ResumeState:
@@ -94,6 +99,7 @@ def load_resume_state(run_dir: Path, settings: dict, model_shapes: dict[str, tup
 class RunOutputs:
     """The files and the W&B run of one run, in `run_dir`.
 
+    `RunOutputs.open` makes a new run folder or continues the one `resume-from` names.
     Use it as a context manager around the whole run: entering writes `config.json`
     and starts W&B; leaving draws the figures, gives W&B the best checkpoint and
     finishes W&B with the run's outcome (exit code 1 when an exception, a Ctrl-C
@@ -107,19 +113,76 @@ class RunOutputs:
         wandb_project: str | None,
         resume_settings: dict | None = None,
         resumed: ResumeState | None = None,
+        num_supernodes: int | None = None,
     ) -> None:
         self.run_dir = run_dir
         self.run_config = run_config
         self.wandb_project = wandb_project
         # A new run starts from nothing; a resumed one from where its folder stood.
         self.state = resumed or ResumeState(
-            round=0, arrays=ArrayRecord(), lineage=uuid.uuid4().hex, settings=resume_settings or {}
+            round=0,
+            arrays=ArrayRecord(),
+            lineage=uuid.uuid4().hex,
+            settings=resume_settings or {},
+            num_supernodes=num_supernodes,
         )
         self.wandb_run = None
+
+    @classmethod
+    def open(
+        cls, config: AppConfig, run_config: dict, num_supernodes: int, initial_arrays: ArrayRecord
+    ) -> "RunOutputs":
+        """This run's folder: a new `<output-dir>/<date>/<time>`, or with `resume-from`
+        that folder, continued after its last completed round. A folder this run cannot
+        continue raises `ConfigError`, in one line."""
+        wandb_project = config.wandb_project if config.use_wandb else None
+        if config.resume_from is None:
+            run_dir = create_run_dir(config.output_dir)
+            log(INFO, "Outputs of this run go to %s", run_dir)
+            outputs = cls(
+                run_dir, run_config, wandb_project, config.resume_settings(), num_supernodes=num_supernodes
+            )
+            outputs.state.arrays = initial_arrays
+            return outputs
+        model_shapes = {key: tuple(array.shape) for key, array in initial_arrays.items()}
+        try:
+            resumed = load_resume_state(config.resume_from, config.resume_settings(), model_shapes)
+        except ResumeError as err:
+            raise config.resume_error(err) from None
+        if resumed.round >= config.num_server_rounds:
+            raise config.resume_error(
+                f"already finished round {resumed.round}: raise num-server-rounds above it to go on"
+            )
+        log(
+            INFO,
+            "Resuming %s after round %d of %d",
+            config.resume_from,
+            resumed.round,
+            config.num_server_rounds,
+        )
+        if resumed.num_supernodes not in (None, num_supernodes):
+            # Clients key their heads by partition id and count, so none loads another's.
+            log(
+                WARNING,
+                "This run started with %d SuperNodes and goes on with %d: the clients hold other rows "
+                "than before, so each starts with a new head",
+                resumed.num_supernodes,
+                num_supernodes,
+            )
+        return cls(config.resume_from, run_config, wandb_project, resumed=resumed)
 
     @property
     def lineage(self) -> str:
         return self.state.lineage
+
+    @property
+    def arrays(self) -> ArrayRecord:
+        """The model the next round starts from."""
+        return self.state.arrays
+
+    @property
+    def next_round(self) -> int:
+        return self.state.round + 1
 
     def __enter__(self) -> "RunOutputs":
         save_json_atomically(self.run_dir / "config.json", self.run_config)
@@ -213,6 +276,44 @@ class RunOutputs:
         final_model = self.run_dir / "final_model.pt"
         save_model(final_model, arrays)
         log(INFO, "Final model saved to %s", final_model)
+
+
+def continued_run_config(run_config: dict, config: AppConfig) -> dict:
+    """The run-config a resumed run goes on with: that of the run it continues (its
+    folder's config.json), but for the keys this command sets to other than their
+    defaults. So `resume-from` alone continues a run as it was started."""
+    saved_path = config.resume_from / "config.json"
+    try:
+        saved = json.loads(saved_path.read_text())
+    except (OSError, ValueError):
+        return run_config  # not a run folder: RunOutputs.open says so in one line
+    defaults = AppConfig()
+    taken = {
+        key: value
+        for key, value in saved.items()
+        if key in run_config
+        and key != "resume-from"
+        and value != run_config[key]
+        and config.run_config_value(key) == defaults.run_config_value(key)
+    }
+    if taken:
+        settings = " ".join(f"{key}={value!r}" for key, value in taken.items())
+        log(INFO, "Resuming with the settings in %s: %s (--run-config overrides them)", saved_path, settings)
+    return {**run_config, **taken}
+
+
+def create_run_dir(output_dir: Path) -> Path:
+    """A new `<output-dir>/<date>/<time>` folder; a suffix keeps same-second runs apart."""
+    stamp = datetime.now()
+    base = output_dir / stamp.strftime("%Y-%m-%d") / stamp.strftime("%H-%M-%S")
+    for attempt in range(100):
+        run_dir = base if attempt == 0 else base.with_name(f"{base.name}-{attempt}")
+        try:
+            run_dir.mkdir(parents=True)
+            return run_dir
+        except FileExistsError:
+            continue
+    raise RuntimeError(f"could not create a fresh run folder under {base.parent}")
 
 
 def save_model(path: Path, arrays: ArrayRecord) -> None:

@@ -17,8 +17,9 @@ from flwr.serverapp.strategy import FedAvg, Result
 
 from pytorch_example.outputs import RunOutputs
 
-# How often the ServerApp asks for replies. Flower's own `send_and_receive` waits 3 s
-# between asks in a deployment (100 ms in simulation), which a round pays twice.
+# A speed-up: how often the ServerApp asks for replies. Flower's own `send_and_receive`
+# waits 3 s between asks in a deployment (100 ms in simulation), which a round pays twice
+# (benchmarks/README.md#round-cost-python--m-benchmarksround_cost).
 REPLY_POLL_INTERVAL_S = 0.05
 NODE_POLL_INTERVAL_S = 1.0
 

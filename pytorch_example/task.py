@@ -46,7 +46,8 @@ def augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """Random 28x28 crop of the zero-padded image and random horizontal flip, per image.
 
     The same distribution as torchvision's `RandomCrop(28, padding=4)` followed by
-    `RandomHorizontalFlip()`, drawn for the whole batch at once.
+    `RandomHorizontalFlip()`, drawn for the whole batch at once. A speed-up: no Python
+    runs per image (benchmarks/README.md#round-cost-python--m-benchmarksround_cost).
     """
     count, height, width = images.shape
     padded = F.pad(images, (CROP_PADDING,) * 4)
@@ -61,9 +62,10 @@ def augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
 class MomentumSGD:
     """`torch.optim.SGD(params, lr, momentum)`, run through PyTorch's functional `sgd`.
 
-    The same update and the same numbers (a test compares them), but the class form
-    imports `torch._dynamo` on its first step: 2.4 s that every fresh ClientApp process
-    of a deployment would pay before its first batch.
+    A speed-up: the same update and the same numbers (a test compares them), but the
+    class form imports `torch._dynamo` on its first step: 2.4 s that every fresh
+    ClientApp process of a deployment would pay before its first batch
+    (benchmarks/README.md#one-message-python--m-benchmarksmessage_cost).
     """
 
     def __init__(self, params: Iterable[torch.Tensor], lr: float, momentum: float) -> None:

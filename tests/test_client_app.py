@@ -1,6 +1,7 @@
 """The personalised, stateful client: its head kept in a RecordDict across rounds."""
 
 import logging
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,11 +15,10 @@ from pytorch_example.client_app import (
     client_generator,
     evaluate,
     model_with_own_head,
-    node_setting,
     save_head,
     train,
 )
-from pytorch_example.config import AppConfig, ConfigError
+from pytorch_example.config import AppConfig, ConfigError, NodeConfig
 from pytorch_example.data import load_partition
 from pytorch_example.task import Net
 
@@ -61,11 +61,16 @@ def test_client_rng_depends_on_seed_round_and_partition():
     assert torch.rand(3, generator=client_generator(42, 1, 0)).tolist() == draws[(42, 1, 0)]
 
 
-def test_missing_node_config_key_is_one_clear_error():
-    context = Context(run_id=1, node_id=1, node_config={"partition-id": 3}, state=RecordDict(), run_config={})
-    assert node_setting(context, "partition-id") == 3
-    with pytest.raises(ConfigError, match="node config key 'num-partitions' is missing"):
-        node_setting(context, "num-partitions")
+def test_the_node_config_is_read_once_and_each_fault_is_one_clear_line():
+    node = NodeConfig.from_node_config({"partition-id": 3, "num-partitions": 4, "head-dir": "~/heads"})
+    assert node == NodeConfig(3, 4, Path("~/heads").expanduser())
+    assert NodeConfig.from_node_config({"partition-id": 0, "num-partitions": 1}).head_dir is None
+    with pytest.raises(ConfigError, match="node config key 'num-partitions' is missing or not an integer"):
+        NodeConfig.from_node_config({"partition-id": 3})
+    with pytest.raises(ConfigError, match="node config key 'partition-id' is missing or not an integer"):
+        NodeConfig.from_node_config({"partition-id": "3", "num-partitions": 4})
+    with pytest.raises(ConfigError, match="partition-id=5 num-partitions=2: partition 5 does not exist"):
+        NodeConfig.from_node_config({"partition-id": 5, "num-partitions": 2})
 
 
 @pytest.fixture
@@ -111,8 +116,8 @@ def test_evaluate_scores_the_own_head_and_the_global_head(tmp_path, run_config):
 
 
 def load_partition_labels(run_config: dict, tmp_path):
-    settings = AppConfig.from_run_config(run_config).data_settings(2)
-    return load_partition(settings, 0).val.labels.numpy()
+    config = AppConfig.from_run_config(run_config)
+    return load_partition(config.data_source, config.partitioning(2), 0).val.labels.numpy()
 
 
 def test_the_head_outlives_its_process_on_the_clients_disk(tmp_path, run_config, caplog):
@@ -130,7 +135,7 @@ def test_the_head_outlives_its_process_on_the_clients_disk(tmp_path, run_config,
 
     trained_context = fresh_context()
     train(message("train", "run-a"), trained_context)
-    head_file = tmp_path / "heads" / "run-a" / "partition-1.pt"
+    head_file = tmp_path / "heads" / "run-a" / "partition-1-of-2.pt"
     trained_head = trained_context.state[HEAD_STATE_KEY].to_torch_state_dict()
     for name, value in torch.load(head_file, weights_only=True).items():
         torch.testing.assert_close(value, trained_head[name])

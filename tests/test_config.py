@@ -1,13 +1,17 @@
 """Run-config validation and the learning-rate schedule."""
 
+import dataclasses
 import json
+import re
+import tomllib
+from pathlib import Path
 
 import pytest
 
-from harness.flower_processes import default_run_config
+from harness.flower_processes import REPO, default_run_config
 from pytorch_example import config as config_module
 from pytorch_example.config import DEFAULT_CACHE_DIR, AppConfig, ConfigError, project_dir
-from pytorch_example.data import DataError
+from pytorch_example.data_cache import DataError
 
 
 def test_pyproject_defaults_are_valid_and_the_reference_ones():
@@ -146,12 +150,26 @@ def test_project_dir_of_any_other_install_is_the_working_folder(tmp_path, monkey
     assert project_dir() == tmp_path
 
 
-def test_data_errors_name_the_run_config_key():
-    config = AppConfig.from_run_config({**default_run_config(), "dirichlet-alpha": 0.05})
-    line = str(config.data_error(DataError("alpha 0.05 leaves ...: use 0.1 or more", setting="alpha")))
+def test_data_errors_name_the_run_config_key_as_it_is_written():
+    line = str(DataError("dirichlet-alpha", 0.05, "alpha 0.05 leaves ...: use 0.1 or more"))
     assert line == "run-config key 'dirichlet-alpha' = 0.05: alpha 0.05 leaves ...: use 0.1 or more"
-    hub = str(
-        config.data_error(DataError("could not load 'x' from the Hugging Face Hub", setting="dataset_name"))
+    assert (
+        str(DataError("dataset-path", Path("/x"), "no files"))
+        == "run-config key 'dataset-path' = '/x': no files"
     )
-    assert hub.startswith("run-config key 'dataset-name' = 'zalando-datasets/fashion_mnist': could not load")
-    assert "set run-config key 'dataset-path'" in hub
+    assert isinstance(DataError("val-fraction", 0.9, "..."), ConfigError)  # one line, like any config error
+
+
+def readme_knobs() -> dict[str, str]:
+    """README's run-config table: each key and its default as written there."""
+    rows = re.findall(r"^\| `([a-z-]+)` \| `(.*?)` \|", (REPO / "README.md").read_text(), re.MULTILINE)
+    return dict(rows)
+
+
+def test_pyproject_the_typed_config_and_readme_agree_on_every_key_and_default():
+    pyproject = default_run_config()
+    assert set(pyproject) == {field.name.replace("_", "-") for field in dataclasses.fields(AppConfig)}
+    assert AppConfig.from_run_config(pyproject) == AppConfig()
+    readme = readme_knobs()
+    assert list(readme) == list(pyproject), "README's table lists other keys, or in another order"
+    assert {key: tomllib.loads(f"default = {text}")["default"] for key, text in readme.items()} == pyproject

@@ -8,19 +8,22 @@ from pathlib import Path
 import pytest
 import torch
 
+from harness.attacks import ATTACKS_CLIENT_APP
 from harness.flower_processes import LocalFederation, copy_app
 from harness.wandb_offline import read_offline_run
 
 pytestmark = pytest.mark.e2e
 
 
-def run_deployment(tmp_path: Path, idx_dataset: Path, node_configs: list[dict], **run_config):
+def run_deployment(
+    tmp_path: Path, idx_dataset: Path, node_configs: list[dict], client_app: str | None = None, **run_config
+):
     """Every node trains and evaluates every round; returns the log, the run record and
-    the federation (stopped)."""
+    the federation (stopped). `client_app` replaces the app's own (see `copy_app`)."""
     federation = LocalFederation(tmp_path / "deployment", node_configs=node_configs)
     try:
         log, record = federation.run(
-            copy_app(tmp_path / "app"),
+            copy_app(tmp_path / "app", client_app=client_app),
             {
                 "fraction-train": 1.0,
                 "fraction-evaluate": 1.0,
@@ -112,16 +115,20 @@ def test_a_supernode_killed_mid_run_costs_its_replies_and_comes_back_with_its_he
     assert results[1]["replies"]["train"]["failed"] >= 1 and results[1]["train_metrics"]
     assert results[-1]["replies"]["train"]["failed"] == 0
     restarted_log = (tmp_path / "deployment" / "supernode-1-restarted.log").read_text()
-    assert "Restored this client's head from" in restarted_log and "partition-1.pt" in restarted_log
+    assert "Restored this client's head from" in restarted_log and "partition-1-of-3.pt" in restarted_log
 
 
 def test_a_supernode_sending_nan_weights_is_refused_and_counted(idx_dataset, tmp_path):
     nodes = [
         {"partition-id": 0, "num-partitions": 2},
-        {"partition-id": 1, "num-partitions": 2, "test-poison-replies": True},
+        {"partition-id": 1, "num-partitions": 2, "attack": "nan-weights"},
     ]
     log, record, _ = run_deployment(
-        tmp_path, idx_dataset, nodes, **{"num-server-rounds": 2, "use-wandb": False}
+        tmp_path,
+        idx_dataset,
+        nodes,
+        client_app=ATTACKS_CLIENT_APP,
+        **{"num-server-rounds": 2, "use-wandb": False},
     )
     assert record["status"] == "finished:completed", log
     [run_dir] = [path for path in (tmp_path / "outputs").glob("*/*") if path.is_dir()]

@@ -41,12 +41,16 @@ def test_a_killed_run_resumes_with_every_round_exactly_once(idx_dataset, tmp_pat
     assert 2 <= len(before) < 5, before
     [run_dir] = [path for path in output_dir.glob("*/*") if path.is_dir()]
 
+    # README's command: `resume-from` alone. The rest comes from the folder's config.json
+    # (the generated data set included: offline, the Hub default would fail).
     resumed = LocalFederation(tmp_path / "resumed")
     try:
-        log, record = resumed.run(app_dir, {**run_config, "resume-from": str(run_dir)}, {"num-supernodes": 4})
+        log, record = resumed.run(app_dir, {"resume-from": str(run_dir)}, {"num-supernodes": 4})
     finally:
         resumed.stop()
     assert record["status"] == "finished:completed", log
+    assert f"Resuming with the settings in {run_dir / 'config.json'}: num-server-rounds=5" in log
+    assert f"dataset-path='{idx_dataset}'" in log
     # Nothing of the killed run went on: it left off where results.json said it had.
     assert f"Resuming {run_dir} after round {len(before)} of 5" in log
     # Clients that trained before the crash go on with their own heads, from their disk.
@@ -64,3 +68,35 @@ def test_a_killed_run_resumes_with_every_round_exactly_once(idx_dataset, tmp_pat
     wandb_runs = sorted((run_dir / "wandb").glob("offline-run-*"))
     assert len(wandb_runs) == 2 and len({path.name.rsplit("-", 1)[1] for path in wandb_runs}) == 1
     assert read_offline_run(wandb_runs[-1]).exit_code == 0
+
+
+def test_a_run_resumed_on_a_larger_federation_gives_no_client_another_clients_head(idx_dataset, tmp_path):
+    """4 SuperNodes, then 6: partition 0 of 6 holds other rows than partition 0 of 4."""
+    output_dir = tmp_path / "outputs"
+    run_config = {
+        "num-server-rounds": 1,
+        "fraction-train": 1.0,
+        "fraction-evaluate": 1.0,
+        "dataset-path": str(idx_dataset),
+        "data-cache-dir": str(tmp_path / "cache"),
+        "output-dir": str(output_dir),
+        "use-wandb": False,
+    }
+    app_dir = copy_app(tmp_path / "app")
+    federation = LocalFederation(tmp_path / "federation")
+    try:
+        _, record = federation.run(app_dir, run_config, {"num-supernodes": 4})
+        assert record["status"] == "finished:completed", record
+        [run_dir] = [path for path in output_dir.glob("*/*") if path.is_dir()]
+        [lineage] = (tmp_path / "cache" / "heads").iterdir()
+        assert sorted(path.name for path in lineage.iterdir()) == [f"partition-{i}-of-4.pt" for i in range(4)]
+        resumed = {**run_config, "num-server-rounds": 2, "resume-from": str(run_dir)}
+        log, record = federation.run(app_dir, resumed, {"num-supernodes": 6})
+    finally:
+        federation.stop()
+    assert record["status"] == "finished:completed", log
+    assert "This run started with 4 SuperNodes and goes on with 6" in log
+    assert "Restored this client's head" not in log
+    assert sorted(path.name for path in lineage.iterdir()) == sorted(
+        [f"partition-{i}-of-4.pt" for i in range(4)] + [f"partition-{i}-of-6.pt" for i in range(6)]
+    )
