@@ -19,7 +19,6 @@ import json
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -27,22 +26,18 @@ import numpy as np
 
 from deploy.local_federation import free_port
 from harness.burst import burst
-from harness.flower_processes import REPO, VENV_BIN, copy_app, isolated_env, pairs, started_run_id
+from harness.flower_processes import (
+    REPO,
+    VENV_BIN,
+    RoundLandings,
+    copy_app,
+    isolated_env,
+    pairs,
+    started_run_id,
+)
 from harness.synthetic_fmnist import write_idx_dataset
 
 SCRIPT = REPO / "deploy" / "local_federation.py"
-
-
-def round_landings(output_dir: Path, landed: dict[int, float], stop: threading.Event) -> None:
-    """Record when each round's results.json entry appears."""
-    while not stop.wait(0.05):
-        for results in output_dir.glob("*/*/results.json"):
-            try:
-                entries = json.loads(results.read_text())
-            except (OSError, ValueError):
-                continue
-            for entry in entries:
-                landed.setdefault(entry["round"], time.monotonic())
 
 
 def measure(work: Path, dataset: Path, public: bool, args: argparse.Namespace) -> dict:
@@ -73,12 +68,10 @@ def measure(work: Path, dataset: Path, public: bool, args: argparse.Namespace) -
         "output-dir": str(output_dir),
         "use-wandb": False,
     }
-    landed: dict[int, float] = {}
-    stop = threading.Event()
-    watcher = threading.Thread(target=round_landings, args=(output_dir, landed, stop), daemon=True)
     script("up", "--host", host, "--port", str(port), *(["--san", host] if public else []))
+    landings = RoundLandings(output_dir)
+    landed = landings.landed
     try:
-        watcher.start()
         submitted = subprocess.run(
             [str(VENV_BIN / "flwr"), "run", ".", "local-deployment", "--run-config", pairs(run_config)],
             cwd=copy_app(work / "app"),
@@ -108,12 +101,12 @@ def measure(work: Path, dataset: Path, public: bool, args: argparse.Namespace) -
                 time.sleep(0.5)
 
         wait_for_rounds(args.burst_after)
-        burst_started = time.monotonic()
+        burst_started = time.perf_counter()
         result = burst(f"{host}:{port}", str(folder / "ca.pem"), requests=args.requests)
-        burst_ended = time.monotonic()
+        burst_ended = time.perf_counter()
         wait_for_rounds(args.rounds)
     finally:
-        stop.set()
+        landings.stop()
         script("down")
     ends = [landed[r] for r in range(1, args.rounds + 1)]
     rounds = {"before": [], "during": [], "after": []}

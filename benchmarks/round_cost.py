@@ -18,7 +18,6 @@ prints how long each fresh ClientApp process lives, watched from outside through
 """
 
 import argparse
-import json
 import os
 import tempfile
 import threading
@@ -30,7 +29,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from harness.flower_processes import LocalFederation, copy_app, default_run_config
+from harness.flower_processes import LocalFederation, RoundLandings, copy_app, default_run_config
 from harness.synthetic_fmnist import write_idx_dataset
 from pytorch_example import task
 from pytorch_example.config import AppConfig
@@ -185,29 +184,13 @@ def run_app(root: Path, run_config: dict, node_configs, federation_config) -> di
     """Run the app for `rounds` rounds; time each round as its results.json entry lands."""
     federation = LocalFederation(root, node_configs)
     watch = ProcessWatch(federation.pids())
-    round_done: dict[int, float] = {}
-    output_dir = Path(run_config["output-dir"])
-    stop_polling = threading.Event()
-
-    def poll() -> None:
-        while not stop_polling.wait(0.05):
-            for results in output_dir.glob("*/*/results.json"):
-                try:
-                    entries = json.loads(results.read_text())
-                except (OSError, ValueError):
-                    continue
-                for entry in entries:
-                    round_done.setdefault(entry["round"], time.perf_counter())
-
-    poller = threading.Thread(target=poll, daemon=True)
-    poller.start()
+    landings = RoundLandings(Path(run_config["output-dir"]))
     try:
         started = time.perf_counter()
         log, record = federation.run(copy_app(root / "app"), run_config, federation_config)
         wall = time.perf_counter() - started
     finally:
-        stop_polling.set()
-        poller.join()
+        round_done = landings.stop()
         peak_gib, clientapp_lifetimes = watch.stop()
         federation.stop()
     if record["status"] != "finished:completed":

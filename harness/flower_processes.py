@@ -14,6 +14,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import tomllib
 from pathlib import Path
@@ -87,6 +88,33 @@ def isolated_env(root: Path) -> dict:
         PYTHONUNBUFFERED="1",
     )
     return env
+
+
+class RoundLandings:
+    """When each round's results.json entry appears under `output_dir` (checked every
+    50 ms from a thread, by `time.perf_counter()`), until `stop()`."""
+
+    def __init__(self, output_dir: Path) -> None:
+        self.output_dir = output_dir
+        self.landed: dict[int, float] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+        self._thread.start()
+
+    def _poll(self) -> None:
+        while not self._stop.wait(0.05):
+            for results in self.output_dir.glob("*/*/results.json"):
+                try:
+                    entries = json.loads(results.read_text())
+                except (OSError, ValueError):
+                    continue
+                for entry in entries:
+                    self.landed.setdefault(entry["round"], time.perf_counter())
+
+    def stop(self) -> dict[int, float]:
+        self._stop.set()
+        self._thread.join()
+        return self.landed
 
 
 def started_run_id(flwr_run_output: str) -> str:
