@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from harness.flower_processes import LocalFederation, RoundLandings, copy_app, default_run_config
 from harness.synthetic_fmnist import write_idx_dataset
 from pytorch_example import task
-from pytorch_example.config import AppConfig
+from pytorch_example.config import STORED_HEAD, AppConfig
 from pytorch_example.data import load_partition, load_test_set
 
 # The simulation federation's per-ClientApp CPUs (pyproject.toml, local-simulation).
@@ -67,7 +67,15 @@ def _floor_evaluate(job) -> None:
     partition = load_partition(config.data_source, config.partitioning(num_partitions), partition_id)
     net = task.Net()
     net.load_state_dict(state)
-    task.test(net, partition.val, config.eval_batch_size, torch.device("cpu"))
+    cpu = torch.device("cpu")
+    task.test(net, partition.val, config.eval_batch_size, cpu)  # the global model
+    if config.personalisation != STORED_HEAD:  # refit the head, then score the own model
+        generator = torch.Generator().manual_seed(partition_id)
+        task.fit_head(
+            net, partition.train, config.head_refit_epochs, config.batch_size, config.learning_rate,
+            config.momentum, cpu, generator,
+        )  # fmt: skip
+        task.test(net, partition.val, config.eval_batch_size, cpu)
 
 
 def compute_floor(

@@ -1,10 +1,21 @@
-"""The ClientApp: trains and evaluates the global model with this client's own head.
+"""The ClientApp: trains the global model, and keeps a model of its own.
 
-Each client keeps its classification head (`fc2`) in `context.state`, which Flower
-carries from one message to the next while its SuperNode lives, and on its own disk,
-which outlives a restarted SuperNode and a resumed run: the head this client trained
-last time replaces the global one before training and before evaluating. The trained
-model goes back to the server whole, this head included, and is averaged there.
+A client's own model is the global body with its own classification head (`fc2`). It
+keeps that head in `context.state`, which Flower carries from one message to the next
+while its SuperNode lives, and on its own disk, which outlives a restarted SuperNode
+and a resumed run. The run-config's `personalisation` decides how the head is made and
+what leaves the client each round:
+
+- `refit-head` (default): train the global model as received, as FedAvg does, and send
+  it back whole: body and the update of the *global* head. At each evaluation, refit
+  the own head to the current body: head-only SGD on this client's train rows, starting
+  from the head it kept. The own head never leaves the client.
+- `private-head`: train the body only, against the global head, which stays the
+  initial model's for the whole run (FedBABU); send the body only. The own head is
+  refit as above. No head leaves the client.
+- `stored-head`: the published example. Swap the kept head into the global model, train
+  the whole, send the whole (the own head is averaged into the global one), keep the
+  trained head, and evaluate with it as it is.
 """
 
 from logging import INFO
@@ -16,26 +27,32 @@ from flwr.clientapp import ClientApp
 from flwr.common.logger import log
 
 from pytorch_example import task
-from pytorch_example.config import AppConfig, NodeConfig
+from pytorch_example.config import PRIVATE_HEAD, STORED_HEAD, AppConfig, NodeConfig
 from pytorch_example.data import Partition, load_partition
 from pytorch_example.files import save_atomically
 
 HEAD_STATE_KEY = "classification-head"
+REFIT_STREAM = 1  # the refit's random draws, apart from training's in the same round
 
 app = ClientApp()
 
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    """Train the received model on this client's partition and send it back."""
+    """Train the received model on this client's partition; send back what
+    `personalisation` lets leave the client."""
     config = run_settings(msg, context)
     node = NodeConfig.from_node_config(context.node_config)
     partition = local_partition(config, node)
     server_round = int(msg.content["config"]["server-round"])
 
+    net = global_model(msg.content["arrays"])
     heads = HeadStore(config, node, msg)
-    heads.restore_into(context.state)
-    net = model_with_own_head(msg.content["arrays"], context.state)
+    if config.personalisation == STORED_HEAD:
+        heads.restore_into(context.state)
+        put_own_head(net, context.state)
+    if config.personalisation == PRIVATE_HEAD:
+        net.fc2.requires_grad_(False)  # the global head stays as the server holds it
     train_loss = task.train(
         net,
         partition.train,
@@ -46,12 +63,12 @@ def train(msg: Message, context: Context) -> Message:
         device=device(),
         generator=client_generator(config.seed, server_round, node.partition_id),
     )
-    save_head(net, context.state)
-    heads.save(net)
+    if config.personalisation == STORED_HEAD:
+        keep_head(net, context.state, heads)
 
     reply = RecordDict(
         {
-            "arrays": ArrayRecord(net.state_dict()),
+            "arrays": ArrayRecord(sent_arrays(net, config.personalisation)),
             "metrics": MetricRecord({"train_loss": train_loss, "num-examples": len(partition.train)}),
         }
     )
@@ -60,18 +77,35 @@ def train(msg: Message, context: Context) -> Message:
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
-    """Score the received model on this client's validation rows, twice: with this
-    client's own head (`eval_*`) and with the global head (`eval_*_global`)."""
+    """Score this client's validation rows with the global model (`eval_*_global`) and
+    with its own model (`eval_*`); only metrics leave the client."""
     config = run_settings(msg, context)
     node = NodeConfig.from_node_config(context.node_config)
     partition = local_partition(config, node)
-    HeadStore(config, node, msg).restore_into(context.state)
+    server_round = int(msg.content["config"]["server-round"])
+    heads = HeadStore(config, node, msg)
+    heads.restore_into(context.state)
 
     net = global_model(msg.content["arrays"])
     global_loss, global_acc = task.test(net, partition.val, config.eval_batch_size, device())
-    # Before a client has trained it has no head of its own: both scores are the global model's.
-    own_loss, own_acc = global_loss, global_acc
-    if put_own_head(net, context.state):
+    if config.personalisation == STORED_HEAD:
+        # Before a client has trained it has no head of its own: both scores are the global model's.
+        own_loss, own_acc = global_loss, global_acc
+        if put_own_head(net, context.state):
+            own_loss, own_acc = task.test(net, partition.val, config.eval_batch_size, device())
+    else:
+        put_own_head(net, context.state)  # a client's first refit starts from the global head
+        task.fit_head(
+            net,
+            partition.train,
+            epochs=config.head_refit_epochs,
+            batch_size=config.batch_size,
+            learning_rate=float(msg.content["config"]["lr"]),
+            momentum=config.momentum,
+            device=device(),
+            generator=client_generator(config.seed, server_round, node.partition_id, REFIT_STREAM),
+        )
+        keep_head(net, context.state, heads)
         own_loss, own_acc = task.test(net, partition.val, config.eval_batch_size, device())
     metrics = {
         "eval_loss": own_loss,
@@ -94,24 +128,27 @@ def global_model(global_arrays: ArrayRecord) -> task.Net:
     return net
 
 
+def sent_arrays(net: task.Net, personalisation: str) -> dict[str, torch.Tensor]:
+    """The part of the trained model that goes to the server: all of it, or (with
+    `private-head`) all but the head."""
+    arrays = net.state_dict()
+    if personalisation == PRIVATE_HEAD:
+        arrays = {key: value for key, value in arrays.items() if key not in task.HEAD_KEYS}
+    return arrays
+
+
 def put_own_head(net: task.Net, state: RecordDict) -> bool:
-    """Swap in the head this client saved in `state`; False if it has none yet."""
+    """Swap in the head this client keeps in `state`; False if it has none yet."""
     if HEAD_STATE_KEY not in state:
         return False
     net.fc2.load_state_dict(state[HEAD_STATE_KEY].to_torch_state_dict())
     return True
 
 
-def model_with_own_head(global_arrays: ArrayRecord, state: RecordDict) -> task.Net:
-    """The global model, with the head this client saved in `state` if it has one."""
-    net = global_model(global_arrays)
-    put_own_head(net, state)
-    return net
-
-
-def save_head(net: task.Net, state: RecordDict) -> None:
-    """Keep this client's head for the next round it takes part in."""
+def keep_head(net: task.Net, state: RecordDict, heads: "HeadStore") -> None:
+    """Keep `net`'s head as this client's own, in `state` and on disk."""
     state[HEAD_STATE_KEY] = ArrayRecord(net.fc2.state_dict())
+    heads.save(net)
 
 
 class HeadStore:
@@ -119,8 +156,8 @@ class HeadStore:
 
     `head-dir` comes from the node config, else `<data-cache-dir>/heads`. The lineage
     (sent by the ServerApp) is the same for a run and its resumptions, which must keep
-    its data settings; with the partition id and count, the name holds all that
-    decides the client's rows. So a resumed run finds its heads, a new run starts
+    its data and personalisation settings; with the partition id and count, the name
+    holds all that decides the client's rows. So a resumed run finds its heads, a new run starts
     fresh, and no client loads a head trained on other rows.
     """
 
@@ -154,9 +191,11 @@ def local_partition(config: AppConfig, node: NodeConfig) -> Partition:
     return load_partition(config.data_source, partitioning, node.partition_id)
 
 
-def client_generator(seed: int, server_round: int, partition_id: int) -> torch.Generator:
-    """RNG for batch order and augmentation: reproducible whatever runs in parallel."""
-    state = np.random.SeedSequence([seed, server_round, partition_id]).generate_state(1)[0]
+def client_generator(seed: int, server_round: int, partition_id: int, stream: int = 0) -> torch.Generator:
+    """RNG for batch order and augmentation (`stream` 0) or a head refit (`REFIT_STREAM`):
+    reproducible whatever runs in parallel. (SeedSequence ignores trailing zeros, so
+    stream 0 draws what it drew before streams existed.)"""
+    state = np.random.SeedSequence([seed, server_round, partition_id, stream]).generate_state(1)[0]
     return torch.Generator().manual_seed(int(state))
 
 

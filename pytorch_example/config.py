@@ -23,9 +23,24 @@ class ConfigError(ValueError):
     """A run-config value the app cannot use; the message is one line for the user."""
 
 
+# How a client makes its own model, and what it sends (client_app.py says each in full).
+REFIT_HEAD = "refit-head"
+PRIVATE_HEAD = "private-head"
+STORED_HEAD = "stored-head"
+PERSONALISATIONS = (REFIT_HEAD, PRIVATE_HEAD, STORED_HEAD)
+
 # What decides each client's data and the model's meaning: a run resumed with other
 # values would silently mix two experiments, so it is refused.
-RESUME_MUST_MATCH = ("dataset-name", "dataset-path", "dirichlet-alpha", "partition-seed", "val-fraction")
+RESUME_MUST_MATCH = (
+    "dataset-name",
+    "dataset-path",
+    "dirichlet-alpha",
+    "partition-seed",
+    "val-fraction",
+    "personalisation",
+)
+# What a run folder made before a key existed was run with.
+LEGACY_SETTINGS = {"personalisation": STORED_HEAD}
 
 
 @dataclass(frozen=True)
@@ -61,6 +76,8 @@ class AppConfig:
     eval_batch_size: int = 256
     learning_rate: float = 0.1
     momentum: float = 0.9
+    personalisation: str = REFIT_HEAD
+    head_refit_epochs: int = 5
     lr_decay_rounds: tuple[int, ...] = (5,)
     lr_decay_factor: float = 0.5
     server_device: str = "cpu"
@@ -91,6 +108,8 @@ class AppConfig:
             eval_batch_size=reader.integer("eval-batch-size", minimum=1),
             learning_rate=reader.positive("learning-rate"),
             momentum=reader.number("momentum", low=0.0, high=1.0, high_open=True),
+            personalisation=reader.choice("personalisation", PERSONALISATIONS),
+            head_refit_epochs=reader.integer("head-refit-epochs", minimum=1),
             lr_decay_rounds=reader.rounds("lr-decay-rounds"),
             lr_decay_factor=reader.positive("lr-decay-factor"),
             server_device=reader.device("server-device"),
@@ -241,6 +260,16 @@ class _Reader:
         if not isinstance(value, str) or not value.strip():
             raise self._fail(key, value, "a non-empty string")
         return value.strip()
+
+    def choice(self, key: str, choices: tuple[str, ...]) -> str:
+        value = self._get(key)
+        if value not in choices:
+            raise ConfigError(
+                f"run-config key '{key}' = {value!r} is invalid: expected "
+                + " or ".join(f'"{choice}"' for choice in choices)
+                + f" (e.g. --run-config \"{key}='{choices[0]}'\")"
+            )
+        return value
 
     def rounds(self, key: str) -> tuple[int, ...]:
         value = self._get(key)

@@ -18,7 +18,7 @@ from flwr.common.logger import log
 from flwr.serverapp.strategy import Result
 
 from pytorch_example import plots
-from pytorch_example.config import AppConfig
+from pytorch_example.config import LEGACY_SETTINGS, AppConfig
 from pytorch_example.files import save_atomically, save_json_atomically
 
 # What a restart needs, rewritten after every round before results.json says it is done.
@@ -43,6 +43,10 @@ WANDB_NAMES = {
         "eval_acc_median": "federated_evaluate_accuracy_median",
         "eval_acc_max": "federated_evaluate_accuracy_max",
         "eval_acc_std": "federated_evaluate_accuracy_std",
+        "eval_gain_share": "federated_evaluate_gain_share",
+        "eval_gain_points_mean": "federated_evaluate_gain_points_mean",
+        "eval_gain_points_min": "federated_evaluate_gain_points_min",
+        "eval_gain_points_max": "federated_evaluate_gain_points_max",
     },
     "evaluate_metrics_serverapp": {
         "loss": "centralized_loss",
@@ -86,13 +90,16 @@ def load_resume_state(run_dir: Path, settings: dict, model_shapes: dict[str, tup
     shapes = {key: tuple(array.shape) for key, array in state.arrays.items()}
     if shapes != model_shapes:
         raise ResumeError("its model is not this app's model (different layers or shapes)")
+    saved_settings = {**LEGACY_SETTINGS, **state.settings}
     changed = [
-        f"{key} was {state.settings.get(key)!r}"
+        f"{key} was {saved_settings.get(key)!r}"
         for key in settings
-        if state.settings.get(key) != settings[key]
+        if saved_settings.get(key) != settings[key]
     ]
     if changed:
-        raise ResumeError(f"was made with other data settings ({', '.join(changed)}): run with those")
+        raise ResumeError(
+            f"was made with other data or personalisation settings ({', '.join(changed)}): run with those"
+        )
     return state
 
 
@@ -284,7 +291,7 @@ def continued_run_config(run_config: dict, config: AppConfig) -> dict:
     defaults. So `resume-from` alone continues a run as it was started."""
     saved_path = config.resume_from / "config.json"
     try:
-        saved = json.loads(saved_path.read_text())
+        saved = {**LEGACY_SETTINGS, **json.loads(saved_path.read_text())}
     except (OSError, ValueError):
         return run_config  # not a run folder: RunOutputs.open says so in one line
     defaults = AppConfig()

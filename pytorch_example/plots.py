@@ -28,7 +28,7 @@ def plot_run(run_dir: Path) -> list[Path]:
     rounds = json.loads(results_file.read_text())
     drawn = [
         _central(rounds, run_dir / "central.png"),
-        _personalisation(rounds, run_dir / "personalisation.png"),
+        _save(personalisation_figure(rounds), run_dir / "personalisation.png"),
         _learning_rate(rounds, run_dir / "learning_rate.png"),
     ]
     return [path for path in drawn if path is not None]
@@ -58,25 +58,28 @@ def _central(rounds: list[dict], path: Path) -> Path | None:
     return _save(figure, path)
 
 
-def _personalisation(rounds: list[dict], path: Path) -> Path | None:
+def personalisation_figure(rounds: list[dict]) -> Figure | None:
+    """Own model against global model on the clients' rows; with gain figures, a second
+    panel: what the own model adds, in points, and the share of clients it helps."""
     numbers = [entry["round"] for entry in rounds]
     section = "evaluate_metrics_clientapp"
     personal = _series(rounds, section, "eval_acc")
     if not _has(personal):
         return None
-    figure = Figure(figsize=FIGURE_SIZE)
-    axes = figure.subplots()
+    gain = _series(rounds, section, "eval_gain_points_mean")
+    figure = Figure(figsize=(FIGURE_SIZE[0] * (1.6 if _has(gain) else 1), FIGURE_SIZE[1]))
+    axes, *gain_axes = figure.subplots(1, 2 if _has(gain) else 1, squeeze=False)[0]
     low, high = _series(rounds, section, "eval_acc_min"), _series(rounds, section, "eval_acc_max")
     own, shared = "tab:blue", "tab:orange"
     if _has(low):
-        band = "own head: min to max over clients"
+        band = "own model: min to max over clients"
         axes.fill_between(numbers, low, high, color=own, alpha=0.15, label=band)
         median = _series(rounds, section, "eval_acc_median")
-        axes.plot(numbers, median, color=own, ls=":", label="own head: median client")
-    axes.plot(numbers, personal, color=own, marker="o", label="own head (personalised)")
-    global_head = _series(rounds, section, "eval_acc_global")
-    if _has(global_head):
-        axes.plot(numbers, global_head, color=shared, marker="s", label="global head")
+        axes.plot(numbers, median, color=own, ls=":", label="own model: median client")
+    axes.plot(numbers, personal, color=own, marker="o", label="own model (personalised)")
+    global_model = _series(rounds, section, "eval_acc_global")
+    if _has(global_model):
+        axes.plot(numbers, global_model, color=shared, marker="s", label="global model")
     axes.set(
         title="Clients' validation accuracy (weighted mean)",
         xlabel="round",
@@ -84,7 +87,33 @@ def _personalisation(rounds: list[dict], path: Path) -> Path | None:
         ylim=(0, 1),
     )
     axes.legend(loc="lower right", fontsize="small")
-    return _save(figure, path)
+    if gain_axes:
+        _gain(gain_axes[0], numbers, rounds, section)
+    return figure
+
+
+def _gain(axes, numbers: list[int], rounds: list[dict], section: str) -> None:
+    """Own minus global accuracy per client, in points: mean, min to max, share above 0."""
+    low, high = (
+        _series(rounds, section, "eval_gain_points_min"),
+        _series(rounds, section, "eval_gain_points_max"),
+    )
+    if _has(low):
+        axes.fill_between(numbers, low, high, color="tab:green", alpha=0.15, label="min to max over clients")
+    axes.plot(numbers, _series(rounds, section, "eval_gain_points_mean"), color="tab:green", marker="o",
+              label="mean over clients")  # fmt: skip
+    axes.axhline(0, color="grey", lw=0.8)
+    axes.set(title="Own model minus global model", xlabel="round", ylabel="accuracy gain (points)")
+    # Headroom above the curves for the two legends.
+    bottom, top = axes.get_ylim()
+    axes.set_ylim(bottom, top + 0.35 * (top - bottom))
+    axes.legend(loc="upper left", fontsize="small")
+    share = _series(rounds, section, "eval_gain_share")
+    if _has(share):
+        share_axes = axes.twinx()
+        share_axes.plot(numbers, share, color="black", ls="--", lw=1, label="share of clients that gain")
+        share_axes.set(ylabel="share of clients that gain", ylim=(0, 1.4), yticks=[0, 0.25, 0.5, 0.75, 1])
+        share_axes.legend(loc="upper right", fontsize="small")
 
 
 def _learning_rate(rounds: list[dict], path: Path) -> Path | None:
@@ -99,7 +128,9 @@ def _learning_rate(rounds: list[dict], path: Path) -> Path | None:
     return _save(figure, path)
 
 
-def _save(figure: Figure, path: Path) -> Path:
+def _save(figure: Figure | None, path: Path) -> Path | None:
+    if figure is None:
+        return None
     figure.tight_layout()
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=DPI)

@@ -10,7 +10,7 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
 from pytorch_example import task
-from pytorch_example.config import AppConfig, ConfigError, project_dir
+from pytorch_example.config import PRIVATE_HEAD, AppConfig, ConfigError, project_dir
 from pytorch_example.data import ImageSet, load_test_set, prepare_partitions
 from pytorch_example.outputs import RunOutputs, continued_run_config
 from pytorch_example.strategy import CustomFedAvg, RunFailed
@@ -56,6 +56,8 @@ def main(grid: Grid, context: Context) -> None:
             outputs=outputs,
             learning_rate_at=config.learning_rate_at,
             max_failed_rounds=config.max_failed_rounds,
+            # With a private head, clients send the body only: the global head stays the initial one.
+            frozen_keys=task.HEAD_KEYS if config.personalisation == PRIVATE_HEAD else (),
             fraction_train=config.fraction_train,
             fraction_evaluate=config.fraction_evaluate,
         )

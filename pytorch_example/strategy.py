@@ -1,7 +1,8 @@
 """Flower's FedAvg with what this app adds: a learning-rate schedule, a round loop that
 waits less and overlaps central with federated evaluation, train replies that would
-poison the model left out, and a run that fails when its clients stop training. Each
-finished round goes to `RunOutputs`, which records it.
+poison the model left out, entries clients do not send kept as they are, how much the
+clients' own models beat the global one, and a run that fails when its clients stop
+training. Each finished round goes to `RunOutputs`, which records it.
 """
 
 import time
@@ -42,6 +43,9 @@ class CustomFedAvg(FedAvg):
     max_failed_rounds : int
         The run fails after this many rounds in a row without a valid train reply
         (after all of its rounds, if it has fewer).
+    frozen_keys : tuple[str, ...]
+        Entries of the model that clients do not send back and the global model keeps
+        as they are (the head, with `personalisation = "private-head"`).
     **fedavg_kwargs
         Passed to `FedAvg` (fractions, minimum node counts, ...).
     """
@@ -51,12 +55,14 @@ class CustomFedAvg(FedAvg):
         outputs: RunOutputs,
         learning_rate_at: Callable[[int], float],
         max_failed_rounds: int,
+        frozen_keys: tuple[str, ...] = (),
         **fedavg_kwargs,
     ) -> None:
         super().__init__(**fedavg_kwargs)
         self.outputs = outputs
         self.learning_rate_at = learning_rate_at
         self.max_failed_rounds = max_failed_rounds
+        self.frozen_keys = frozen_keys
         self.node_wait_s = 3600.0  # how long to wait for enough SuperNodes; `start` sets it
 
     def configure_train(
@@ -74,7 +80,9 @@ class CustomFedAvg(FedAvg):
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        """FedAvg's evaluate messages, once enough SuperNodes are there (see `_wait_for_nodes`)."""
+        """FedAvg's evaluate messages, with the round's learning rate (clients refit their
+        heads with it), once enough SuperNodes are there (see `_wait_for_nodes`)."""
+        config["lr"] = self.learning_rate_at(server_round)
         if self.fraction_evaluate > 0:
             self._wait_for_nodes(grid, max(self.min_available_nodes, self.min_evaluate_nodes))
         return super().configure_evaluate(server_round, arrays, config, grid)
@@ -169,7 +177,9 @@ class CustomFedAvg(FedAvg):
         if no valid train reply came."""
         messages = list(self.configure_train(server_round, result.arrays, train_config, grid))
         replies = send_and_receive(grid, messages, timeout)
-        shapes = {key: tuple(array.shape) for key, array in result.arrays.items()}
+        shapes = {
+            key: tuple(array.shape) for key, array in result.arrays.items() if key not in self.frozen_keys
+        }
         usable = []
         for reply in replies:
             problem = None if reply.has_error() else train_reply_problem(reply.content, shapes)
@@ -181,7 +191,7 @@ class CustomFedAvg(FedAvg):
         counts["train"] = reply_counts(messages, replies, dropped=len(replies) - len(usable))
         arrays, train_metrics = self.aggregate_train(server_round, usable)
         if arrays is not None:
-            result.arrays = arrays
+            result.arrays = ArrayRecord({**result.arrays, **arrays})  # frozen entries stay
         if train_metrics is not None:
             result.train_metrics_clientapp[server_round] = train_metrics
         if not messages or arrays is not None:
@@ -195,17 +205,29 @@ class CustomFedAvg(FedAvg):
         return f"no reply from {len(messages)} sampled node(s) within {timeout:g}s"
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        """FedAvg's weighted means, plus how unequal the clients are: the minimum,
-        median, maximum and standard deviation of personalised accuracy over the
-        evaluating clients, each client counted once."""
+        """FedAvg's weighted means, plus each client counted once: the spread of own-model
+        accuracy (`eval_acc_{min,median,max,std}`), the share of clients whose own model
+        beats the global one on their rows (`eval_gain_share`), and the gain in points
+        (`eval_gain_points_{mean,min,max}`, 100 x own minus global accuracy)."""
         replies = list(replies)
         metrics = super().aggregate_evaluate(server_round, replies)
-        accuracies = [float(reply.content["metrics"]["eval_acc"]) for reply in replies if reply.has_content()]
-        if metrics is not None and accuracies:
-            metrics["eval_acc_min"] = float(np.min(accuracies))
-            metrics["eval_acc_median"] = float(np.median(accuracies))
-            metrics["eval_acc_max"] = float(np.max(accuracies))
-            metrics["eval_acc_std"] = float(np.std(accuracies))
+        scores = [
+            reply.content["metrics"]
+            for reply in replies
+            if reply.has_content() and {"eval_acc", "eval_acc_global"} <= set(reply.content["metrics"].keys())
+        ]
+        if metrics is None or not scores:
+            return metrics
+        own = np.array([float(score["eval_acc"]) for score in scores])
+        gains = 100 * (own - np.array([float(score["eval_acc_global"]) for score in scores]))
+        metrics["eval_acc_min"] = float(np.min(own))
+        metrics["eval_acc_median"] = float(np.median(own))
+        metrics["eval_acc_max"] = float(np.max(own))
+        metrics["eval_acc_std"] = float(np.std(own))
+        metrics["eval_gain_share"] = float(np.mean(gains > 0))
+        metrics["eval_gain_points_mean"] = float(np.mean(gains))
+        metrics["eval_gain_points_min"] = float(np.min(gains))
+        metrics["eval_gain_points_max"] = float(np.max(gains))
         return metrics
 
     def _evaluate(
@@ -231,7 +253,7 @@ def train_reply_problem(content: RecordDict, shapes: dict[str, tuple[int, ...]])
     if not isinstance(arrays, ArrayRecord) or not isinstance(metrics, MetricRecord):
         return "it has no 'arrays' or no 'metrics' record"
     if set(arrays.keys()) != set(shapes):
-        return f"its arrays {sorted(arrays.keys())} are not the global model's {sorted(shapes)}"
+        return f"its arrays {sorted(arrays.keys())} are not the expected {sorted(shapes)}"
     for key, array in arrays.items():
         if tuple(array.shape) != shapes[key]:
             return f"'{key}' has shape {tuple(array.shape)}, the global model's {shapes[key]}"

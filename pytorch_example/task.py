@@ -1,4 +1,5 @@
-"""The model and what is done with it: the CNN, batch augmentation, train and test.
+"""The model and what is done with it: the CNN, batch augmentation, train, a head-only
+refit, and test.
 
 Data arrives as uint8 tensors (see `data.py`); augmentation and normalisation run on
 whole tensors on the training device, so no Python code runs per image.
@@ -17,10 +18,13 @@ from pytorch_example.data import ImageSet
 NORMALIZE_MEAN = 0.1307
 NORMALIZE_STD = 0.3081
 CROP_PADDING = 4
+HEAD_KEYS = ("fc2.weight", "fc2.bias")  # the classification head's entries in `Net().state_dict()`
+FEATURE_BATCH = 1024  # images per forward pass when a refit computes features: bounds memory
 
 
 class Net(nn.Module):
-    """Small CNN for 28x28 grey images; `fc2` is the classification head."""
+    """Small CNN for 28x28 grey images: a body (`conv1` to `fc1`) that turns an image into
+    128 features, and `fc2`, the classification head (1,290 parameters) on top."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -31,10 +35,13 @@ class Net(nn.Module):
         self.fc2 = nn.Linear(128, 10)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.features(x))
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """What the body makes of `x`: the head's input."""
         x = self.pool(F.relu(self.conv1(x)))
         x = self.pool(F.relu(self.conv2(x)))
-        x = F.relu(self.fc1(x.flatten(1)))
-        return self.fc2(x)
+        return F.relu(self.fc1(x.flatten(1)))
 
 
 def normalize(images: torch.Tensor) -> torch.Tensor:
@@ -107,9 +114,11 @@ def train(
     device: torch.device,
     generator: torch.Generator,
 ) -> float:
-    """Train `net` with SGD on augmented `data`; return the mean loss over batches."""
+    """Train `net`'s parameters that require a gradient with SGD on augmented `data`;
+    return the mean loss over batches."""
     net.to(device).train()
-    optimizer = MomentumSGD(net.parameters(), lr=learning_rate, momentum=momentum)
+    trainable = [param for param in net.parameters() if param.requires_grad]
+    optimizer = MomentumSGD(trainable, lr=learning_rate, momentum=momentum)
     images, labels = data.images.to(device), data.labels.to(device)
     loss_sum = torch.zeros((), device=device)
     num_batches = 0
@@ -124,6 +133,38 @@ def train(
             loss_sum += loss.detach()
             num_batches += 1
     return (loss_sum / max(num_batches, 1)).item()
+
+
+def fit_head(
+    net: Net,
+    data: ImageSet,
+    epochs: int,
+    batch_size: int,
+    learning_rate: float,
+    momentum: float,
+    device: torch.device,
+    generator: torch.Generator,
+) -> None:
+    """Train only `net.fc2` on `data` with SGD, the body fixed; `net` stays on `device`.
+
+    The body runs once over `data` (no augmentation), and the epochs run on the head
+    alone, a linear layer on 128 features: for 960 rows and 5 epochs, measured at about
+    half the time of one training epoch, most of it that one forward pass.
+    """
+    net.to(device).eval()
+    with torch.no_grad():
+        features = torch.cat(
+            [net.features(normalize(images.to(device))) for images in data.images.split(1024)]
+        )
+    labels = data.labels.to(device)
+    optimizer = MomentumSGD(net.fc2.parameters(), lr=learning_rate, momentum=momentum)
+    for _ in range(epochs):
+        order = torch.randperm(len(labels), generator=generator).to(device)
+        for batch in order.split(batch_size):
+            loss = F.cross_entropy(net.fc2(features[batch]), labels[batch])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
 
 
 @torch.inference_mode()

@@ -14,50 +14,37 @@ from pytorch_example.client_app import (
     HEAD_STATE_KEY,
     client_generator,
     evaluate,
-    model_with_own_head,
-    save_head,
+    global_model,
+    put_own_head,
     train,
 )
-from pytorch_example.config import AppConfig, ConfigError, NodeConfig
+from pytorch_example.config import PERSONALISATIONS, AppConfig, ConfigError, NodeConfig
 from pytorch_example.data import load_partition
-from pytorch_example.task import Net
+from pytorch_example.task import HEAD_KEYS, Net
+from pytorch_example.task import train as train_model
+
+CPU = torch.device("cpu")
 
 
-def test_first_round_uses_the_global_model_unchanged():
-    global_model = Net()
-    net = model_with_own_head(ArrayRecord(global_model.state_dict()), RecordDict())
-    for name, value in global_model.state_dict().items():
-        torch.testing.assert_close(net.state_dict()[name], value)
-
-
-def test_saved_head_replaces_the_global_head_only():
+def test_the_kept_head_replaces_the_global_head_only():
     state = RecordDict()
-    trained = Net()
-    save_head(trained, state)
-    assert HEAD_STATE_KEY in state.array_records
-
+    own = Net()
+    state[HEAD_STATE_KEY] = ArrayRecord(own.fc2.state_dict())
     new_global = Net()
-    net = model_with_own_head(ArrayRecord(new_global.state_dict()), state)
+    net = global_model(ArrayRecord(new_global.state_dict()))
+    assert put_own_head(net, state)
     for name, value in net.state_dict().items():
-        source = trained if name.startswith("fc2.") else new_global
+        source = own if name in HEAD_KEYS else new_global
         torch.testing.assert_close(value, source.state_dict()[name])
+    assert not put_own_head(net, RecordDict())
 
 
-def test_saving_again_overwrites_the_head():
-    state = RecordDict()
-    save_head(Net(), state)
-    latest = Net()
-    save_head(latest, state)
-    restored = state[HEAD_STATE_KEY].to_torch_state_dict()
-    torch.testing.assert_close(restored["weight"], latest.fc2.weight.detach())
-
-
-def test_client_rng_depends_on_seed_round_and_partition():
+def test_client_rng_depends_on_seed_round_partition_and_stream():
     draws = {
         key: torch.rand(3, generator=client_generator(*key)).tolist()
-        for key in [(42, 1, 0), (42, 1, 1), (42, 2, 0), (7, 1, 0)]
+        for key in [(42, 1, 0), (42, 1, 1), (42, 2, 0), (7, 1, 0), (42, 1, 0, 1)]
     }
-    assert len({tuple(value) for value in draws.values()}) == 4
+    assert len({tuple(value) for value in draws.values()}) == 5
     assert torch.rand(3, generator=client_generator(42, 1, 0)).tolist() == draws[(42, 1, 0)]
 
 
@@ -82,37 +69,142 @@ def run_config(tmp_path, monkeypatch) -> dict:
     return {**default_run_config(), "dataset-path": str(dataset), "data-cache-dir": str(tmp_path / "cache")}
 
 
-def test_evaluate_scores_the_own_head_and_the_global_head(tmp_path, run_config):
-    context = Context(
-        run_id=1,
-        node_id=1,
-        node_config={"partition-id": 0, "num-partitions": 2},
-        state=RecordDict(),
-        run_config=run_config,
-    )
+def client_context(run_config: dict, partition_id: int = 0, **node_config) -> Context:
+    node_config = {"partition-id": partition_id, "num-partitions": 2, **node_config}
+    return Context(run_id=1, node_id=1, node_config=node_config, state=RecordDict(), run_config=run_config)
+
+
+def message(kind: str, arrays: ArrayRecord, server_round: int = 1, lineage: str = "run-a") -> Message:
+    config = ConfigRecord({"server-round": server_round, "lr": 0.1, "lineage": lineage})
+    return Message(content=RecordDict({"arrays": arrays, "config": config}), dst_node_id=1, message_type=kind)
+
+
+def keep_constant_head(state: RecordDict, answer: int) -> None:
+    """Give the client a head that always answers class `answer`."""
+    own = Net()
+    torch.nn.init.constant_(own.fc2.weight, 0.0)
+    torch.nn.init.constant_(own.fc2.bias, 0.0)
+    own.fc2.bias.data[answer] = 1.0
+    state[HEAD_STATE_KEY] = ArrayRecord(own.fc2.state_dict())
+
+
+def test_stored_head_evaluates_the_kept_head_as_it_is(tmp_path, run_config):
+    run_config = {**run_config, "personalisation": "stored-head"}
+    context = client_context(run_config)
     global_arrays = ArrayRecord(Net().state_dict())
 
     def evaluate_now() -> dict:
-        message = Message(
-            content=RecordDict({"arrays": global_arrays, "config": ConfigRecord({"server-round": 1})}),
-            dst_node_id=1,
-            message_type="evaluate",
-        )
-        return dict(evaluate(message, context).content["metrics"])
+        return dict(evaluate(message("evaluate", global_arrays), context).content["metrics"])
 
     before_training = evaluate_now()
     assert before_training["eval_acc"] == before_training["eval_acc_global"]
     assert before_training["eval_loss"] == before_training["eval_loss_global"]
 
-    own = Net()
-    torch.nn.init.constant_(own.fc2.weight, 0.0)
-    torch.nn.init.constant_(own.fc2.bias, 0.0)
-    own.fc2.bias.data[3] = 1.0  # this head always answers class 3
-    save_head(own, context.state)
+    keep_constant_head(context.state, answer=3)
     after_training = evaluate_now()
     assert after_training["eval_acc_global"] == before_training["eval_acc_global"]
     labels = load_partition_labels(run_config, tmp_path)
     assert after_training["eval_acc"] == pytest.approx(float((labels == 3).mean()))
+
+
+@pytest.mark.parametrize("personalisation", ["refit-head", "private-head"])
+def test_a_refit_head_is_fit_to_the_current_body_from_the_kept_head(run_config, personalisation):
+    run_config = {**run_config, "personalisation": personalisation}
+    global_arrays = ArrayRecord(Net().state_dict())
+
+    def refit(state: RecordDict | None = None) -> tuple[dict, dict]:
+        context = client_context(run_config)
+        if state is not None:
+            context.state = state
+        # No lineage: the head stays in memory, so each call starts from `state` alone.
+        reply = evaluate(message("evaluate", global_arrays, server_round=3, lineage=""), context)
+        metrics = dict(reply.content["metrics"])
+        return metrics, context.state[HEAD_STATE_KEY].to_torch_state_dict()
+
+    metrics, head = refit()
+    # The refit's draws come from the run's seed, round and partition: a rerun gives the same head.
+    assert metrics["eval_acc"] != metrics["eval_acc_global"]
+    for name, value in refit()[1].items():
+        torch.testing.assert_close(value, head[name], rtol=0, atol=0)
+    # The refit starts from the kept head, not the global one.
+    kept = RecordDict()
+    keep_constant_head(kept, answer=3)
+    warm_head = refit(kept)[1]
+    assert not torch.equal(warm_head["bias"], head["bias"])
+    # Trained on this client's rows, the head at least learns which labels it sees most.
+    config = AppConfig.from_run_config(run_config)
+    rows = load_partition(config.data_source, config.partitioning(2), 0)
+    majority_share = float(torch.bincount(rows.val.labels, minlength=10).max()) / len(rows.val)
+    assert metrics["eval_acc"] >= majority_share - 0.05
+
+
+@pytest.mark.parametrize("personalisation", PERSONALISATIONS)
+def test_what_leaves_a_client_is_what_personalisation_says(run_config, personalisation):
+    """The reply's arrays, and what the kept head does to them, for each setting."""
+    run_config = {**run_config, "personalisation": personalisation}
+    global_arrays = ArrayRecord(Net().state_dict())
+
+    def train_reply(kept_head_answer: int | None) -> dict[str, torch.Tensor]:
+        context = client_context(run_config)
+        if kept_head_answer is not None:
+            keep_constant_head(context.state, kept_head_answer)
+        reply = train(message("train", global_arrays), context)
+        assert set(reply.content.keys()) == {"arrays", "metrics"}
+        return reply.content["arrays"].to_torch_state_dict()
+
+    sent = train_reply(kept_head_answer=3)
+    body_keys = set(global_arrays.keys()) - set(HEAD_KEYS)
+    if personalisation == "private-head":
+        assert set(sent) == body_keys
+    else:
+        assert set(sent) == set(global_arrays.keys())
+    # Only stored-head trains, and so sends, the client's own head.
+    other = train_reply(kept_head_answer=7)
+    differs = any(not torch.equal(sent[key], other[key]) for key in sent)
+    assert differs == (personalisation == "stored-head")
+
+    evaluated = evaluate(message("evaluate", global_arrays), client_context(run_config))
+    assert set(evaluated.content.keys()) == {"metrics"}
+    assert set(evaluated.content["metrics"].keys()) == {
+        "eval_loss", "eval_acc", "eval_loss_global", "eval_acc_global", "num-examples"
+    }  # fmt: skip
+
+
+def test_private_head_trains_the_body_against_the_global_head_held_still(run_config):
+    """What `train` sends is exactly the body that SGD gives with the received head frozen,
+    whatever head the client keeps."""
+    run_config = {**run_config, "personalisation": "private-head"}
+    start = Net()
+    context = client_context(run_config)
+    keep_constant_head(context.state, answer=3)
+    sent = train(message("train", ArrayRecord(start.state_dict())), context).content["arrays"]
+
+    expected = Net()
+    expected.load_state_dict(start.state_dict())
+    expected.fc2.requires_grad_(False)
+    config = AppConfig.from_run_config(run_config)
+    rows = load_partition(config.data_source, config.partitioning(2), 0)
+    generator = client_generator(config.seed, 1, 0)
+    train_model(
+        expected, rows.train, config.local_epochs, config.batch_size, 0.1, config.momentum, CPU, generator
+    )
+    for key, value in sent.to_torch_state_dict().items():
+        torch.testing.assert_close(value, expected.state_dict()[key], rtol=0, atol=0)
+    assert torch.equal(expected.fc2.weight, start.fc2.weight)
+
+
+def test_a_refit_follows_the_body_it_is_fit_to(run_config):
+    """The same kept head, refit under two bodies, becomes two heads: the refit reads
+    the current body's features, not stale ones."""
+    heads = []
+    for body_seed in (1, 2):
+        torch.manual_seed(body_seed)
+        arrays = ArrayRecord(Net().state_dict())
+        context = client_context(run_config)
+        keep_constant_head(context.state, answer=3)
+        evaluate(message("evaluate", arrays, lineage=""), context)
+        heads.append(context.state[HEAD_STATE_KEY].to_torch_state_dict()["weight"])
+    assert not torch.equal(heads[0], heads[1])
 
 
 def load_partition_labels(run_config: dict, tmp_path):
@@ -120,35 +212,36 @@ def load_partition_labels(run_config: dict, tmp_path):
     return load_partition(config.data_source, config.partitioning(2), 0).val.labels.numpy()
 
 
-def test_the_head_outlives_its_process_on_the_clients_disk(tmp_path, run_config, caplog):
-    node_config = {"partition-id": 1, "num-partitions": 2, "head-dir": str(tmp_path / "heads")}
+@pytest.mark.parametrize(("personalisation", "kind"), [("stored-head", "train"), ("refit-head", "evaluate")])
+def test_the_head_outlives_its_process_on_the_clients_disk(
+    tmp_path, run_config, caplog, personalisation, kind
+):
+    """stored-head keeps the head it trained; refit-head the head it refit."""
+    run_config = {**run_config, "personalisation": personalisation}
+    node_config = {"head-dir": str(tmp_path / "heads")}
+    arrays = ArrayRecord(Net().state_dict())
 
-    def message(kind: str, lineage: str) -> Message:
-        config = ConfigRecord({"server-round": 1, "lr": 0.1, "lineage": lineage})
-        content = RecordDict({"arrays": ArrayRecord(Net().state_dict()), "config": config})
-        return Message(content=content, dst_node_id=1, message_type=kind)
+    kept_context = client_context(run_config, partition_id=1, **node_config)
+    (train if kind == "train" else evaluate)(message(kind, arrays), kept_context)
+    head_file = tmp_path / "heads" / "run-a" / "partition-1-of-2.pt"
+    kept_head = kept_context.state[HEAD_STATE_KEY].to_torch_state_dict()
+    for name, value in torch.load(head_file, weights_only=True).items():
+        torch.testing.assert_close(value, kept_head[name])
 
-    def fresh_context() -> Context:  # what a restarted SuperNode hands its ClientApp
-        return Context(
-            run_id=1, node_id=1, node_config=node_config, state=RecordDict(), run_config=run_config
+    # What a restarted SuperNode hands its ClientApp: an empty state.
+    with caplog.at_level(logging.INFO, logger="flwr"):
+        restored = client_context(run_config, partition_id=1, **node_config)
+        evaluate(message("evaluate", arrays), restored)
+    assert f"Restored this client's head from {head_file}" in caplog.text
+    if personalisation == "stored-head":
+        torch.testing.assert_close(
+            restored.state[HEAD_STATE_KEY].to_torch_state_dict()["weight"], kept_head["weight"]
         )
 
-    trained_context = fresh_context()
-    train(message("train", "run-a"), trained_context)
-    head_file = tmp_path / "heads" / "run-a" / "partition-1-of-2.pt"
-    trained_head = trained_context.state[HEAD_STATE_KEY].to_torch_state_dict()
-    for name, value in torch.load(head_file, weights_only=True).items():
-        torch.testing.assert_close(value, trained_head[name])
-
+    caplog.clear()
     with caplog.at_level(logging.INFO, logger="flwr"):
-        restored = fresh_context()
-        evaluate(message("evaluate", "run-a"), restored)
-    assert f"Restored this client's head from {head_file}" in caplog.text
-    torch.testing.assert_close(
-        restored.state[HEAD_STATE_KEY].to_torch_state_dict()["weight"], trained_head["weight"]
-    )
-
-    other_run = fresh_context()
-    metrics = evaluate(message("evaluate", "run-b"), other_run).content["metrics"]
-    assert HEAD_STATE_KEY not in other_run.state  # a new lineage starts fresh
-    assert metrics["eval_acc"] == metrics["eval_acc_global"]
+        evaluate(
+            message("evaluate", arrays, lineage="run-b"),
+            client_context(run_config, partition_id=1, **node_config),
+        )
+    assert "Restored" not in caplog.text  # a new lineage starts fresh

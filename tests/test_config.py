@@ -56,6 +56,8 @@ def test_empty_schedule_keeps_the_rate():
         ("batch-size", 0),
         ("learning-rate", 0),
         ("momentum", 1.0),
+        ("personalisation", "fedper"),
+        ("head-refit-epochs", 0),
         ("lr-decay-rounds", "five"),
         ("lr-decay-rounds", "0"),
         ("server-device", "gpu"),
@@ -75,6 +77,11 @@ def test_bad_values_name_key_and_value(key, value):
         AppConfig.from_run_config({**default_run_config(), key: value})
 
 
+def test_personalisation_names_its_choices():
+    with pytest.raises(ConfigError, match='expected "refit-head" or "private-head" or "stored-head"'):
+        AppConfig.from_run_config({**default_run_config(), "personalisation": "stored"})
+
+
 def test_missing_key_is_named():
     run_config = default_run_config()
     del run_config["batch-size"]
@@ -92,7 +99,7 @@ def test_resume_from_must_be_a_folder(tmp_path):
         AppConfig.from_run_config({**default_run_config(), "resume-from": str(tmp_path / "nope")})
 
 
-def test_a_resumed_run_must_share_the_data_settings():
+def test_a_resumed_run_must_share_the_data_and_personalisation_settings():
     config = AppConfig.from_run_config({**default_run_config(), "dirichlet-alpha": 0.5})
     assert config.resume_settings() == {
         "dataset-name": "zalando-datasets/fashion_mnist",
@@ -100,6 +107,7 @@ def test_a_resumed_run_must_share_the_data_settings():
         "dirichlet-alpha": 0.5,
         "partition-seed": 42,
         "val-fraction": 0.2,
+        "personalisation": "refit-head",
     }
 
 

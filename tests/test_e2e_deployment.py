@@ -100,7 +100,7 @@ def test_a_supernode_killed_mid_run_costs_its_replies_and_comes_back_with_its_he
             return sum(len(json.loads(path.read_text())) for path in output_dir.glob("*/*/results.json"))
 
         wait_until(lambda: rounds_done() >= 1)
-        federation.kill_supernode(1)  # it trained in round 1: its head is on its disk
+        federation.kill_supernode(1)  # it evaluated in round 1: its refit head is on its disk
         wait_until(lambda: rounds_done() >= 2)
         federation.start_supernode(1, name="supernode-1-restarted")
         wait_until(lambda: federation.status(run_id)["status"].startswith("finished"))

@@ -8,8 +8,10 @@ import tomllib
 import pytest
 import torch
 
+from harness.flower_processes import copy_app
+from harness.sent_log import SENT_LOG_CLIENT_APP, read_sent_log
 from harness.wandb_offline import read_offline_run
-from pytorch_example.task import Net
+from pytorch_example.task import HEAD_KEYS, Net
 
 pytestmark = pytest.mark.e2e
 
@@ -55,6 +57,10 @@ def test_simulation_writes_every_output(superlink, app_dir, idx_dataset, tmp_pat
             "eval_acc_median",
             "eval_acc_max",
             "eval_acc_std",
+            "eval_gain_share",
+            "eval_gain_points_mean",
+            "eval_gain_points_min",
+            "eval_gain_points_max",
         }
         assert set(entry["evaluate_metrics_serverapp"]) == {"accuracy", "loss"}
         assert entry["replies"]["train"] == {"expected": 2, "received": 2, "failed": 0, "dropped": 0}
@@ -90,6 +96,55 @@ def test_simulation_writes_every_output(superlink, app_dir, idx_dataset, tmp_pat
     assert logged.exit_code == 0 and len(logged.history) == 3
     assert not list(run_dir.rglob(".*.tmp"))
     assert "The federation has 4 SuperNodes connected" in log
+
+
+@pytest.mark.parametrize("personalisation", ["refit-head", "private-head", "stored-head"])
+def test_what_leaves_a_client_is_what_personalisation_says(superlink, idx_dataset, tmp_path, personalisation):
+    """Each reply as the ClientApp hands it to its SuperNode, recorded by a Flower mod."""
+    cache = tmp_path / "cache"
+    run_config = {
+        "num-server-rounds": 2,
+        "fraction-train": 0.5,
+        "fraction-evaluate": 1.0,
+        "personalisation": personalisation,
+        "dataset-path": str(idx_dataset),
+        "data-cache-dir": str(cache),
+        "output-dir": str(tmp_path / "outputs"),
+        "use-wandb": False,
+    }
+    app = copy_app(tmp_path / "app", client_app=SENT_LOG_CLIENT_APP)
+    log, record = superlink.run(app, run_config, federation_config={"num-supernodes": 4})
+    assert record["status"] == "finished:completed", log
+
+    sent = read_sent_log(cache)
+    model_keys = set(Net().state_dict())
+    train_arrays = model_keys - set(HEAD_KEYS) if personalisation == "private-head" else model_keys
+    trains = [reply for reply in sent if reply["type"] == "train"]
+    evaluates = [reply for reply in sent if reply["type"] == "evaluate"]
+    assert len(trains) == 4 and len(evaluates) == 8
+    for reply in trains:
+        assert reply["records"]["arrays"] == ["ArrayRecord", sorted(train_arrays)]
+        assert reply["records"]["metrics"][0] == "MetricRecord" and set(reply["records"]) == {
+            "arrays",
+            "metrics",
+        }
+    for reply in evaluates:
+        assert set(reply["records"]) == {"metrics"}  # scores only, no model
+
+    [run_dir] = [path for path in (tmp_path / "outputs").glob("*/*") if path.is_dir()]
+    final = torch.load(run_dir / "final_model.pt", weights_only=True)
+    torch.manual_seed(42)  # the run's seed: the initial model the ServerApp started from
+    initial = Net().state_dict()
+    head_unchanged = all(torch.equal(final[key], initial[key]) for key in HEAD_KEYS)
+    assert head_unchanged == (personalisation == "private-head")
+    assert not torch.equal(final["fc1.weight"], initial["fc1.weight"])
+    # The clients keep their heads on disk: all four refit one each round they evaluate;
+    # with stored-head, those that trained (two a round) keep the head they trained.
+    heads = list((cache / "heads").glob("*/partition-*-of-4.pt"))
+    if personalisation == "stored-head":
+        assert 2 <= len(heads) <= 4
+    else:
+        assert len(heads) == 4
 
 
 def test_an_alpha_the_data_cannot_satisfy_stops_before_round_1(superlink, app_dir, idx_dataset, tmp_path):

@@ -7,8 +7,10 @@ import torch
 from flwr.app import ArrayRecord, MetricRecord
 from flwr.serverapp.strategy import Result
 
+from harness.flower_processes import default_run_config
 from harness.wandb_offline import read_offline_run
-from pytorch_example.outputs import ResumeError, RunOutputs, load_resume_state
+from pytorch_example.config import AppConfig
+from pytorch_example.outputs import ResumeError, RunOutputs, continued_run_config, load_resume_state
 from pytorch_example.task import Net
 
 
@@ -221,7 +223,24 @@ def test_a_folder_without_usable_state_is_refused(tmp_path, damage, message):
 def test_other_data_settings_or_another_model_are_refused(tmp_path):
     with RunOutputs(tmp_path, {}, wandb_project=None, resume_settings=SETTINGS) as outputs:
         outputs.record_round(1, result_after_round(Result(), 1, 0.3), 0.1)
-    with pytest.raises(ResumeError, match=r"other data settings \(dirichlet-alpha was 1.0\)"):
+    with pytest.raises(
+        ResumeError, match=r"other data or personalisation settings \(dirichlet-alpha was 1.0\)"
+    ):
         load_resume_state(tmp_path, {**SETTINGS, "dirichlet-alpha": 0.5}, MODEL_SHAPES)
     with pytest.raises(ResumeError, match="its model is not this app's model"):
         load_resume_state(tmp_path, SETTINGS, {**MODEL_SHAPES, "fc2.weight": (20, 128)})
+
+
+def test_a_folder_made_before_personalisation_existed_resumes_as_stored_head(tmp_path):
+    # Its saved settings lack the key: it was run as the published example, stored heads.
+    with RunOutputs(tmp_path, {}, wandb_project=None, resume_settings=SETTINGS) as outputs:
+        outputs.record_round(1, result_after_round(Result(), 1, 0.3), 0.1)
+    load_resume_state(tmp_path, {**SETTINGS, "personalisation": "stored-head"}, MODEL_SHAPES)
+    with pytest.raises(ResumeError, match=r"personalisation was 'stored-head'"):
+        load_resume_state(tmp_path, {**SETTINGS, "personalisation": "refit-head"}, MODEL_SHAPES)
+
+    # `resume-from` alone takes the folder's settings, the legacy one included.
+    (tmp_path / "config.json").write_text(json.dumps({"dirichlet-alpha": 1.0}))
+    run_config = {**default_run_config(), "resume-from": str(tmp_path)}
+    continued = continued_run_config(run_config, AppConfig.from_run_config(run_config))
+    assert continued["personalisation"] == "stored-head"

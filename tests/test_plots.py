@@ -5,7 +5,7 @@ import subprocess
 import sys
 
 from harness.flower_processes import REPO
-from pytorch_example.plots import plot_run
+from pytorch_example.plots import personalisation_figure, plot_run
 
 # A run folder written before results.json carried the learning rate, the global-head
 # scores and the spread: its figures must still be drawn from what it has.
@@ -25,6 +25,24 @@ def test_an_older_run_folder_gets_the_figures_its_numbers_allow(tmp_path):
     drawn = plot_run(tmp_path)
     assert [path.name for path in drawn] == ["central.png", "personalisation.png"]
     assert all(path.read_bytes().startswith(b"\x89PNG") for path in drawn)
+
+
+def test_the_personalisation_figure_shows_the_gain_when_the_run_has_it():
+    gains = {
+        "eval_acc_global": 0.1,
+        "eval_gain_share": 0.75,
+        "eval_gain_points_mean": 15.0,
+        "eval_gain_points_min": 0.0,
+        "eval_gain_points_max": 30.0,
+    }
+    rounds = [{**entry, "evaluate_metrics_clientapp": {**entry["evaluate_metrics_clientapp"], **gains}}
+              for entry in OLDER_RESULTS]  # fmt: skip
+    assert len(personalisation_figure(OLDER_RESULTS).axes) == 1  # no gain figures: one panel
+    accuracy, gain, share = personalisation_figure(rounds).axes
+    assert [line.get_label() for line in gain.get_lines()][0] == "mean over clients"
+    assert list(gain.get_lines()[0].get_ydata()) == [15.0, 15.0, 15.0]
+    assert list(share.get_lines()[0].get_ydata()) == [0.75, 0.75, 0.75]
+    assert accuracy.get_ylabel() == "accuracy" and gain.get_ylabel() == "accuracy gain (points)"
 
 
 def test_a_run_that_ended_before_central_evaluation_draws_what_it_has(tmp_path):

@@ -14,7 +14,7 @@ from flwr.supercore.task_identity import TaskIdentity
 
 from pytorch_example.outputs import RunOutputs
 from pytorch_example.strategy import CustomFedAvg, RunFailed, clock
-from pytorch_example.task import Net
+from pytorch_example.task import HEAD_KEYS, Net
 
 
 class ScriptedGrid:
@@ -148,6 +148,44 @@ def test_evaluation_reports_the_spread_of_personalised_accuracy(tmp_path):
     assert metrics["eval_acc_std"] == pytest.approx(0.1118034, rel=1e-6)
     assert metrics["eval_acc_global"] == pytest.approx(0.1)
     assert results[0]["learning_rate"] == pytest.approx(0.1)
+    # Own minus global, in points: 0, 10, 20, 30; client 1 gains nothing, so 3 of 4 gain.
+    assert metrics["eval_gain_share"] == pytest.approx(0.75)
+    assert metrics["eval_gain_points_mean"] == pytest.approx(15.0)
+    assert metrics["eval_gain_points_min"] == pytest.approx(0.0, abs=1e-9)
+    assert metrics["eval_gain_points_max"] == pytest.approx(30.0)
+
+
+def body_only_plus_one(message: Message) -> RecordDict:
+    """A private-head client: sends its body, each weight moved by +1, and no head."""
+    content = trained(message)
+    if "arrays" in content:
+        body = {key: value + 1 for key, value in content["arrays"].to_torch_state_dict().items()}
+        content["arrays"] = ArrayRecord({key: value for key, value in body.items() if key not in HEAD_KEYS})
+    return content
+
+
+def test_frozen_entries_stay_as_they_were_and_the_rest_is_averaged(tmp_path, caplog):
+    def node_4_sends_its_head(server_round, message):
+        content = body_only_plus_one(message)
+        if message.metadata.dst_node_id == 4 and "arrays" in content:
+            content["arrays"] = ArrayRecord({**content["arrays"], **message.content["arrays"]})
+        return content
+
+    start = Net()
+    strategy = CustomFedAvg(
+        outputs=RunOutputs(tmp_path, {}, wandb_project=None),
+        learning_rate_at=lambda _: 0.1,
+        max_failed_rounds=3,
+        frozen_keys=HEAD_KEYS,
+        fraction_train=1.0,
+    )
+    with caplog.at_level(logging.WARNING, logger="flwr"):
+        result = strategy.start(ScriptedGrid(4, node_4_sends_its_head), ArrayRecord(start.state_dict()), 1, 5)
+    assert "left out the train reply of node 4: its arrays" in caplog.text
+    final = result.arrays.to_torch_state_dict()
+    assert list(final) == list(start.state_dict())
+    for key, value in start.state_dict().items():
+        torch.testing.assert_close(final[key], value if key in HEAD_KEYS else value + 1)
 
 
 def test_one_progress_line_per_round_with_time_left(tmp_path, caplog):

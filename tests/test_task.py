@@ -76,6 +76,37 @@ def test_train_learns_and_is_reproducible():
     assert first[2] > 0.5  # accuracy well above chance (0.1)
 
 
+def test_fit_head_moves_the_head_alone_and_repeats_under_a_seed():
+    data = image_set(300, seed=3)
+    start = task.Net()
+    heads = []
+    for seed in (5, 5, 6):
+        net = task.Net()
+        net.load_state_dict(start.state_dict())
+        task.fit_head(net, data, 3, 32, 0.1, 0.9, CPU, torch.Generator().manual_seed(seed))
+        for name, value in net.state_dict().items():
+            if name not in task.HEAD_KEYS:
+                assert torch.equal(value, start.state_dict()[name]), name
+        heads.append(net.fc2.state_dict())
+        assert task.test(net, data, 64, CPU)[0] < task.test(start, data, 64, CPU)[0]
+    assert all(torch.equal(heads[0][key], heads[1][key]) for key in heads[0])
+    assert not torch.equal(heads[0]["weight"], heads[2]["weight"])
+
+
+def test_a_frozen_head_stays_put_in_training():
+    net = task.Net()
+    head = {key: value.clone() for key, value in net.fc2.state_dict().items()}
+    body = net.fc1.weight.detach().clone()
+    net.fc2.requires_grad_(False)
+    task.train(net, image_set(64, seed=1), 1, 32, 0.1, 0.9, CPU, torch.Generator().manual_seed(0))
+    assert all(torch.equal(net.fc2.state_dict()[key], head[key]) for key in head)
+    assert not torch.equal(net.fc1.weight, body)
+
+
+def test_head_keys_name_the_head_in_the_state_dict():
+    assert set(task.HEAD_KEYS) == {f"fc2.{name}" for name in task.Net().fc2.state_dict()}
+
+
 def test_test_does_not_depend_on_batch_size():
     net, test_set = task.Net(), image_set(300, 2)
     loss_small, acc_small = task.test(net, test_set, 7, CPU)
