@@ -33,11 +33,12 @@ def default_run_config() -> dict:
         return tomllib.load(file)["tool"]["flwr"]["app"]["config"]
 
 
-def copy_app(destination: Path, client_app: str | None = None) -> Path:
+def copy_app(destination: Path, client_app: str | None = None, extra_config: dict | None = None) -> Path:
     """A copy of the app to run: `flwr run` rewrites the pyproject.toml it is given.
 
     With `client_app` (`"module.path:object"`, a module of this repository such as
     `harness.attacks:app`), the copy ships that module too and runs it as its ClientApp.
+    `extra_config` adds run-config keys, with their defaults, that such a module reads.
     """
     destination.mkdir(parents=True)
     shutil.copytree(
@@ -54,6 +55,11 @@ def copy_app(destination: Path, client_app: str | None = None) -> Path:
         assert own_app in pyproject and own_include in pyproject, "pyproject.toml no longer names them so"
         pyproject = pyproject.replace(own_app, f'clientapp = "{client_app}"')
         pyproject = pyproject.replace(own_include, f'{own_include}, "{module}"')
+    if extra_config:
+        section = "[tool.flwr.app.config]\n"
+        assert section in pyproject, "pyproject.toml has no run-config section"
+        keys = "".join(f"{key} = {toml_value(value)}\n" for key, value in extra_config.items())
+        pyproject = pyproject.replace(section, section + keys)
     (destination / "pyproject.toml").write_text(pyproject)
     return destination
 

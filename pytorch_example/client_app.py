@@ -16,6 +16,10 @@ what leaves the client each round:
 - `stored-head`: the published example. Swap the kept head into the global model, train
   the whole, send the whole (the own head is averaged into the global one), keep the
   trained head, and evaluate with it as it is.
+
+Beside the arrays, a train reply carries `train_loss` and `num-examples` (and, with DP
+on, `equal-weight` = 1); an evaluate reply carries scores and a row count only. The
+server sees each reply as sent: DP's clipping and noise happen there (strategy.py).
 """
 
 from logging import INFO
@@ -27,7 +31,7 @@ from flwr.clientapp import ClientApp
 from flwr.common.logger import log
 
 from pytorch_example import task
-from pytorch_example.config import PRIVATE_HEAD, STORED_HEAD, AppConfig, NodeConfig
+from pytorch_example.config import EQUAL_WEIGHT_KEY, PRIVATE_HEAD, STORED_HEAD, AppConfig, NodeConfig
 from pytorch_example.data import Partition, load_partition
 from pytorch_example.files import save_atomically
 
@@ -66,11 +70,11 @@ def train(msg: Message, context: Context) -> Message:
     if config.personalisation == STORED_HEAD:
         keep_head(net, context.state, heads)
 
+    metrics = {"train_loss": train_loss, "num-examples": len(partition.train)}
+    if config.dp_on:
+        metrics[EQUAL_WEIGHT_KEY] = 1  # under DP the server averages clients, not rows
     reply = RecordDict(
-        {
-            "arrays": ArrayRecord(sent_arrays(net, config.personalisation)),
-            "metrics": MetricRecord({"train_loss": train_loss, "num-examples": len(partition.train)}),
-        }
+        {"arrays": ArrayRecord(sent_arrays(net, config.personalisation)), "metrics": MetricRecord(metrics)}
     )
     return Message(content=reply, reply_to=msg)
 

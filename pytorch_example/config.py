@@ -7,6 +7,7 @@ stops the run with one line that names the key, the value and the fix.
 
 import functools
 import json
+import math
 import re
 from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, distribution
@@ -29,6 +30,13 @@ PRIVATE_HEAD = "private-head"
 STORED_HEAD = "stored-head"
 PERSONALISATIONS = (REFIT_HEAD, PRIVATE_HEAD, STORED_HEAD)
 
+# How the server combines the train replies (strategy.py maps each to a Flower strategy).
+FEDAVG = "fedavg"
+AGGREGATIONS = (FEDAVG, "trimmed-mean", "median", "krum", "multi-krum", "bulyan")
+# With DP on, train replies are averaged by this metric, 1 in each: the noise is scaled
+# to a mean in which every client counts the same.
+EQUAL_WEIGHT_KEY = "equal-weight"
+
 # What decides each client's data and the model's meaning: a run resumed with other
 # values would silently mix two experiments, so it is refused.
 RESUME_MUST_MATCH = (
@@ -38,9 +46,12 @@ RESUME_MUST_MATCH = (
     "partition-seed",
     "val-fraction",
     "personalisation",
+    # The privacy a run's epsilon accounts for: another noise or clipping norm would be another mechanism.
+    "dp-noise-multiplier",
+    "dp-clipping-norm",
 )
 # What a run folder made before a key existed was run with.
-LEGACY_SETTINGS = {"personalisation": STORED_HEAD}
+LEGACY_SETTINGS = {"personalisation": STORED_HEAD, "dp-noise-multiplier": 0.0}
 
 
 @dataclass(frozen=True)
@@ -78,6 +89,14 @@ class AppConfig:
     momentum: float = 0.9
     personalisation: str = REFIT_HEAD
     head_refit_epochs: int = 5
+    aggregation: str = FEDAVG
+    trim_fraction: float = 0.2
+    num_malicious: int = 1
+    multi_krum_keep: int = 0
+    dp_noise_multiplier: float = 0.0
+    dp_clipping_norm: float = 0.1
+    dp_delta: float = 1e-5
+    dp_max_epsilon: float = 0.0
     lr_decay_rounds: tuple[int, ...] = (5,)
     lr_decay_factor: float = 0.5
     server_device: str = "cpu"
@@ -110,6 +129,16 @@ class AppConfig:
             momentum=reader.number("momentum", low=0.0, high=1.0, high_open=True),
             personalisation=reader.choice("personalisation", PERSONALISATIONS),
             head_refit_epochs=reader.integer("head-refit-epochs", minimum=1),
+            aggregation=reader.choice("aggregation", AGGREGATIONS),
+            trim_fraction=reader.number("trim-fraction", low=0.0, high=0.5, low_open=True, high_open=True),
+            num_malicious=reader.integer("num-malicious", minimum=0),
+            multi_krum_keep=reader.integer("multi-krum-keep", minimum=0),
+            dp_noise_multiplier=reader.number(
+                "dp-noise-multiplier", low=0.0, high=float("inf"), high_open=True
+            ),
+            dp_clipping_norm=reader.positive("dp-clipping-norm"),
+            dp_delta=reader.number("dp-delta", low=0.0, high=1.0, low_open=True, high_open=True),
+            dp_max_epsilon=reader.nonnegative("dp-max-epsilon"),
             lr_decay_rounds=reader.rounds("lr-decay-rounds"),
             lr_decay_factor=reader.positive("lr-decay-factor"),
             server_device=reader.device("server-device"),
@@ -132,6 +161,7 @@ class AppConfig:
                 f"run-config key 'dataset-path' = '{config.dataset_path}' is not a folder: "
                 "point it at the folder holding the Fashion-MNIST .gz or parquet files"
             )
+        config.check_privacy()
         if config.resume_from is not None and not config.resume_from.is_dir():
             raise ConfigError(
                 f"run-config key 'resume-from' = '{config.resume_from}' is not a folder: point it at "
@@ -139,9 +169,68 @@ class AppConfig:
             )
         return config
 
+    @property
+    def dp_on(self) -> bool:
+        return self.dp_noise_multiplier > 0
+
+    def check_privacy(self) -> None:
+        """Refuse DP settings Flower's DP wrapper and accountant cannot honour."""
+        if self.dp_max_epsilon > 0 and not self.dp_on:
+            raise ConfigError(
+                f"run-config key 'dp-max-epsilon' = {self.dp_max_epsilon:g} bounds nothing while "
+                "dp-noise-multiplier = 0 (DP off): set dp-noise-multiplier > 0, or dp-max-epsilon = 0"
+            )
+        if self.dp_on and self.aggregation != FEDAVG:
+            raise ConfigError(
+                f"run-config key 'aggregation' = '{self.aggregation}' cannot run with DP "
+                "(dp-noise-multiplier > 0): the privacy account holds for a plain mean of clipped "
+                'updates only; use aggregation="fedavg" or dp-noise-multiplier=0'
+            )
+        if self.dp_on and self.personalisation == PRIVATE_HEAD:
+            raise ConfigError(
+                f"run-config key 'personalisation' = '{PRIVATE_HEAD}' cannot run with DP "
+                "(dp-noise-multiplier > 0): Flower's DP wrapper clips whole models, and a private-head "
+                f'client sends the body only; use personalisation="{REFIT_HEAD}"'
+            )
+
+    def train_sample_size(self, num_supernodes: int) -> int:
+        """How many SuperNodes FedAvg samples to train: `fraction-train` of them, at least 2."""
+        return max(int(num_supernodes * self.fraction_train), 2)
+
+    def check_sample(self, num_supernodes: int) -> None:
+        """Refuse an `aggregation` that cannot work on the replies a round of a federation
+        of `num_supernodes` gets."""
+        num_sampled, f = self.train_sample_size(num_supernodes), self.num_malicious
+        if self.aggregation == "trimmed-mean" and int(self.trim_fraction * num_sampled) == 0:
+            smallest = math.ceil(1000 / num_sampled) / 1000  # cuts one reply: int(smallest * n) >= 1
+            fix = f"raise it to {smallest:g}" if smallest < 0.5 else "sample 3 or more (fraction-train)"
+            raise ConfigError(
+                f"run-config key 'trim-fraction' = {self.trim_fraction:g} trims nothing from the "
+                f"{num_sampled} replies a round gets: {fix}"
+            )
+        needed = {"krum": 2 * f + 3, "multi-krum": 2 * f + 3, "bulyan": 4 * f + 3}.get(self.aggregation, 0)
+        if num_sampled < needed:
+            fraction = next(
+                (step / 100 for step in range(1, 101) if int(num_supernodes * step / 100) >= needed), None
+            )
+            fix = f"fraction-train={fraction:g}" if fraction else f"at least {needed} SuperNodes"
+            raise ConfigError(
+                f"run-config key 'aggregation' = '{self.aggregation}' with num-malicious={f} needs at "
+                f"least {needed} replies a round, but a round samples {num_sampled} of {num_supernodes} "
+                f"SuperNodes: lower num-malicious, or use {fix}"
+            )
+        if self.aggregation == "multi-krum" and self.multi_krum_keep > num_sampled - f:
+            raise ConfigError(
+                f"run-config key 'multi-krum-keep' = {self.multi_krum_keep} exceeds the {num_sampled - f} "
+                f"replies Multi-Krum may keep ({num_sampled} sampled minus num-malicious={f}): lower it, "
+                "or 0 for all of them"
+            )
+
     def resume_settings(self) -> dict:
-        """The run-config values a resumed run must share with the run it continues."""
-        return {key: self.run_config_value(key) for key in RESUME_MUST_MATCH}
+        """The run-config values a resumed run must share with the run it continues (the
+        clipping norm only with DP on: without DP it changes nothing)."""
+        keys = [key for key in RESUME_MUST_MATCH if self.dp_on or key != "dp-clipping-norm"]
+        return {key: self.run_config_value(key) for key in keys}
 
     def run_config_value(self, key: str):
         """The typed value of run-config `key`, paths as strings."""
@@ -248,6 +337,9 @@ class _Reader:
 
     def positive(self, key: str) -> float:
         return self.number(key, low=0.0, high=float("inf"), low_open=True, high_open=True)
+
+    def nonnegative(self, key: str) -> float:
+        return self.number(key, low=0.0, high=float("inf"), high_open=True)
 
     def boolean(self, key: str) -> bool:
         value = self._get(key)

@@ -73,6 +73,7 @@ class ResumeState:
     best_checkpoint: str | None = None
     wandb_run_id: str | None = None
     num_supernodes: int | None = None  # when the run started
+    privacy_releases: int = 0  # DP rounds released, the round in progress included
 
 
 def load_resume_state(run_dir: Path, settings: dict, model_shapes: dict[str, tuple]) -> ResumeState:
@@ -98,7 +99,8 @@ def load_resume_state(run_dir: Path, settings: dict, model_shapes: dict[str, tup
     ]
     if changed:
         raise ResumeError(
-            f"was made with other data or personalisation settings ({', '.join(changed)}): run with those"
+            f"was made with other data, personalisation or privacy settings ({', '.join(changed)}): "
+            "run with those"
         )
     return state
 
@@ -221,20 +223,40 @@ class RunOutputs:
         except Exception as finish_error:  # noqa: BLE001
             log(WARNING, "W&B could not finish its run cleanly (%s)", finish_error)
 
+    @property
+    def privacy_releases(self) -> int:
+        """How many DP rounds this run has released so far (a resumed run's epsilon goes on from them)."""
+        return self.state.privacy_releases
+
+    def save_privacy_releases(self, releases: int) -> None:
+        """Note a DP round's release as soon as it happens, before the round is recorded."""
+        self.state.privacy_releases = releases
+        self._save_resume_state()
+
     def record_round(
-        self, server_round: int, result: Result, learning_rate: float, replies: dict | None = None
+        self,
+        server_round: int,
+        result: Result,
+        learning_rate: float,
+        replies: dict | None = None,
+        privacy: dict | None = None,
     ) -> dict:
         """Append the round to results.json, checkpoint a new best model, log to W&B.
 
         `replies` counts, per phase, the messages sent and the replies received, failed
-        and left out. Returns the round's results.json entry.
+        and left out; `privacy` (with DP on) is epsilon so far, its delta, and the private
+        rounds it counts. Returns the round's results.json entry.
         """
         round_result = {"round": server_round, "learning_rate": learning_rate, "replies": replies or {}}
+        if privacy is not None:
+            round_result["privacy"] = privacy
         for section, result_field in RESULT_SECTIONS.items():
             round_result[section] = dict(getattr(result, result_field).get(server_round, {}))
             log(DEBUG, "\t%s: %s", section, round_result[section])
         state = self.state
         state.round, state.arrays = server_round, result.arrays
+        if privacy is not None:
+            state.privacy_releases = privacy["releases"]
         state.round_results = [*state.round_results, round_result]
 
         accuracy = round_result["evaluate_metrics_serverapp"].get("accuracy")
@@ -253,8 +275,7 @@ class RunOutputs:
 
         # The restart state first: a crash between the two writes loses nothing, since a
         # resumed run rewrites results.json from it.
-        resume = {**vars(state), "arrays": result.arrays.to_torch_state_dict()}
-        save_atomically(self.run_dir / RESUME_FILE, lambda f: torch.save(resume, f))
+        self._save_resume_state()
         save_json_atomically(self.run_dir / "results.json", state.round_results)
 
         if self.wandb_run is not None:
@@ -264,8 +285,14 @@ class RunOutputs:
                 for name, value in round_result[section].items()
                 if name in names
             }
+            if privacy is not None:
+                series["privacy_epsilon"] = privacy["epsilon"]
             self.wandb_run.log({**series, "learning_rate": learning_rate}, step=server_round)
         return round_result
+
+    def _save_resume_state(self) -> None:
+        resume = {**vars(self.state), "arrays": self.state.arrays.to_torch_state_dict()}
+        save_atomically(self.run_dir / RESUME_FILE, lambda f: torch.save(resume, f))
 
     def _log_best_checkpoint(self) -> None:
         """The best checkpoint as a W&B model artifact, with its round and accuracy."""

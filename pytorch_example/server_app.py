@@ -13,7 +13,7 @@ from pytorch_example import task
 from pytorch_example.config import PRIVATE_HEAD, AppConfig, ConfigError, project_dir
 from pytorch_example.data import ImageSet, load_test_set, prepare_partitions
 from pytorch_example.outputs import RunOutputs, continued_run_config
-from pytorch_example.strategy import CustomFedAvg, RunFailed
+from pytorch_example.strategy import RoundLoop, RunFailed, build_strategy, check_federation
 
 app = ServerApp()
 
@@ -39,10 +39,12 @@ def main(grid: Grid, context: Context) -> None:
         check_server_device(config.server_device)
         num_supernodes = len(list(grid.get_node_ids()))
         log(INFO, "The federation has %d SuperNodes connected", num_supernodes)
+        check_federation(config, num_supernodes)
         test_set = prepare_data(config, num_supernodes)
         torch.manual_seed(config.seed)
         initial_arrays = ArrayRecord(task.Net().state_dict())
         outputs = RunOutputs.open(config, run_config, num_supernodes, initial_arrays)
+        strategy = build_strategy(config, num_supernodes, outputs.privacy_releases)
     except ConfigError as err:
         # One readable line first; re-raising marks the run failed with it as the reason.
         log(ERROR, "%s", err)
@@ -52,20 +54,20 @@ def main(grid: Grid, context: Context) -> None:
     # thread keeps it from fighting them for cores, at little cost on this small model.
     torch.set_num_threads(1)
     with outputs:
-        strategy = CustomFedAvg(
+        rounds = RoundLoop(
             outputs=outputs,
             learning_rate_at=config.learning_rate_at,
             max_failed_rounds=config.max_failed_rounds,
             # With a private head, clients send the body only: the global head stays the initial one.
             frozen_keys=task.HEAD_KEYS if config.personalisation == PRIVATE_HEAD else (),
-            fraction_train=config.fraction_train,
-            fraction_evaluate=config.fraction_evaluate,
+            equal_weights=config.dp_on,
         )
         # Clients read the run's settings from each message (a resumed run's may not be
         # their run-config's), and key the heads they keep on disk by its lineage.
         client_config = ConfigRecord({**run_config, "lineage": outputs.lineage})
         try:
-            strategy.start(
+            rounds.run(
+                strategy,
                 grid=grid,
                 initial_arrays=outputs.arrays,
                 num_rounds=config.num_server_rounds,

@@ -58,6 +58,14 @@ def test_empty_schedule_keeps_the_rate():
         ("momentum", 1.0),
         ("personalisation", "fedper"),
         ("head-refit-epochs", 0),
+        ("trim-fraction", 0.5),
+        ("trim-fraction", 0.0),
+        ("num-malicious", -1),
+        ("multi-krum-keep", 1.5),
+        ("dp-noise-multiplier", -0.5),
+        ("dp-clipping-norm", 0.0),
+        ("dp-delta", 1.0),
+        ("dp-max-epsilon", -1.0),
         ("lr-decay-rounds", "five"),
         ("lr-decay-rounds", "0"),
         ("server-device", "gpu"),
@@ -82,6 +90,92 @@ def test_personalisation_names_its_choices():
         AppConfig.from_run_config({**default_run_config(), "personalisation": "stored"})
 
 
+def test_aggregation_names_its_choices():
+    with pytest.raises(ConfigError, match='expected "fedavg" or "trimmed-mean" or "median" or "krum" or '):
+        AppConfig.from_run_config({**default_run_config(), "aggregation": "mean"})
+
+
+@pytest.mark.parametrize(
+    ("settings", "refusal"),
+    [
+        ({"dp-max-epsilon": 8.0}, r"'dp-max-epsilon' = 8 bounds nothing while dp-noise-multiplier = 0"),
+        (
+            {"dp-noise-multiplier": 1.0, "aggregation": "median"},
+            r"'aggregation' = 'median' cannot run with DP .* use aggregation=\"fedavg\"",
+        ),
+        (
+            {"dp-noise-multiplier": 1.0, "personalisation": "private-head"},
+            r"'personalisation' = 'private-head' cannot run with DP .* sends the body only",
+        ),
+    ],
+)
+def test_dp_settings_flower_cannot_account_for_are_refused(settings, refusal):
+    with pytest.raises(ConfigError, match=refusal):
+        AppConfig.from_run_config({**default_run_config(), **settings})
+
+
+@pytest.mark.parametrize(
+    ("settings", "supernodes", "refusal", "fix"),
+    [
+        (
+            {"aggregation": "bulyan", "num-malicious": 3},
+            50,
+            r"needs at least 15 replies a round, but a round samples 12 of 50 SuperNodes: lower "
+            r"num-malicious, or use fraction-train=0.3",
+            {"fraction-train": 0.3},
+        ),
+        (
+            {"aggregation": "krum", "num-malicious": 5, "fraction-train": 1.0},
+            10,
+            r"needs at least 13 replies .* or use at least 13 SuperNodes",
+            None,
+        ),
+        (
+            {"aggregation": "multi-krum", "num-malicious": 5},
+            50,
+            r"needs at least 13 replies",
+            {"fraction-train": 0.26},
+        ),
+        (
+            {"aggregation": "trimmed-mean", "trim-fraction": 0.05},
+            50,
+            r"'trim-fraction' = 0.05 trims nothing from the 12 replies a round gets: raise it to 0.084",
+            {"trim-fraction": 0.084},
+        ),
+        (
+            {"aggregation": "trimmed-mean", "trim-fraction": 0.4, "fraction-train": 0.1},
+            10,
+            r"trims nothing from the 2 replies a round gets: sample 3 or more",
+            {"fraction-train": 0.3},
+        ),
+        (
+            {"aggregation": "multi-krum", "multi-krum-keep": 12},
+            50,
+            r"'multi-krum-keep' = 12 exceeds the 11",
+            {"multi-krum-keep": 11},
+        ),
+    ],
+)
+def test_a_rule_that_cannot_work_on_the_sample_is_refused_with_a_fix_that_works(
+    settings, supernodes, refusal, fix
+):
+    run_config = {**default_run_config(), **settings}
+    with pytest.raises(ConfigError, match=refusal):
+        AppConfig.from_run_config(run_config).check_sample(supernodes)
+    if fix is not None:
+        AppConfig.from_run_config({**run_config, **fix}).check_sample(supernodes)
+
+
+def test_each_rule_at_its_limit_is_accepted():
+    for settings in (
+        {"aggregation": "bulyan", "num-malicious": 2},  # 4 * 2 + 3 = 11 <= 12
+        {"aggregation": "krum", "num-malicious": 4},  # 2 * 4 + 3 = 11
+        {"aggregation": "multi-krum", "multi-krum-keep": 11},
+        {"aggregation": "trimmed-mean", "trim-fraction": 1 / 12},
+    ):
+        AppConfig.from_run_config({**default_run_config(), **settings}).check_sample(50)
+
+
 def test_missing_key_is_named():
     run_config = default_run_config()
     del run_config["batch-size"]
@@ -99,7 +193,7 @@ def test_resume_from_must_be_a_folder(tmp_path):
         AppConfig.from_run_config({**default_run_config(), "resume-from": str(tmp_path / "nope")})
 
 
-def test_a_resumed_run_must_share_the_data_and_personalisation_settings():
+def test_a_resumed_run_must_share_the_data_personalisation_and_privacy_settings():
     config = AppConfig.from_run_config({**default_run_config(), "dirichlet-alpha": 0.5})
     assert config.resume_settings() == {
         "dataset-name": "zalando-datasets/fashion_mnist",
@@ -108,7 +202,11 @@ def test_a_resumed_run_must_share_the_data_and_personalisation_settings():
         "partition-seed": 42,
         "val-fraction": 0.2,
         "personalisation": "refit-head",
+        "dp-noise-multiplier": 0.0,
     }
+    # The clipping norm only matters, and is only compared, with DP on.
+    dp_config = AppConfig.from_run_config({**default_run_config(), "dp-noise-multiplier": 1.0})
+    assert dp_config.resume_settings()["dp-clipping-norm"] == 0.1
 
 
 def test_integers_are_accepted_for_float_keys():

@@ -139,3 +139,38 @@ def test_a_supernode_sending_nan_weights_is_refused_and_counted(idx_dataset, tmp
     assert "left out the train reply of node" in log and "holds NaN or Inf" in log
     for value in torch.load(run_dir / "final_model.pt", weights_only=True).values():
         assert torch.isfinite(value).all()
+
+
+def test_median_aggregation_in_deployment_outvotes_a_scaling_supernode(idx_dataset, tmp_path):
+    nodes = [{"partition-id": i, "num-partitions": 3} for i in range(3)]
+    nodes[0]["attack"] = "scaled"
+    log, record, _ = run_deployment(
+        tmp_path,
+        idx_dataset,
+        nodes,
+        client_app=ATTACKS_CLIENT_APP,
+        **{"num-server-rounds": 2, "aggregation": "median", "use-wandb": False},
+    )
+    assert record["status"] == "finished:completed", log
+    [results_file] = (tmp_path / "outputs").glob("*/*/results.json")
+    results = json.loads(results_file.read_text())
+    assert [entry["replies"]["train"]["received"] for entry in results] == [3, 3]
+    # The per-weight median of three replies is an honest one's or between two honest ones:
+    # the x100 update never reaches the model, whose weights stay of their usual size.
+    final = torch.load(next((tmp_path / "outputs").glob("*/*")) / "final_model.pt", weights_only=True)
+    assert max(float(value.abs().max()) for value in final.values()) < 5
+
+
+def test_dp_in_deployment_reports_epsilon_every_round(idx_dataset, tmp_path):
+    nodes = [{"partition-id": i, "num-partitions": 2} for i in range(2)]
+    log, record, _ = run_deployment(
+        tmp_path,
+        idx_dataset,
+        nodes,
+        **{"num-server-rounds": 2, "dp-noise-multiplier": 2.0, "dp-clipping-norm": 0.01, "use-wandb": False},
+    )
+    assert record["status"] == "finished:completed", log
+    [results_file] = (tmp_path / "outputs").glob("*/*/results.json")
+    privacy = [entry["privacy"] for entry in json.loads(results_file.read_text())]
+    assert [spent["releases"] for spent in privacy] == [1, 2]
+    assert 0 < privacy[0]["epsilon"] < privacy[1]["epsilon"]

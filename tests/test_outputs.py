@@ -224,7 +224,7 @@ def test_other_data_settings_or_another_model_are_refused(tmp_path):
     with RunOutputs(tmp_path, {}, wandb_project=None, resume_settings=SETTINGS) as outputs:
         outputs.record_round(1, result_after_round(Result(), 1, 0.3), 0.1)
     with pytest.raises(
-        ResumeError, match=r"other data or personalisation settings \(dirichlet-alpha was 1.0\)"
+        ResumeError, match=r"other data, personalisation or privacy settings \(dirichlet-alpha was 1.0\)"
     ):
         load_resume_state(tmp_path, {**SETTINGS, "dirichlet-alpha": 0.5}, MODEL_SHAPES)
     with pytest.raises(ResumeError, match="its model is not this app's model"):
@@ -244,3 +244,19 @@ def test_a_folder_made_before_personalisation_existed_resumes_as_stored_head(tmp
     run_config = {**default_run_config(), "resume-from": str(tmp_path)}
     continued = continued_run_config(run_config, AppConfig.from_run_config(run_config))
     assert continued["personalisation"] == "stored-head"
+
+
+def test_epsilon_is_recorded_each_round_and_a_resumed_run_counts_its_releases(tmp_path, offline_wandb):
+    with RunOutputs(tmp_path, {}, "pytorch-example-tests", resume_settings=SETTINGS) as outputs:
+        assert outputs.privacy_releases == 0
+        for server_round, epsilon in ((1, 2.5), (2, 3.75)):
+            privacy = {"epsilon": epsilon, "delta": 1e-5, "releases": server_round}
+            outputs.record_round(
+                server_round, result_after_round(Result(), server_round, 0.3), 0.1, {}, privacy
+            )
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert [entry["privacy"]["epsilon"] for entry in results] == [2.5, 3.75]
+    [run_folder] = (tmp_path / "wandb").glob("offline-run-*")
+    assert [row["privacy_epsilon"] for row in read_offline_run(run_folder).history] == [2.5, 3.75]
+    state = load_resume_state(tmp_path, SETTINGS, MODEL_SHAPES)
+    assert RunOutputs(tmp_path, {}, None, SETTINGS, resumed=state).privacy_releases == 2
