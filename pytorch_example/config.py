@@ -133,9 +133,7 @@ class AppConfig:
             trim_fraction=reader.number("trim-fraction", low=0.0, high=0.5, low_open=True, high_open=True),
             num_malicious=reader.integer("num-malicious", minimum=0),
             multi_krum_keep=reader.integer("multi-krum-keep", minimum=0),
-            dp_noise_multiplier=reader.number(
-                "dp-noise-multiplier", low=0.0, high=float("inf"), high_open=True
-            ),
+            dp_noise_multiplier=reader.nonnegative("dp-noise-multiplier"),
             dp_clipping_norm=reader.positive("dp-clipping-norm"),
             dp_delta=reader.number("dp-delta", low=0.0, high=1.0, low_open=True, high_open=True),
             dp_max_epsilon=reader.nonnegative("dp-max-epsilon"),
