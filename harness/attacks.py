@@ -7,8 +7,11 @@ Tests and benchmarks deploy it in place of `pytorch_example.client_app:app` (see
   round(`attack-fraction` x number of partitions) lowest (a simulation: pass
   `ATTACK_RUN_CONFIG` to `copy_app`, which adds both keys to the copy's run-config).
 
-It then sends a train reply changed as the attack says; it evaluates honestly. Nothing
-here ships with the app.
+- the run-config has `attack-partitions="<id>:<name>,..."`, naming its partition id.
+
+It then sends a train reply changed as the attack says, or (`evaluate-without-rows`) an
+evaluate reply without its row count; otherwise it evaluates honestly. Nothing here
+ships with the app.
 """
 
 from unittest import mock
@@ -24,7 +27,7 @@ from pytorch_example.data import ImageSet, Partition
 
 ATTACKS_CLIENT_APP = "harness.attacks:app"
 # Run-config keys `copy_app` adds for a simulation with attackers.
-ATTACK_RUN_CONFIG = {"attack": "", "attack-fraction": 0.0}
+ATTACK_RUN_CONFIG = {"attack": "", "attack-fraction": 0.0, "attack-partitions": ""}
 
 SCALE = 100.0  # "scaled": the update sent 100 times longer
 GAUSSIAN_STD = 1.0  # "gaussian": each weight moved by N(0, 1) noise instead of trained
@@ -52,7 +55,9 @@ def gaussian(sent: dict[str, torch.Tensor], received: dict[str, torch.Tensor]) -
 
 UPDATE_ATTACKS = {"nan-weights": nan_weights, "scaled": scaled, "sign-flip": sign_flip, "gaussian": gaussian}
 LABEL_FLIP = "label-flip"  # trains honestly on labels c -> 9 - c, then sends what it trained
-ATTACKS = (*UPDATE_ATTACKS, LABEL_FLIP)
+EXTRA_METRIC = "extra-metric"  # an honest train reply with one metric key more
+EVALUATE_WITHOUT_ROWS = "evaluate-without-rows"  # an honest evaluate reply without num-examples
+ATTACKS = (*UPDATE_ATTACKS, LABEL_FLIP, EXTRA_METRIC, EVALUATE_WITHOUT_ROWS)
 
 app = ClientApp()
 
@@ -60,7 +65,11 @@ app = ClientApp()
 def attack_of(context: Context) -> str | None:
     """The attack this client runs, or None."""
     attack = context.node_config.get("attack")
-    if attack is None and context.run_config.get("attack"):
+    if attack is None and context.run_config.get("attack-partitions"):
+        node = NodeConfig.from_node_config(context.node_config)
+        chosen = dict(part.split(":") for part in str(context.run_config["attack-partitions"]).split(","))
+        attack = chosen.get(str(node.partition_id))
+    elif attack is None and context.run_config.get("attack"):
         node = NodeConfig.from_node_config(context.node_config)
         attackers = round(float(context.run_config["attack-fraction"]) * node.num_partitions)
         attack = context.run_config["attack"] if node.partition_id < attackers else None
@@ -84,7 +93,10 @@ def train(msg: Message, context: Context) -> Message:
         ):
             return client_app.train(msg, context)
     reply = client_app.train(msg, context)
-    if attack is None or reply.has_error():
+    if attack not in UPDATE_ATTACKS and attack != EXTRA_METRIC or reply.has_error():
+        return reply
+    if attack == EXTRA_METRIC:
+        reply.content["metrics"]["train_accuracy"] = 0.5
         return reply
     received = msg.content["arrays"].to_torch_state_dict()
     sent = reply.content["arrays"].to_torch_state_dict()
@@ -94,4 +106,7 @@ def train(msg: Message, context: Context) -> Message:
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
-    return client_app.evaluate(msg, context)
+    reply = client_app.evaluate(msg, context)
+    if attack_of(context) == EVALUATE_WITHOUT_ROWS and not reply.has_error():
+        del reply.content["metrics"][client_app.ROWS_KEY]
+    return reply

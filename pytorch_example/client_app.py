@@ -17,11 +17,12 @@ what leaves the client each round:
   the whole, send the whole (the own head is averaged into the global one), keep the
   trained head, and evaluate with it as it is.
 
-Beside the arrays, a train reply carries `train_loss` and `num-examples` (and, with DP
-on, `equal-weight` = 1); an evaluate reply carries scores and a row count only. The
-server sees each reply as sent: DP's clipping and noise happen there (strategy.py).
+Beside the arrays, a train reply carries `train_loss` and `num-examples`; an evaluate
+reply carries scores and a row count only. The server takes a reply only when it is
+exactly that (rounds.py), and DP's clipping and noise happen there (trust.py).
 """
 
+import re
 from logging import INFO
 
 import numpy as np
@@ -31,9 +32,16 @@ from flwr.clientapp import ClientApp
 from flwr.common.logger import log
 
 from pytorch_example import task
-from pytorch_example.config import EQUAL_WEIGHT_KEY, PRIVATE_HEAD, STORED_HEAD, AppConfig, NodeConfig
+from pytorch_example.config import PRIVATE_HEAD, STORED_HEAD, AppConfig, ConfigError, NodeConfig
 from pytorch_example.data import Partition, load_partition
 from pytorch_example.files import save_atomically
+
+# The keys of the messages this ClientApp reads and the replies it sends.
+LR_KEY = "lr"  # in train and evaluate messages: the round's learning rate
+LINEAGE_KEY = "lineage"  # in every message: the run (and its resumptions) heads are kept for
+ROWS_KEY = "num-examples"  # in every reply: the rows trained on or scored
+TRAIN_METRIC_KEYS = ("train_loss", ROWS_KEY)
+EVALUATE_METRIC_KEYS = ("eval_loss", "eval_acc", "eval_loss_global", "eval_acc_global", ROWS_KEY)
 
 HEAD_STATE_KEY = "classification-head"
 REFIT_STREAM = 1  # the refit's random draws, apart from training's in the same round
@@ -62,7 +70,7 @@ def train(msg: Message, context: Context) -> Message:
         partition.train,
         epochs=config.local_epochs,
         batch_size=config.batch_size,
-        learning_rate=float(msg.content["config"]["lr"]),
+        learning_rate=float(msg.content["config"][LR_KEY]),
         momentum=config.momentum,
         device=device(),
         generator=client_generator(config.seed, server_round, node.partition_id),
@@ -70,9 +78,7 @@ def train(msg: Message, context: Context) -> Message:
     if config.personalisation == STORED_HEAD:
         keep_head(net, context.state, heads)
 
-    metrics = {"train_loss": train_loss, "num-examples": len(partition.train)}
-    if config.dp_on:
-        metrics[EQUAL_WEIGHT_KEY] = 1  # under DP the server averages clients, not rows
+    metrics = {"train_loss": train_loss, ROWS_KEY: len(partition.train)}
     reply = RecordDict(
         {"arrays": ArrayRecord(sent_arrays(net, config.personalisation)), "metrics": MetricRecord(metrics)}
     )
@@ -104,7 +110,7 @@ def evaluate(msg: Message, context: Context) -> Message:
             partition.train,
             epochs=config.head_refit_epochs,
             batch_size=config.batch_size,
-            learning_rate=float(msg.content["config"]["lr"]),
+            learning_rate=float(msg.content["config"][LR_KEY]),
             momentum=config.momentum,
             device=device(),
             generator=client_generator(config.seed, server_round, node.partition_id, REFIT_STREAM),
@@ -116,7 +122,7 @@ def evaluate(msg: Message, context: Context) -> Message:
         "eval_acc": own_acc,
         "eval_loss_global": global_loss,
         "eval_acc_global": global_acc,
-        "num-examples": len(partition.val),
+        ROWS_KEY: len(partition.val),
     }
     return Message(content=RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
 
@@ -167,9 +173,12 @@ class HeadStore:
 
     def __init__(self, config: AppConfig, node: NodeConfig, msg: Message) -> None:
         head_dir = node.head_dir or config.data_cache_dir / "heads"
-        lineage = msg.content["config"].get("lineage")
+        lineage = msg.content["config"].get(LINEAGE_KEY)
         # Without a lineage (a ServerApp other than this app's) heads stay in memory only.
         self.path = None
+        if lineage and not re.fullmatch(r"[0-9a-f]{32}", str(lineage)):
+            # It names a folder: anything but a plain run id could lead outside head-dir.
+            raise ConfigError(f"message key '{LINEAGE_KEY}' = {lineage!r} is not a run id (32 hex digits)")
         if lineage:
             name = f"partition-{node.partition_id}-of-{node.num_partitions}.pt"
             self.path = head_dir / str(lineage) / name

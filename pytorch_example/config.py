@@ -30,12 +30,9 @@ PRIVATE_HEAD = "private-head"
 STORED_HEAD = "stored-head"
 PERSONALISATIONS = (REFIT_HEAD, PRIVATE_HEAD, STORED_HEAD)
 
-# How the server combines the train replies (strategy.py maps each to a Flower strategy).
+# How the server combines the train replies (trust.py maps each to a Flower strategy).
 FEDAVG = "fedavg"
 AGGREGATIONS = (FEDAVG, "trimmed-mean", "median", "krum", "multi-krum", "bulyan")
-# With DP on, train replies are averaged by this metric, 1 in each: the noise is scaled
-# to a mean in which every client counts the same.
-EQUAL_WEIGHT_KEY = "equal-weight"
 
 # What decides each client's data and the model's meaning: a run resumed with other
 # values would silently mix two experiments, so it is refused.
@@ -46,12 +43,27 @@ RESUME_MUST_MATCH = (
     "partition-seed",
     "val-fraction",
     "personalisation",
-    # The privacy a run's epsilon accounts for: another noise or clipping norm would be another mechanism.
+    # The privacy a run's epsilon accounts for: another noise, clipping norm or delta would be
+    # another mechanism, or another epsilon.
     "dp-noise-multiplier",
     "dp-clipping-norm",
+    "dp-delta",
 )
-# What a run folder made before a key existed was run with.
-LEGACY_SETTINGS = {"personalisation": STORED_HEAD, "dp-noise-multiplier": 0.0}
+# The keys added after resume-from existed, with what a run folder made before them was run
+# with: the published example's stored heads, FedAvg and no DP (the other values, unused
+# by those, are the keys' first defaults).
+LEGACY_SETTINGS = {
+    "personalisation": STORED_HEAD,
+    "head-refit-epochs": 5,
+    "aggregation": FEDAVG,
+    "trim-fraction": 0.2,
+    "num-malicious": 1,
+    "multi-krum-keep": 0,
+    "dp-noise-multiplier": 0.0,
+    "dp-clipping-norm": 0.1,
+    "dp-delta": 1e-5,
+    "dp-max-epsilon": 0.0,
+}
 
 
 @dataclass(frozen=True)
@@ -226,8 +238,9 @@ class AppConfig:
 
     def resume_settings(self) -> dict:
         """The run-config values a resumed run must share with the run it continues (the
-        clipping norm only with DP on: without DP it changes nothing)."""
-        keys = [key for key in RESUME_MUST_MATCH if self.dp_on or key != "dp-clipping-norm"]
+        clipping norm and delta only with DP on: without DP they change nothing)."""
+        dp_only = ("dp-clipping-norm", "dp-delta")
+        keys = [key for key in RESUME_MUST_MATCH if self.dp_on or key not in dp_only]
         return {key: self.run_config_value(key) for key in keys}
 
     def run_config_value(self, key: str):
@@ -236,7 +249,9 @@ class AppConfig:
         return str(value) if isinstance(value, Path) else value
 
     def resume_error(self, err: Exception) -> ConfigError:
-        return ConfigError(f"run-config key 'resume-from' = '{self.resume_from}' {err}")
+        """`err`, what is wrong with the `resume-from` folder, as one line naming the key."""
+        line = " ".join(str(err).split())
+        return ConfigError(f"run-config key 'resume-from' = '{self.resume_from}' {line}")
 
     @property
     def data_source(self) -> DataSource:

@@ -57,9 +57,16 @@ def load_partition(source: DataSource, partitioning: Partitioning, partition_id:
     return Partition(train=_take(images, labels, train_rows), val=_take(images, labels, val_rows))
 
 
-def prepare_partitions(source: DataSource, partitioning: Partitioning) -> None:
-    """Decode the data and compute every client's rows now, or fail in one line."""
-    data_cache.packed_rows_file(source, partitioning, partition_rows)
+def prepare_partitions(source: DataSource, partitioning: Partitioning) -> tuple[int, int]:
+    """Decode the data and compute every client's rows now, or fail in one line.
+    Returns the most train rows and the most validation rows a client holds."""
+    rows = np.load(data_cache.packed_rows_file(source, partitioning, partition_rows), mmap_mode="r")
+    return data_cache.largest_partition(rows)
+
+
+def train_split_size(source: DataSource) -> int:
+    """How many images the train split holds: more than any client can."""
+    return len(data_cache.split_arrays(source, "train")[1])
 
 
 def load_test_set(source: DataSource) -> ImageSet:

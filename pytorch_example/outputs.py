@@ -1,13 +1,17 @@
 """The run folder and all a run leaves in it: config.json, results.json, resume.pt,
 best checkpoints, the final model, figures, and its Weights & Biases run. A run opens
 its folder here (new, or resumed), the strategy hands over each finished round, and
-only this module writes into the folder.
+only this module writes into the folder. A folder read back to resume passes one
+loader, `read_run_folder`, which checks all it reads before anything is written.
 """
 
 import json
 import os
+import re
+import reprlib
+import stat
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from datetime import datetime
 from logging import DEBUG, INFO, WARNING
 from pathlib import Path
@@ -18,11 +22,22 @@ from flwr.common.logger import log
 from flwr.serverapp.strategy import Result
 
 from pytorch_example import plots
-from pytorch_example.config import LEGACY_SETTINGS, AppConfig
+from pytorch_example.config import LEGACY_SETTINGS, AppConfig, ConfigError
 from pytorch_example.files import save_atomically, save_json_atomically
+from pytorch_example.task import Net
 
 # What a restart needs, rewritten after every round before results.json says it is done.
 RESUME_FILE = "resume.pt"
+CONFIG_FILE = "config.json"
+RESULTS_FILE = "results.json"
+# A lineage is `uuid.uuid4().hex`: clients make it a folder name, so nothing else passes.
+LINEAGE_PATTERN = re.compile(r"[0-9a-f]{32}")
+WANDB_ID_PATTERN = re.compile(r"[a-z0-9]{1,64}")
+# The fix for a folder whose files are damaged, or disagree with each other.
+DAMAGED = ": restore the folder, or start a new run"
+# A value read from a damaged file, shown in an error: long enough for a file name.
+SHOWN = reprlib.Repr()
+SHOWN.maxstring = SHOWN.maxother = 80
 
 # results.json sections, each from one of the `Result` fields Flower's strategies fill.
 RESULT_SECTIONS = {
@@ -76,8 +91,63 @@ class ResumeState:
     privacy_releases: int = 0  # DP rounds released, the round in progress included
 
 
+# resume.pt's fields: the first four in every version, the others added since.
+STATE_FIELDS = {state_field.name for state_field in fields(ResumeState)}
+REQUIRED_STATE_FIELDS = {"round", "arrays", "lineage", "settings"}
+
+
+@dataclass(frozen=True)
+class RunFolder:
+    """A run folder that `resume-from` may continue, read back and checked as a whole."""
+
+    run_config: dict  # its config.json, with the legacy value of each key added since
+    config: AppConfig  # the same, typed (but its own `resume-from`: a folder may move)
+    state: ResumeState
+
+
+def read_run_folder(run_dir: Path, model_shapes: dict[str, tuple]) -> RunFolder:
+    """The run `run_dir` holds, if its config.json, resume.pt and results.json are whole
+    and agree with each other; else `ResumeError`, naming the file and what is wrong.
+    `model_shapes`: this app's model, which resume.pt's arrays must be. Reads only."""
+    run_config = read_run_config(run_dir)
+    if not isinstance(run_config["resume-from"], str):
+        shown = SHOWN.repr(run_config["resume-from"])
+        raise ResumeError(f"its {CONFIG_FILE} holds resume-from = {shown}, not a path{DAMAGED}")
+    try:
+        # Its `resume-from` names the folder where it was written: only its type counts.
+        config = AppConfig.from_run_config({**run_config, "resume-from": ""})
+    except ConfigError as err:
+        raise ResumeError(f"its {CONFIG_FILE} holds a value this app refuses ({err}){DAMAGED}") from None
+    state = load_resume_state(run_dir, config.resume_settings(), model_shapes)
+    if problem := _privacy_problem(state, config.dp_on):
+        raise ResumeError(f"its {RESUME_FILE} {problem}{DAMAGED}")
+    _check_results_file(run_dir, state)
+    return RunFolder(run_config, config, state)
+
+
+def read_run_config(run_dir: Path) -> dict:
+    """`run_dir`'s config.json over `LEGACY_SETTINGS`, if it holds every run-config key
+    (but those added since) and no other; else `ResumeError`."""
+    saved = _read_json(run_dir / CONFIG_FILE)
+    if not isinstance(saved, dict):
+        raise ResumeError(f"its {CONFIG_FILE} holds a JSON {type(saved).__name__}, not a run-config{DAMAGED}")
+    known = {config_field.name.replace("_", "-") for config_field in fields(AppConfig)}
+    if unknown := sorted(saved.keys() - known):
+        raise ResumeError(
+            f"its {CONFIG_FILE} holds keys this app does not know ({', '.join(unknown)}){DAMAGED}"
+        )
+    if missing := sorted(known - saved.keys() - LEGACY_SETTINGS.keys()):
+        raise ResumeError(f"its {CONFIG_FILE} lacks run-config keys ({', '.join(missing)}){DAMAGED}")
+    return {**LEGACY_SETTINGS, **saved}
+
+
 def load_resume_state(run_dir: Path, settings: dict, model_shapes: dict[str, tuple]) -> ResumeState:
-    """The state `run_dir` was left in, if this run can continue it; else `ResumeError`."""
+    """The state `run_dir`'s resume.pt holds, every field checked; else `ResumeError`.
+
+    `settings`: what its config.json implies (`AppConfig.resume_settings`), which
+    resume.pt must repeat, but for keys added after it was written. `model_shapes`:
+    this app's model, which its arrays must be.
+    """
     path = run_dir / RESUME_FILE
     if not path.is_file():
         raise ResumeError(
@@ -85,24 +155,216 @@ def load_resume_state(run_dir: Path, settings: dict, model_shapes: dict[str, tup
         )
     try:
         saved = torch.load(path, weights_only=True)
-        state = ResumeState(**{**saved, "arrays": ArrayRecord(saved["arrays"])})
     except Exception as err:  # noqa: BLE001 (any unreadable file is the same to the user)
-        raise ResumeError(f"its {RESUME_FILE} cannot be read ({type(err).__name__}: {err})") from None
-    shapes = {key: tuple(array.shape) for key, array in state.arrays.items()}
-    if shapes != model_shapes:
-        raise ResumeError("its model is not this app's model (different layers or shapes)")
-    saved_settings = {**LEGACY_SETTINGS, **state.settings}
-    changed = [
-        f"{key} was {saved_settings.get(key)!r}"
-        for key in settings
-        if saved_settings.get(key) != settings[key]
-    ]
-    if changed:
-        raise ResumeError(
-            f"was made with other data, personalisation or privacy settings ({', '.join(changed)}): "
-            "run with those"
+        raise ResumeError(f"its {RESUME_FILE} cannot be read ({_error_line(err)}){DAMAGED}") from None
+    # Each check may rely on those before it.
+    problem = (
+        _fields_problem(saved)
+        or _arrays_problem(saved["arrays"], model_shapes)
+        or _rounds_problem(saved)
+        or _best_problem(saved, run_dir)
+        or _identity_problem(saved)
+        or _settings_problem(saved["settings"], settings)
+    )
+    if problem:
+        raise ResumeError(f"its {RESUME_FILE} {problem}")
+    return ResumeState(**{**saved, "arrays": ArrayRecord(saved["arrays"])})
+
+
+def _fields_problem(saved) -> str | None:
+    if not isinstance(saved, dict) or not all(isinstance(key, str) for key in saved):
+        return f"holds a {type(saved).__name__}, not a run's state{DAMAGED}"
+    if missing := sorted(REQUIRED_STATE_FIELDS - saved.keys()):
+        return f"lacks {', '.join(missing)}{DAMAGED}"
+    if unknown := sorted(saved.keys() - STATE_FIELDS):
+        return f"holds fields this app never writes ({', '.join(unknown)}){DAMAGED}"
+    return None
+
+
+def _arrays_problem(arrays, model_shapes: dict[str, tuple]) -> str | None:
+    if not isinstance(arrays, dict) or not all(isinstance(array, torch.Tensor) for array in arrays.values()):
+        return f"holds arrays that are not a model's tensors{DAMAGED}"
+    if {key: tuple(array.shape) for key, array in arrays.items()} != model_shapes:
+        return "holds a model that is not this app's model (different layers or shapes)"
+    for key, array in arrays.items():
+        if array.dtype != torch.float32 or array.layout != torch.strided:
+            return f"holds {key} as {array.dtype}, not as dense torch.float32{DAMAGED}"
+        if not torch.isfinite(array).all():
+            return f"holds {key} with NaN or infinite values{DAMAGED}"
+    return None
+
+
+def _rounds_problem(saved: dict) -> str | None:
+    """Rounds 1..round in order; the DP releases they record never go back, nor past
+    privacy_releases, which is at most one ahead (saved as a round releases)."""
+    last_round, round_results = saved["round"], saved.get("round_results")
+    if not _is_integer(last_round, low=0):
+        return f"holds round = {SHOWN.repr(last_round)}, not a round number{DAMAGED}"
+    if last_round == 0:
+        return "says no round finished: there is nothing to continue, start a new run"
+    if not isinstance(round_results, list) or len(round_results) != last_round:
+        return f"holds round_results that are not rounds 1 to {last_round}{DAMAGED}"
+    for number, entry in enumerate(round_results, start=1):
+        if problem := _entry_problem(number, entry):
+            return f"holds a round_results entry {number} that {problem}{DAMAGED}"
+    try:
+        json.dumps(round_results)  # what becomes results.json again
+    except (TypeError, ValueError):
+        return f"holds round_results that are not JSON{DAMAGED}"
+    privacy_releases = saved.get("privacy_releases", 0)
+    if not _is_integer(privacy_releases, low=0, high=last_round + 1):
+        return f"holds privacy_releases = {SHOWN.repr(privacy_releases)}, not 0 to {last_round + 1}{DAMAGED}"
+    releases = [_releases(entry) for entry in round_results if "privacy" in entry]
+    if releases != sorted(releases):
+        return f"records DP releases that go backwards ({releases}){DAMAGED}"
+    if releases and releases[-1] > privacy_releases:
+        return (
+            f"says {privacy_releases} DP round(s) were released, fewer than its round {len(round_results)} "
+            f"records ({releases[-1]}), so epsilon would restart too low{DAMAGED}"
         )
-    return state
+    return None
+
+
+def _entry_problem(number: int, entry) -> str | None:
+    """What is wrong with round `number`'s results entry, or None."""
+    if not isinstance(entry, dict) or not _is_integer(entry.get("round"), low=number, high=number):
+        return f"is not round {number}'s"
+    central = entry.get("evaluate_metrics_serverapp", {})
+    accuracy = central.get("accuracy") if isinstance(central, dict) else central
+    if accuracy is not None and not (_is_number(accuracy) and 0 <= accuracy <= 1):
+        return f"holds central accuracy {SHOWN.repr(accuracy)}, not a number in [0, 1]"
+    if "privacy" in entry and _releases(entry) is None:
+        return f"holds privacy {SHOWN.repr(entry['privacy'])}, without a count of releases"
+    return None
+
+
+def _releases(entry) -> int | None:
+    """How many DP rounds results entry `entry` says were released so far, if it says."""
+    privacy = entry.get("privacy") if isinstance(entry, dict) else None
+    releases = privacy.get("releases") if isinstance(privacy, dict) else None
+    return releases if _is_integer(releases, low=0) else None
+
+
+def _best_problem(saved: dict, run_dir: Path) -> str | None:
+    """The best round is the first with the highest central accuracy, and its checkpoint a
+    file of the folder, by the name it was saved under: W&B uploads that file."""
+    best = float("-inf"), None
+    for number, entry in enumerate(saved["round_results"], start=1):
+        accuracy = entry.get("evaluate_metrics_serverapp", {}).get("accuracy")
+        if accuracy is not None and accuracy > best[0]:
+            best = accuracy, number
+    saved_best = saved.get("best_accuracy", float("-inf")), saved.get("best_round")
+    if not _is_number(saved_best[0]) or not (saved_best[1] is None or _is_integer(saved_best[1], low=1)):
+        return f"holds best_accuracy, best_round = {SHOWN.repr(saved_best)}{DAMAGED}"
+    if saved_best != best:
+        return (
+            f"says its best round is {saved_best[1]} at accuracy {saved_best[0]}, but its round_results "
+            f"say {best[1]} at {best[0]}{DAMAGED}"
+        )
+    checkpoint = None if best[1] is None else checkpoint_name(best[1], best[0])
+    if saved.get("best_checkpoint") != checkpoint:
+        return f"names best_checkpoint {SHOWN.repr(saved.get('best_checkpoint'))}, not {checkpoint}{DAMAGED}"
+    if checkpoint is not None and not _is_regular_file(run_dir / checkpoint):
+        return f"names best checkpoint {checkpoint}, which is not a file in the folder{DAMAGED}"
+    return None
+
+
+def _identity_problem(saved: dict) -> str | None:
+    """The lineage names the clients' head folders; the W&B id, the W&B run to go on with."""
+    lineage, wandb_run_id = saved["lineage"], saved.get("wandb_run_id")
+    if not isinstance(lineage, str) or not LINEAGE_PATTERN.fullmatch(lineage):
+        return f"holds lineage {SHOWN.repr(lineage)}, not a run id (32 lowercase hex digits){DAMAGED}"
+    if wandb_run_id is not None and not (
+        isinstance(wandb_run_id, str) and WANDB_ID_PATTERN.fullmatch(wandb_run_id)
+    ):
+        return f"holds wandb_run_id {SHOWN.repr(wandb_run_id)}, not a W&B run id{DAMAGED}"
+    num_supernodes = saved.get("num_supernodes")
+    if num_supernodes is not None and not _is_integer(num_supernodes, low=0):
+        return f"holds num_supernodes = {SHOWN.repr(num_supernodes)}, not a count{DAMAGED}"
+    return None
+
+
+def _settings_problem(saved_settings, settings: dict) -> str | None:
+    """resume.pt repeats the settings its config.json implies (one written before a key
+    was added lacks that key)."""
+    if not isinstance(saved_settings, dict):
+        return f"holds settings {SHOWN.repr(saved_settings)}, not a dict{DAMAGED}"
+    missing = settings.keys() - saved_settings.keys() - LEGACY_SETTINGS.keys()
+    unknown = saved_settings.keys() - settings.keys()
+    differ = {key for key in settings.keys() & saved_settings.keys() if saved_settings[key] != settings[key]}
+    if disagree := sorted(map(str, missing | unknown | differ)):
+        return f"and its {CONFIG_FILE} disagree on {', '.join(disagree)}{DAMAGED}"
+    return None
+
+
+def _privacy_problem(state: ResumeState, dp_on: bool) -> str | None:
+    """With DP on, every round says what it spent so far; with DP off, none does."""
+    recorded = ["privacy" in entry for entry in state.round_results]
+    if not dp_on and (state.privacy_releases or any(recorded)):
+        return f"records DP releases, but its {CONFIG_FILE} has DP off (dp-noise-multiplier = 0)"
+    if dp_on and not all(recorded):
+        return f"lacks the privacy spent in some rounds, though its {CONFIG_FILE} has DP on"
+    return None
+
+
+def _check_results_file(run_dir: Path, state: ResumeState) -> None:
+    """results.json holds resume.pt's rounds, or all but the last (resume.pt is written first)."""
+    path = run_dir / RESULTS_FILE
+    if not path.exists() and len(state.round_results) == 1:
+        return  # killed between the two writes of round 1
+    results = _read_json(path)
+    if not isinstance(results, list):
+        raise ResumeError(f"its {RESULTS_FILE} holds a JSON {type(results).__name__}, not rounds{DAMAGED}")
+    released = max((_releases(entry) or 0 for entry in results), default=0)
+    if released > state.privacy_releases:
+        raise ResumeError(
+            f"its {RESULTS_FILE} says {released} DP round(s) were released, its {RESUME_FILE} only "
+            f"{state.privacy_releases}, so epsilon would restart too low{DAMAGED}"
+        )
+    # Compared as JSON text: a NaN loss equals itself there.
+    if json.dumps(results) not in (json.dumps(state.round_results), json.dumps(state.round_results[:-1])):
+        raise ResumeError(
+            f"its {RESULTS_FILE} holds other rounds than its {RESUME_FILE} (1 to {state.round}, or to "
+            f"{state.round - 1}){DAMAGED}"
+        )
+
+
+def _read_json(path: Path):
+    """The JSON in `path`, or `ResumeError` saying why there is none."""
+    if not path.is_file():
+        raise ResumeError(f"holds no {path.name}: not a run folder of this app, or a damaged one")
+    try:
+        return json.loads(path.read_bytes())
+    except (OSError, ValueError, RecursionError) as err:
+        raise ResumeError(f"its {path.name} cannot be read ({_error_line(err)}){DAMAGED}") from None
+
+
+def checkpoint_name(server_round: int, accuracy: float) -> str:
+    """The file name of a best checkpoint."""
+    return f"best_model_round_{server_round}_acc_{accuracy:.4f}.pt"
+
+
+def _is_integer(value, low: int, high: int | None = None) -> bool:
+    in_range = isinstance(value, int) and not isinstance(value, bool) and low <= value
+    return in_range and (high is None or value <= high)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _is_regular_file(path: Path) -> bool:
+    """A plain file, not a link to one elsewhere."""
+    try:
+        return stat.S_ISREG(path.lstat().st_mode)
+    except OSError:
+        return False
+
+
+def _error_line(err: Exception) -> str:
+    """The error's type and the first line of its message (torch.load's run on)."""
+    lines = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {lines[0]}" if lines else type(err).__name__
 
 
 class RunOutputs:
@@ -143,7 +405,8 @@ class RunOutputs:
     ) -> "RunOutputs":
         """This run's folder: a new `<output-dir>/<date>/<time>`, or with `resume-from`
         that folder, continued after its last completed round. A folder this run cannot
-        continue raises `ConfigError`, in one line."""
+        continue (damaged, altered, or made with other settings) raises `ConfigError`,
+        in one line, and is left as it was."""
         wandb_project = config.wandb_project if config.use_wandb else None
         if config.resume_from is None:
             run_dir = create_run_dir(config.output_dir)
@@ -155,9 +418,21 @@ class RunOutputs:
             return outputs
         model_shapes = {key: tuple(array.shape) for key, array in initial_arrays.items()}
         try:
-            resumed = load_resume_state(config.resume_from, config.resume_settings(), model_shapes)
+            folder = read_run_folder(config.resume_from, model_shapes)
         except ResumeError as err:
             raise config.resume_error(err) from None
+        settings = config.resume_settings()
+        if changed := [
+            f"{key} was {folder.config.run_config_value(key)!r}"
+            for key, value in settings.items()
+            if folder.config.run_config_value(key) != value
+        ]:
+            raise config.resume_error(
+                f"was made with other data, personalisation or privacy settings ({', '.join(changed)}): "
+                "run with those"
+            )
+        resumed = folder.state
+        resumed.settings = settings  # an older folder's state lacks the keys added since
         if resumed.round >= config.num_server_rounds:
             raise config.resume_error(
                 f"already finished round {resumed.round}: raise num-server-rounds above it to go on"
@@ -194,7 +469,7 @@ class RunOutputs:
         return self.state.round + 1
 
     def __enter__(self) -> "RunOutputs":
-        save_json_atomically(self.run_dir / "config.json", self.run_config)
+        save_json_atomically(self.run_dir / CONFIG_FILE, self.run_config)
         self.wandb_run = start_wandb(
             self.wandb_project, self.run_dir, self.run_config, self.state.wandb_run_id
         )
@@ -202,7 +477,7 @@ class RunOutputs:
             self.state.wandb_run_id = self.wandb_run.id
         if self.state.round_results:
             # What the folder said when it was left, whatever happened after resume.pt.
-            save_json_atomically(self.run_dir / "results.json", self.state.round_results)
+            save_json_atomically(self.run_dir / RESULTS_FILE, self.state.round_results)
         return self
 
     def __exit__(self, error_type, error, traceback) -> None:
@@ -261,7 +536,7 @@ class RunOutputs:
 
         accuracy = round_result["evaluate_metrics_serverapp"].get("accuracy")
         if accuracy is not None and accuracy > state.best_accuracy:
-            checkpoint = self.run_dir / f"best_model_round_{server_round}_acc_{accuracy:.4f}.pt"
+            checkpoint = self.run_dir / checkpoint_name(server_round, accuracy)
             save_model(checkpoint, result.arrays)
             state.best_accuracy, state.best_round, state.best_checkpoint = (
                 accuracy,
@@ -276,7 +551,7 @@ class RunOutputs:
         # The restart state first: a crash between the two writes loses nothing, since a
         # resumed run rewrites results.json from it.
         self._save_resume_state()
-        save_json_atomically(self.run_dir / "results.json", state.round_results)
+        save_json_atomically(self.run_dir / RESULTS_FILE, state.round_results)
 
         if self.wandb_run is not None:
             series = {
@@ -315,12 +590,13 @@ class RunOutputs:
 def continued_run_config(run_config: dict, config: AppConfig) -> dict:
     """The run-config a resumed run goes on with: that of the run it continues (its
     folder's config.json), but for the keys this command sets to other than their
-    defaults. So `resume-from` alone continues a run as it was started."""
-    saved_path = config.resume_from / "config.json"
+    defaults. So `resume-from` alone continues a run as it was started. A folder this
+    run cannot continue raises `ConfigError`, in one line, before anything is written."""
+    model_shapes = {key: tuple(array.shape) for key, array in Net().state_dict().items()}
     try:
-        saved = {**LEGACY_SETTINGS, **json.loads(saved_path.read_text())}
-    except (OSError, ValueError):
-        return run_config  # not a run folder: RunOutputs.open says so in one line
+        saved = read_run_folder(config.resume_from, model_shapes).run_config
+    except ResumeError as err:
+        raise config.resume_error(err) from None
     defaults = AppConfig()
     taken = {
         key: value
@@ -332,7 +608,12 @@ def continued_run_config(run_config: dict, config: AppConfig) -> dict:
     }
     if taken:
         settings = " ".join(f"{key}={value!r}" for key, value in taken.items())
-        log(INFO, "Resuming with the settings in %s: %s (--run-config overrides them)", saved_path, settings)
+        log(
+            INFO,
+            "Resuming with the settings in %s: %s (--run-config overrides them)",
+            config.resume_from / CONFIG_FILE,
+            settings,
+        )
     return {**run_config, **taken}
 
 

@@ -10,10 +10,12 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
 from pytorch_example import task
-from pytorch_example.config import PRIVATE_HEAD, AppConfig, ConfigError, project_dir
-from pytorch_example.data import ImageSet, load_test_set, prepare_partitions
+from pytorch_example.client_app import LINEAGE_KEY
+from pytorch_example.config import AppConfig, ConfigError, project_dir
+from pytorch_example.data import ImageSet, load_test_set, prepare_partitions, train_split_size
 from pytorch_example.outputs import RunOutputs, continued_run_config
-from pytorch_example.strategy import RoundLoop, RunFailed, build_strategy, check_federation
+from pytorch_example.rounds import ReplyGate, RoundLoop, RunFailed
+from pytorch_example.trust import build_strategy, check_federation, privacy_ledger
 
 app = ServerApp()
 
@@ -40,40 +42,31 @@ def main(grid: Grid, context: Context) -> None:
         num_supernodes = len(list(grid.get_node_ids()))
         log(INFO, "The federation has %d SuperNodes connected", num_supernodes)
         check_federation(config, num_supernodes)
-        test_set = prepare_data(config, num_supernodes)
+        test_set, max_rows = prepare_data(config, num_supernodes)
         torch.manual_seed(config.seed)
         initial_arrays = ArrayRecord(task.Net().state_dict())
         outputs = RunOutputs.open(config, run_config, num_supernodes, initial_arrays)
-        strategy = build_strategy(config, num_supernodes, outputs.privacy_releases)
+        strategy = build_strategy(config, num_supernodes)
+        privacy = privacy_ledger(config, num_supernodes, outputs.privacy_releases)
     except ConfigError as err:
         # One readable line first; re-raising marks the run failed with it as the reason.
         log(ERROR, "%s", err)
         raise
 
-    # Central evaluation runs while the ClientApps evaluate (see the strategy): one CPU
+    # Central evaluation runs while the ClientApps evaluate (see rounds.py): one CPU
     # thread keeps it from fighting them for cores, at little cost on this small model.
     torch.set_num_threads(1)
     with outputs:
-        rounds = RoundLoop(
-            outputs=outputs,
-            learning_rate_at=config.learning_rate_at,
-            max_failed_rounds=config.max_failed_rounds,
-            # With a private head, clients send the body only: the global head stays the initial one.
-            frozen_keys=task.HEAD_KEYS if config.personalisation == PRIVATE_HEAD else (),
-            equal_weights=config.dp_on,
-        )
-        # Clients read the run's settings from each message (a resumed run's may not be
-        # their run-config's), and key the heads they keep on disk by its lineage.
-        client_config = ConfigRecord({**run_config, "lineage": outputs.lineage})
+        gate = ReplyGate.for_run(config, initial_arrays, *max_rows)
+        rounds = RoundLoop(config, outputs, gate, privacy)
         try:
             rounds.run(
                 strategy,
                 grid=grid,
                 initial_arrays=outputs.arrays,
-                num_rounds=config.num_server_rounds,
-                timeout=config.round_timeout,
-                train_config=client_config,
-                evaluate_config=ConfigRecord(dict(client_config)),
+                # Clients read the run's settings from each message (a resumed run's may not
+                # be their run-config's), and key the heads they keep on disk by its lineage.
+                client_config=ConfigRecord({**run_config, LINEAGE_KEY: outputs.lineage}),
                 evaluate_fn=central_evaluation(test_set, config),
                 first_round=outputs.next_round,
             )
@@ -82,17 +75,20 @@ def main(grid: Grid, context: Context) -> None:
             raise
 
 
-def prepare_data(config: AppConfig, num_supernodes: int) -> ImageSet:
+def prepare_data(config: AppConfig, num_supernodes: int) -> tuple[ImageSet, tuple[int, int]]:
     """Decode the data and cut it into one partition per SuperNode, before round 1.
 
     The ClientApps then only map the cached files; a setting the data cannot satisfy
-    fails here, once, instead of in every ClientApp.
+    fails here, once, instead of in every ClientApp. Returns the test split and the
+    most train and validation rows a client may claim: the largest partition's, or with
+    no SuperNode yet to count, the whole train split.
     """
     # The test split is decoded (or mapped from the cache) once for the whole run.
     test_set = load_test_set(config.data_source)
     if num_supernodes > 0:
-        prepare_partitions(config.data_source, config.partitioning(num_supernodes))
-    return test_set
+        return test_set, prepare_partitions(config.data_source, config.partitioning(num_supernodes))
+    whole = train_split_size(config.data_source)
+    return test_set, (whole, whole)
 
 
 def central_evaluation(test_set: ImageSet, config: AppConfig):

@@ -12,6 +12,7 @@ HF_HOME = tempfile.mkdtemp(prefix="pytorch-example-hf-")
 os.environ["HF_HOME"] = HF_HOME
 
 import pytest  # noqa: E402
+from flwr.supercore.task_identity import TaskIdentity  # noqa: E402
 
 from harness.flower_processes import LocalFederation, copy_app  # noqa: E402
 from harness.synthetic_fmnist import write_idx_dataset  # noqa: E402
@@ -19,6 +20,13 @@ from harness.synthetic_fmnist import write_idx_dataset  # noqa: E402
 
 def pytest_sessionfinish(session, exitstatus):
     shutil.rmtree(HF_HOME, ignore_errors=True)
+
+
+@pytest.fixture(autouse=True)
+def serverapp_identity(monkeypatch):
+    """What Flower sets in a ServerApp process before a strategy creates messages."""
+    for name, value in (("_run_id", 1), ("_node_id", 0), ("_task_id", 1)):
+        monkeypatch.setattr(TaskIdentity, name, value)
 
 
 @pytest.fixture(scope="session")

@@ -6,7 +6,6 @@ from pathlib import Path
 import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
 
 from harness.flower_processes import default_run_config
 from harness.synthetic_fmnist import write_idx_dataset
@@ -61,10 +60,8 @@ def test_the_node_config_is_read_once_and_each_fault_is_one_clear_line():
 
 
 @pytest.fixture
-def run_config(tmp_path, monkeypatch) -> dict:
-    """A run-config on a small generated data set, in a process set up as a ClientApp's."""
-    for name, value in (("_run_id", 1), ("_node_id", 0), ("_task_id", 1)):
-        monkeypatch.setattr(TaskIdentity, name, value)
+def run_config(tmp_path) -> dict:
+    """A run-config on a small generated data set."""
     dataset = write_idx_dataset(tmp_path / "data", num_train=600, num_test=100)
     return {**default_run_config(), "dataset-path": str(dataset), "data-cache-dir": str(tmp_path / "cache")}
 
@@ -74,7 +71,7 @@ def client_context(run_config: dict, partition_id: int = 0, **node_config) -> Co
     return Context(run_id=1, node_id=1, node_config=node_config, state=RecordDict(), run_config=run_config)
 
 
-def message(kind: str, arrays: ArrayRecord, server_round: int = 1, lineage: str = "run-a") -> Message:
+def message(kind: str, arrays: ArrayRecord, server_round: int = 1, lineage: str = "a" * 32) -> Message:
     config = ConfigRecord({"server-round": server_round, "lr": 0.1, "lineage": lineage})
     return Message(content=RecordDict({"arrays": arrays, "config": config}), dst_node_id=1, message_type=kind)
 
@@ -223,7 +220,7 @@ def test_the_head_outlives_its_process_on_the_clients_disk(
 
     kept_context = client_context(run_config, partition_id=1, **node_config)
     (train if kind == "train" else evaluate)(message(kind, arrays), kept_context)
-    head_file = tmp_path / "heads" / "run-a" / "partition-1-of-2.pt"
+    head_file = tmp_path / "heads" / ("a" * 32) / "partition-1-of-2.pt"
     kept_head = kept_context.state[HEAD_STATE_KEY].to_torch_state_dict()
     for name, value in torch.load(head_file, weights_only=True).items():
         torch.testing.assert_close(value, kept_head[name])
@@ -241,7 +238,7 @@ def test_the_head_outlives_its_process_on_the_clients_disk(
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="flwr"):
         evaluate(
-            message("evaluate", arrays, lineage="run-b"),
+            message("evaluate", arrays, lineage="b" * 32),
             client_context(run_config, partition_id=1, **node_config),
         )
     assert "Restored" not in caplog.text  # a new lineage starts fresh

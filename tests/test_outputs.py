@@ -1,6 +1,9 @@
 """What a run leaves behind: results.json, checkpoints, config.json and W&B."""
 
+import hashlib
 import json
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -9,8 +12,14 @@ from flwr.serverapp.strategy import Result
 
 from harness.flower_processes import default_run_config
 from harness.wandb_offline import read_offline_run
-from pytorch_example.config import AppConfig
-from pytorch_example.outputs import ResumeError, RunOutputs, continued_run_config, load_resume_state
+from pytorch_example.config import LEGACY_SETTINGS, AppConfig, ConfigError
+from pytorch_example.outputs import (
+    ResumeError,
+    RunOutputs,
+    continued_run_config,
+    load_resume_state,
+    read_run_folder,
+)
 from pytorch_example.task import Net
 
 
@@ -165,40 +174,131 @@ def test_wandb_off_starts_no_run(tmp_path):
 
 MODEL_SHAPES = {key: tuple(value.shape) for key, value in Net().state_dict().items()}
 SETTINGS = {"dataset-name": "zalando-datasets/fashion_mnist", "dirichlet-alpha": 1.0}
+DP = {"dp-noise-multiplier": 1.0}
+
+
+def run_folder(tmp_path: Path, rounds=((1, 0.3), (2, 0.6)), **settings) -> Path:
+    """A run folder as a run of 5 rounds leaves it when killed after `rounds`: opened by
+    `RunOutputs.open`, each round recorded, its privacy too with DP on."""
+    run_config = {
+        **default_run_config(),
+        "num-server-rounds": 5,
+        "output-dir": str(tmp_path),
+        "use-wandb": False,
+        **settings,
+    }
+    config = AppConfig.from_run_config(run_config)
+    with RunOutputs.open(config, run_config, 4, ArrayRecord(Net().state_dict())) as outputs:
+        for server_round, accuracy in rounds:
+            privacy = {"epsilon": 1.5 * server_round, "delta": 1e-5, "releases": server_round}
+            outputs.record_round(
+                server_round,
+                result_after_round(Result(), server_round, accuracy),
+                0.1,
+                {},
+                privacy if config.dp_on else None,
+            )
+    return outputs.run_dir
+
+
+@pytest.fixture(scope="module")
+def made_folders(tmp_path_factory) -> dict[str, Path]:
+    """One run folder without DP and one with, made once: the tests damage copies."""
+    root = tmp_path_factory.mktemp("made")
+    return {"plain": run_folder(root / "plain"), "dp": run_folder(root / "dp", **DP)}
+
+
+@pytest.fixture
+def killed_run(made_folders, tmp_path) -> Path:
+    return shutil.copytree(made_folders["plain"], tmp_path / "run")
+
+
+@pytest.fixture
+def killed_dp_run(made_folders, tmp_path) -> Path:
+    return shutil.copytree(made_folders["dp"], tmp_path / "run")
+
+
+def resume(run_dir: Path, **settings) -> RunOutputs:
+    """What the ServerApp does with `resume-from`: the folder's run-config, then the folder."""
+    run_config = {**default_run_config(), "use-wandb": False, "resume-from": str(run_dir), **settings}
+    run_config = continued_run_config(run_config, AppConfig.from_run_config(run_config))
+    config = AppConfig.from_run_config(run_config)
+    return RunOutputs.open(config, run_config, 4, ArrayRecord(Net().state_dict()))
+
+
+def folder_bytes(run_dir: Path) -> dict[str, str]:
+    return {
+        str(path.relative_to(run_dir)): hashlib.sha256(path.read_bytes()).hexdigest()
+        for path in sorted(run_dir.rglob("*"))
+        if path.is_file()
+    }
+
+
+def assert_refused(run_dir: Path, message: str, **settings) -> None:
+    """`resume-from` `run_dir` fails in one line matching `message`, and changes no file."""
+    before = folder_bytes(run_dir)
+    with pytest.raises(ConfigError, match=message) as refusal, resume(run_dir, **settings):
+        pass
+    assert "\n" not in str(refusal.value)
+    assert folder_bytes(run_dir) == before
+
+
+def edit_state(run_dir: Path, **changes) -> None:
+    """Rewrite resume.pt with `changes`; a change of None drops the field."""
+    state = torch.load(run_dir / "resume.pt", weights_only=True)
+    state = {key: value for key, value in {**state, **changes}.items() if value is not None}
+    torch.save(state, run_dir / "resume.pt")
+
+
+def edit_json(path: Path, change) -> None:
+    path.write_text(json.dumps(change(json.loads(path.read_text()))))
 
 
 def test_every_round_leaves_what_a_restart_needs(tmp_path):
-    with RunOutputs(tmp_path, {}, wandb_project=None, resume_settings=SETTINGS) as outputs:
-        result = Result()
-        for server_round, accuracy in ((1, 0.3), (2, 0.6), (3, 0.5)):
-            outputs.record_round(server_round, result_after_round(result, server_round, accuracy), 0.1)
-    state = load_resume_state(tmp_path, SETTINGS, MODEL_SHAPES)
-    assert state.round == 3 and state.lineage == outputs.lineage
+    run_dir = run_folder(tmp_path, rounds=((1, 0.3), (2, 0.6), (3, 0.5)))
+    folder = read_run_folder(run_dir, MODEL_SHAPES)
+    state = folder.state
+    assert folder.run_config == json.loads((run_dir / "config.json").read_text())
+    assert state.round == 3 and len(state.lineage) == 32
     assert (state.best_accuracy, state.best_round) == (0.6, 2)
     assert state.best_checkpoint == "best_model_round_2_acc_0.6000.pt"
     assert [entry["round"] for entry in state.round_results] == [1, 2, 3]
-    for name, value in result.arrays.to_torch_state_dict().items():
+    saved = torch.load(run_dir / "resume.pt", weights_only=True)["arrays"]
+    for name, value in saved.items():
         torch.testing.assert_close(state.arrays.to_torch_state_dict()[name], value)
 
 
+def test_a_genuine_folder_resumes_where_it_stood(tmp_path):
+    run_dir = run_folder(tmp_path, **{"learning-rate": 0.02, "aggregation": "median"})
+    lineage = read_run_folder(run_dir, MODEL_SHAPES).state.lineage
+    with resume(run_dir) as outputs:  # `resume-from` alone: the folder's settings
+        assert (outputs.next_round, outputs.lineage) == (3, lineage)
+        assert outputs.run_config["learning-rate"] == 0.02 and outputs.run_config["aggregation"] == "median"
+        outputs.record_round(3, result_after_round(Result(), 3, 0.7), 0.02)
+    assert [entry["round"] for entry in json.loads((run_dir / "results.json").read_text())] == [1, 2, 3]
+    assert read_run_folder(run_dir, MODEL_SHAPES).state.best_checkpoint == "best_model_round_3_acc_0.7000.pt"
+
+
 def test_a_resumed_run_keeps_its_best_and_rewrites_results_from_its_state(tmp_path):
-    with RunOutputs(tmp_path, {}, wandb_project=None, resume_settings=SETTINGS) as outputs:
-        result = Result()
-        for server_round, accuracy in ((1, 0.3), (2, 0.6)):
-            outputs.record_round(server_round, result_after_round(result, server_round, accuracy), 0.1)
+    run_dir = run_folder(tmp_path)
     # A crash after resume.pt but before results.json: the folder says one round less.
-    (tmp_path / "results.json").write_text(
-        json.dumps(json.loads((tmp_path / "results.json").read_text())[:1])
-    )
-    state = load_resume_state(tmp_path, SETTINGS, MODEL_SHAPES)
-    with RunOutputs(tmp_path, {}, None, SETTINGS, resumed=state) as outputs:
-        assert [entry["round"] for entry in json.loads((tmp_path / "results.json").read_text())] == [1, 2]
+    edit_json(run_dir / "results.json", lambda results: results[:1])
+    with resume(run_dir) as outputs:
+        assert [entry["round"] for entry in json.loads((run_dir / "results.json").read_text())] == [1, 2]
         outputs.record_round(3, result_after_round(Result(), 3, 0.5), 0.05)  # not a new best
-    assert sorted(path.name for path in tmp_path.glob("best_model_*.pt")) == [
+    assert sorted(path.name for path in run_dir.glob("best_model_*.pt")) == [
         "best_model_round_1_acc_0.3000.pt",
         "best_model_round_2_acc_0.6000.pt",
     ]
-    assert [entry["round"] for entry in json.loads((tmp_path / "results.json").read_text())] == [1, 2, 3]
+    assert [entry["round"] for entry in json.loads((run_dir / "results.json").read_text())] == [1, 2, 3]
+
+
+def test_a_run_killed_before_its_first_results_json_resumes(tmp_path):
+    run_dir = run_folder(tmp_path, rounds=((1, 0.3),))
+    (run_dir / "results.json").unlink()
+    with resume(run_dir) as outputs:
+        assert outputs.next_round == 2
+    assert [entry["round"] for entry in json.loads((run_dir / "results.json").read_text())] == [1]
 
 
 @pytest.mark.parametrize(
@@ -209,41 +309,229 @@ def test_a_resumed_run_keeps_its_best_and_rewrites_results_from_its_state(tmp_pa
             lambda run_dir: (run_dir / "resume.pt").write_bytes(b"not a checkpoint"),
             "resume.pt cannot be read",
         ),
+        (lambda run_dir: (run_dir / "config.json").unlink(), "holds no config.json"),
     ],
-    ids=["no state", "unreadable state"],
+    ids=["no state", "unreadable state", "no config"],
 )
-def test_a_folder_without_usable_state_is_refused(tmp_path, damage, message):
-    with RunOutputs(tmp_path, {}, wandb_project=None, resume_settings=SETTINGS) as outputs:
-        outputs.record_round(1, result_after_round(Result(), 1, 0.3), 0.1)
-    damage(tmp_path)
-    with pytest.raises(ResumeError, match=message):
-        load_resume_state(tmp_path, SETTINGS, MODEL_SHAPES)
+def test_a_folder_without_usable_state_is_refused(killed_run, damage, message):
+    damage(killed_run)
+    assert_refused(killed_run, message)
 
 
-def test_other_data_settings_or_another_model_are_refused(tmp_path):
-    with RunOutputs(tmp_path, {}, wandb_project=None, resume_settings=SETTINGS) as outputs:
-        outputs.record_round(1, result_after_round(Result(), 1, 0.3), 0.1)
-    with pytest.raises(
-        ResumeError, match=r"other data, personalisation or privacy settings \(dirichlet-alpha was 1.0\)"
-    ):
-        load_resume_state(tmp_path, {**SETTINGS, "dirichlet-alpha": 0.5}, MODEL_SHAPES)
-    with pytest.raises(ResumeError, match="its model is not this app's model"):
-        load_resume_state(tmp_path, SETTINGS, {**MODEL_SHAPES, "fc2.weight": (20, 128)})
+def test_other_data_settings_or_another_model_are_refused(killed_run):
+    run_dir = killed_run
+    assert_refused(
+        run_dir,
+        r"other data, personalisation or privacy settings \(dirichlet-alpha was 1.0\)",
+        **{"dirichlet-alpha": 0.5},
+    )
+    with pytest.raises(ResumeError, match="holds a model that is not this app's model"):
+        read_run_folder(run_dir, {**MODEL_SHAPES, "fc2.weight": (20, 128)})
 
 
-def test_a_folder_made_before_personalisation_existed_resumes_as_stored_head(tmp_path):
-    # Its saved settings lack the key: it was run as the published example, stored heads.
-    with RunOutputs(tmp_path, {}, wandb_project=None, resume_settings=SETTINGS) as outputs:
-        outputs.record_round(1, result_after_round(Result(), 1, 0.3), 0.1)
-    load_resume_state(tmp_path, {**SETTINGS, "personalisation": "stored-head"}, MODEL_SHAPES)
-    with pytest.raises(ResumeError, match=r"personalisation was 'stored-head'"):
-        load_resume_state(tmp_path, {**SETTINGS, "personalisation": "refit-head"}, MODEL_SHAPES)
+def test_a_dp_run_resumes_only_with_its_delta_and_goes_on_from_its_releases(killed_dp_run):
+    run_dir = killed_dp_run
+    assert_refused(run_dir, r"dp-delta was 1e-05", **{"dp-delta": 1e-6})
+    # A folder from before dp-delta had to match: its resume.pt does not repeat it.
+    settings = torch.load(run_dir / "resume.pt", weights_only=True)["settings"]
+    edit_state(run_dir, settings={key: value for key, value in settings.items() if key != "dp-delta"})
+    with resume(run_dir) as outputs:
+        assert outputs.privacy_releases == 2 and outputs.state.settings == settings
 
-    # `resume-from` alone takes the folder's settings, the legacy one included.
-    (tmp_path / "config.json").write_text(json.dumps({"dirichlet-alpha": 1.0}))
-    run_config = {**default_run_config(), "resume-from": str(tmp_path)}
-    continued = continued_run_config(run_config, AppConfig.from_run_config(run_config))
-    assert continued["personalisation"] == "stored-head"
+
+def test_a_folder_made_before_personalisation_and_dp_existed_resumes_as_stored_head(tmp_path):
+    run_dir = run_folder(tmp_path, personalisation="stored-head")
+    # As the first resumable version wrote it: no key added since, in either file.
+    edit_json(
+        run_dir / "config.json",
+        lambda config: {key: value for key, value in config.items() if key not in LEGACY_SETTINGS},
+    )
+    old_settings = ("dataset-name", "dataset-path", "dirichlet-alpha", "partition-seed", "val-fraction")
+    settings = torch.load(run_dir / "resume.pt", weights_only=True)["settings"]
+    edit_state(
+        run_dir,
+        settings={key: settings[key] for key in old_settings},
+        num_supernodes=None,
+        privacy_releases=None,
+    )
+    assert_refused(run_dir, r"personalisation was 'stored-head'", personalisation="private-head")
+    with resume(run_dir) as outputs:  # `resume-from` alone takes the legacy setting
+        assert outputs.run_config["personalisation"] == "stored-head"
+        assert outputs.state.settings == settings  # the next resume.pt says it in full
+
+
+def set_best_checkpoint(name: str):
+    return lambda run_dir: edit_state(run_dir, best_checkpoint=name)
+
+
+def lower_all_releases(run_dir: Path) -> None:
+    """resume.pt says no DP round was released, its own rounds included; results.json says 2."""
+    round_results = torch.load(run_dir / "resume.pt", weights_only=True)["round_results"]
+    for entry in round_results:
+        entry["privacy"] = {**entry["privacy"], "releases": 0}
+    edit_state(run_dir, privacy_releases=0, round_results=round_results)
+
+
+def truncate_config(run_dir: Path) -> None:
+    text = (run_dir / "config.json").read_text()
+    (run_dir / "config.json").write_text(text[: len(text) // 2])
+
+
+def edit_arrays(change):
+    def edit(run_dir: Path) -> None:
+        arrays = torch.load(run_dir / "resume.pt", weights_only=True)["arrays"]
+        edit_state(run_dir, arrays={key: change(value) for key, value in arrays.items()})
+
+    return edit
+
+
+def edit_results(run_dir: Path) -> None:
+    def better_round_1(results: list) -> list:
+        results[0]["evaluate_metrics_serverapp"]["accuracy"] = 0.9
+        return results
+
+    edit_json(run_dir / "results.json", better_round_1)
+
+
+def link_best_checkpoint_elsewhere(run_dir: Path) -> None:
+    checkpoint = run_dir / "best_model_round_2_acc_0.6000.pt"
+    checkpoint.unlink()
+    checkpoint.symlink_to(run_dir / "resume.pt")
+
+
+def config_without(key: str):
+    return lambda run_dir: edit_json(
+        run_dir / "config.json", lambda config: {name: value for name, value in config.items() if name != key}
+    )
+
+
+def config_with(**values):
+    return lambda run_dir: edit_json(run_dir / "config.json", lambda config: {**config, **values})
+
+
+def state_with(**fields):
+    return lambda run_dir: edit_state(run_dir, **fields)
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        pytest.param(
+            state_with(lineage="../../.."), r"resume.pt holds lineage '\.\./\.\./\.\.'", id="lineage"
+        ),
+        pytest.param(
+            state_with(best_checkpoint="/etc/passwd"),
+            "resume.pt names best_checkpoint '/etc/passwd'",
+            id="absolute checkpoint",
+        ),
+        pytest.param(
+            state_with(best_checkpoint="../best_model_round_2_acc_0.6000.pt"),
+            r"resume.pt names best_checkpoint '\.\./best_model_round_2_acc_0.6000.pt'",
+            id="checkpoint in ..",
+        ),
+        pytest.param(
+            link_best_checkpoint_elsewhere,
+            "best_model_round_2_acc_0.6000.pt, which is not a file in the folder",
+            id="checkpoint a link",
+        ),
+        pytest.param(
+            lambda run_dir: (run_dir / "best_model_round_2_acc_0.6000.pt").unlink(),
+            "best_model_round_2_acc_0.6000.pt, which is not a file in the folder",
+            id="checkpoint gone",
+        ),
+        pytest.param(state_with(best_accuracy=0.9), "resume.pt says its best round is 2 at", id="best"),
+        pytest.param(state_with(wandb_run_id="../x"), r"resume.pt holds wandb_run_id '\.\./x'", id="W&B id"),
+        pytest.param(
+            state_with(round=1), "resume.pt holds round_results that are not rounds 1 to 1", id="round"
+        ),
+        pytest.param(state_with(round=0), "resume.pt says no round finished", id="round 0"),
+        pytest.param(
+            lambda run_dir: torch.save([1, 2], run_dir / "resume.pt"),
+            "resume.pt holds a list, not a run's state",
+            id="not a dict",
+        ),
+        pytest.param(
+            state_with(spare=1), r"resume.pt holds fields this app never writes \(spare\)", id="field"
+        ),
+        pytest.param(
+            edit_arrays(lambda array: array.fill_(float("nan"))),
+            "resume.pt holds conv1.weight with NaN",
+            id="NaN",
+        ),
+        pytest.param(
+            edit_arrays(lambda array: array.double()),
+            "resume.pt holds conv1.weight as torch.float64",
+            id="float64",
+        ),
+        pytest.param(
+            state_with(settings={**SETTINGS, "dirichlet-alpha": 0.5}),
+            "resume.pt and its config.json disagree on",
+            id="settings",
+        ),
+        pytest.param(truncate_config, r"config.json cannot be read \(JSONDecodeError", id="truncated config"),
+        pytest.param(
+            config_with(**{"learning-rate": "fast"}),
+            "config.json holds a value this app refuses .*'learning-rate' = 'fast'",
+            id="wrong type",
+        ),
+        pytest.param(
+            config_with(**{"fraction-train": True}),
+            "config.json holds a value this app refuses .*'fraction-train' = True",
+            id="bool for a number",
+        ),
+        pytest.param(
+            config_with(lr=0.5), r"config.json holds keys this app does not know \(lr\)", id="unknown key"
+        ),
+        pytest.param(
+            config_without("learning-rate"),
+            r"config.json lacks run-config keys \(learning-rate\)",
+            id="no key",
+        ),
+        pytest.param(
+            lambda run_dir: edit_json(run_dir / "config.json", lambda config: [config]),
+            "config.json holds a JSON list",
+            id="config a list",
+        ),
+        pytest.param(edit_results, "results.json holds other rounds than its resume.pt", id="other results"),
+        pytest.param(
+            lambda run_dir: (run_dir / "results.json").write_text("[{"),
+            "results.json cannot be read",
+            id="truncated results",
+        ),
+        pytest.param(
+            lambda run_dir: (run_dir / "results.json").unlink(), "holds no results.json", id="no results"
+        ),
+    ],
+)
+def test_a_damaged_or_crafted_folder_is_refused_and_left_as_it_was(killed_run, damage, message):
+    damage(killed_run)
+    assert_refused(killed_run, message)
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        pytest.param(
+            state_with(privacy_releases=0),
+            r"resume.pt says 0 DP round\(s\) were released, fewer than its round 2 records \(2\)",
+            id="resume.pt",
+        ),
+        pytest.param(
+            lower_all_releases,
+            r"results.json says 2 DP round\(s\) were released, its resume.pt only 0",
+            id="resume.pt and its rounds",
+        ),
+        pytest.param(state_with(privacy_releases=4), "privacy_releases = 4, not 0 to 3", id="too many"),
+        pytest.param(
+            state_with(privacy_releases=0, round_results=[]),
+            "resume.pt holds round_results that are not rounds 1 to 2",
+            id="rounds gone",
+        ),
+    ],
+)
+def test_a_dp_folder_that_understates_its_releases_is_refused(killed_dp_run, damage, message):
+    damage(killed_dp_run)
+    assert_refused(killed_dp_run, message)
 
 
 def test_epsilon_is_recorded_each_round_and_a_resumed_run_counts_its_releases(tmp_path, offline_wandb):

@@ -1,0 +1,390 @@
+"""The round loop: train, evaluate, record, for as many rounds as the run has.
+
+Every reply passes one gate before Flower's aggregation or the app's metrics see it: a
+reply is used only when it is exactly what this app's ClientApp sends (its records,
+keys, types and ranges). A SuperNode runs whatever code its operator gives it, so
+anything else is left out with a warning naming the node, counted, and never raises.
+The loop also waits a bounded time for SuperNodes, overlaps central with federated
+evaluation, counts DP's releases, and fails a run whose clients stop training.
+"""
+
+import math
+import time
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from logging import DEBUG, INFO, WARNING
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.common.logger import log
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Result, Strategy
+
+from pytorch_example.client_app import EVALUATE_METRIC_KEYS, ROWS_KEY, TRAIN_METRIC_KEYS
+from pytorch_example.config import PRIVATE_HEAD, AppConfig
+from pytorch_example.outputs import RunOutputs
+from pytorch_example.task import HEAD_KEYS
+from pytorch_example.trust import EQUAL_WEIGHT_KEY, PrivacyLedger, too_few_replies, weighs_replies_equally
+
+# A speed-up: how often the ServerApp asks for replies. Flower's own `send_and_receive`
+# waits 3 s between asks in a deployment (100 ms in simulation), which a round pays twice
+# (benchmarks/README.md#round-cost-python--m-benchmarksround_cost).
+REPLY_POLL_INTERVAL_S = 0.05
+NODE_POLL_INTERVAL_S = 1.0
+
+CentralEvaluation = Callable[[int, ArrayRecord], MetricRecord | None]
+
+
+class RunFailed(RuntimeError):
+    """The run cannot go on; the message is one line for the user."""
+
+
+@dataclass(frozen=True)
+class ReplyGate:
+    """What a reply must be to be used, for this run's settings.
+
+    `arrays`: the entries a train reply carries, in the global model's order (DP's
+    clipping pairs arrays by position), with their shapes and dtypes. `max_train_rows`,
+    `max_val_rows`: the most rows any client holds, which bound the row counts a reply
+    may claim (and so, under FedAvg, its weight). `equal_weights`: stamp every used
+    train reply to weigh 1 (`EQUAL_WEIGHT_KEY`), as the robust rules and DP need.
+    """
+
+    arrays: dict[str, tuple[tuple[int, ...], str]]
+    max_train_rows: int
+    max_val_rows: int
+    equal_weights: bool = False
+
+    @classmethod
+    def for_run(cls, config: AppConfig, model: ArrayRecord, max_train_rows: int, max_val_rows: int):
+        sent = {
+            key: (tuple(array.shape), array.dtype)
+            for key, array in model.items()
+            if not (config.personalisation == PRIVATE_HEAD and key in HEAD_KEYS)
+        }
+        return cls(sent, max_train_rows, max_val_rows, weighs_replies_equally(config))
+
+    def screen(self, phase: str, replies: list[Message], server_round: int) -> list[Message]:
+        """The replies of `phase` ("train" or "evaluate") fit to use; the rest are
+        logged (errors are Flower's failures, counted apart)."""
+        usable = []
+        for reply in replies:
+            if reply.has_error():
+                continue
+            try:
+                problem = self.train_problem(reply) if phase == "train" else self.evaluate_problem(reply)
+            except Exception as err:  # noqa: BLE001 (whatever a reply holds, it must not end the run)
+                problem = f"it cannot be read ({type(err).__name__})"
+            if problem is None:
+                usable.append(reply)
+            else:
+                log(WARNING, "Round %s: left out the %s reply of node %s: %s",
+                    server_round, phase, reply.metadata.src_node_id, problem)  # fmt: skip
+        if phase == "train" and self.equal_weights:
+            for reply in usable:
+                reply.content["metrics"][EQUAL_WEIGHT_KEY] = 1
+        return usable
+
+    def train_problem(self, reply: Message) -> str | None:
+        """Why a train reply must not be used, or None."""
+        if (problem := records_problem(reply, {"arrays": ArrayRecord, "metrics": MetricRecord})) is not None:
+            return problem
+        arrays = reply.content["arrays"]
+        if list(arrays.keys()) != list(self.arrays):
+            return f"its arrays {list(arrays.keys())[:8]} are not the expected {list(self.arrays)}, in order"
+        for key, array in arrays.items():
+            shape, dtype = self.arrays[key]
+            if tuple(array.shape) != shape or array.dtype != dtype:
+                return f"'{key}' is {array.dtype} {tuple(array.shape)}, not the model's {dtype} {shape}"
+            if not np.isfinite(array.numpy()).all():
+                return f"'{key}' holds NaN or Inf"
+        return metrics_problem(reply.content["metrics"], TRAIN_METRIC_KEYS, self.max_train_rows)
+
+    def evaluate_problem(self, reply: Message) -> str | None:
+        """Why an evaluate reply must not be used, or None."""
+        if (problem := records_problem(reply, {"metrics": MetricRecord})) is not None:
+            return problem
+        return metrics_problem(reply.content["metrics"], EVALUATE_METRIC_KEYS, self.max_val_rows)
+
+
+def records_problem(reply: Message, expected: dict[str, type]) -> str | None:
+    """Why a reply's records are not exactly `expected` (names and kinds), or None."""
+    if not reply.has_content() or sorted(reply.content.keys()) != sorted(expected):
+        names = sorted(reply.content.keys()) if reply.has_content() else []
+        return f"it holds the records {names[:8]}, not {sorted(expected)}"
+    for name, kind in expected.items():
+        if not isinstance(reply.content[name], kind):
+            return f"its '{name}' record is not a {kind.__name__}"
+    return None
+
+
+def metrics_problem(metrics: MetricRecord, keys: tuple[str, ...], max_rows: int) -> str | None:
+    """Why a reply's metrics are not exactly `keys`, each a number in its range, or None:
+    scores (`*_acc*`) in [0, 1], losses finite and >= 0, the row count an integer in
+    1..`max_rows`."""
+    if sorted(metrics.keys()) != sorted(keys):
+        return f"its metrics {sorted(metrics.keys())[:8]} are not {sorted(keys)}"
+    for key in keys:
+        value = metrics[key]
+        if key == ROWS_KEY:
+            if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= max_rows:
+                return f"{key} = {value!r} is not an integer from 1 to {max_rows} (the most a client holds)"
+        elif isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+            return f"{key} = {value!r} is not a finite number"
+        elif "_acc" in key and not 0 <= value <= 1:
+            return f"{key} = {value!r} is not a score in [0, 1]"
+        elif value < 0:
+            return f"{key} = {value!r} is not a loss (>= 0)"
+    return None
+
+
+class RoundLoop:
+    """Runs rounds of a Flower `Strategy` and hands each finished one to `outputs`.
+
+    Parameters
+    ----------
+    config : AppConfig
+        The run's settings: the learning rate recorded per round, `max-failed-rounds`,
+        `round-timeout` and what a round's replies must number (trust.py).
+    outputs : RunOutputs
+        Records each finished round (results.json, checkpoints, W&B).
+    gate : ReplyGate
+        What a reply must be to be used.
+    privacy : PrivacyLedger | None
+        With DP on: epsilon so far; a round that would pass `dp-max-epsilon` is not run.
+    """
+
+    def __init__(
+        self, config: AppConfig, outputs: RunOutputs, gate: ReplyGate, privacy: PrivacyLedger | None = None
+    ) -> None:
+        self.config = config
+        self.outputs = outputs
+        self.gate = gate
+        self.privacy = privacy
+
+    def run(
+        self,
+        strategy: Strategy,
+        grid: Grid,
+        initial_arrays: ArrayRecord,
+        client_config: ConfigRecord | None = None,
+        evaluate_fn: CentralEvaluation | None = None,
+        first_round: int = 1,
+    ) -> Result:
+        """Run rounds `first_round`..`num-server-rounds`, recording each.
+
+        `first_round` > 1 continues a run whose earlier rounds gave `initial_arrays`;
+        `client_config` goes to the clients with every message. Returns the `Result`;
+        raises `RunFailed` when the clients stopped training (`max-failed-rounds`).
+        """
+        num_rounds = self.config.num_server_rounds
+        strategy.summary()
+        result = Result(arrays=initial_arrays)
+        if first_round == 1 and evaluate_fn and (initial := evaluate_fn(0, initial_arrays)) is not None:
+            log(INFO, "Initial central evaluation: %s", initial)
+            result.evaluate_metrics_serverapp[0] = initial
+
+        started = time.monotonic()
+        failed_rounds: list[str] = []  # why each failed round in a row trained nothing
+        # One background thread: central evaluation overlaps the clients' evaluation.
+        with ThreadPoolExecutor(max_workers=1) as background:
+            for server_round in range(first_round, num_rounds + 1):
+                round_started = time.monotonic()
+                log(DEBUG, "[ROUND %s/%s]", server_round, num_rounds)
+                if self.privacy is not None and self.privacy.next_round_would_exceed():
+                    limit = self.config.dp_max_epsilon
+                    log(WARNING, "Round %d not run, so the run ends here: one more DP round would take "
+                        "epsilon past dp-max-epsilon = %g", server_round, limit)  # fmt: skip
+                    break
+                counts: dict[str, dict[str, int]] = {}
+                train_config = ConfigRecord(dict(client_config or {}))
+                why_untrained = self._train(strategy, grid, server_round, result, train_config, counts)
+                # The clients' evaluation is mostly waiting on messages, so the ServerApp's
+                # cores are free for the central evaluation meanwhile.
+                central = background.submit(evaluate_fn, server_round, result.arrays) if evaluate_fn else None
+                evaluate_config = ConfigRecord(dict(client_config or {}))
+                self._evaluate(strategy, grid, server_round, result, evaluate_config, counts)
+                if central is not None and (central_metrics := central.result()) is not None:
+                    result.evaluate_metrics_serverapp[server_round] = central_metrics
+                round_result = self.outputs.record_round(
+                    server_round,
+                    result,
+                    self.config.learning_rate_at(server_round),
+                    counts,
+                    self.privacy.spent() if self.privacy is not None else None,
+                )
+                finished = time.monotonic()
+                rounds_here = server_round - first_round + 1
+                log_progress(
+                    round_result, num_rounds, finished - round_started, finished - started, rounds_here
+                )
+                failed_rounds = [*failed_rounds, why_untrained] if why_untrained is not None else []
+                if len(failed_rounds) >= min(self.config.max_failed_rounds, num_rounds - first_round + 1):
+                    raise RunFailed(
+                        f"{len(failed_rounds)} round(s) in a row trained nothing, the first because of "
+                        f"{failed_rounds[0]}"
+                    )
+        self.outputs.save_final_model(result.arrays)
+        return result
+
+    def _train(
+        self,
+        strategy: Strategy,
+        grid: Grid,
+        server_round: int,
+        result: Result,
+        train_config: ConfigRecord,
+        counts: dict[str, dict[str, int]],
+    ) -> str | None:
+        """Train and aggregate into `result`, count the replies into `counts`; say why,
+        if the round trained nothing (the model then stays as it was)."""
+        flower = flower_strategy(strategy)
+        if flower.fraction_train > 0:
+            self._wait_for_nodes(grid, max(flower.min_available_nodes, flower.min_train_nodes))
+        messages = list(strategy.configure_train(server_round, result.arrays, train_config, grid))
+        replies = send_and_receive(grid, messages, self.config.round_timeout)
+        usable = self.gate.screen("train", replies, server_round)
+        counts["train"] = reply_counts(messages, replies, usable)
+        why_untrained = self._untrained(messages, replies, usable)
+        if why_untrained is None:
+            arrays, train_metrics = strategy.aggregate_train(server_round, usable)
+            if arrays is None:
+                why_untrained = f"the strategy aggregated none of the {len(usable)} usable replies"
+            else:
+                result.arrays = arrays
+                if train_metrics is not None:
+                    result.train_metrics_clientapp[server_round] = train_metrics
+                if self.privacy is not None:
+                    self.privacy.release()
+                    # Saved before the noisy model goes out to be evaluated: a run killed
+                    # later in this round still counts this release when resumed.
+                    self.outputs.save_privacy_releases(self.privacy.releases)
+        if why_untrained is not None and messages:
+            log(WARNING, "Round %s trained nothing (%s): the global model stays as it was",
+                server_round, why_untrained)  # fmt: skip
+        return why_untrained if messages else None
+
+    def _untrained(
+        self, messages: list[Message], replies: list[Message], usable: list[Message]
+    ) -> str | None:
+        """Why the round's usable replies cannot be aggregated, or None."""
+        if usable:
+            return too_few_replies(self.config, len(usable))
+        if errors := [reply.error.reason for reply in replies if reply.has_error()]:
+            return f"client error: {last_line(errors[0])}"
+        if replies:
+            return f"every train reply was left out ({len(replies)}), see the warnings above"
+        return f"no reply from {len(messages)} sampled node(s) within {self.config.round_timeout:g}s"
+
+    def _evaluate(
+        self,
+        strategy: Strategy,
+        grid: Grid,
+        server_round: int,
+        result: Result,
+        evaluate_config: ConfigRecord,
+        counts: dict[str, dict[str, int]],
+    ) -> None:
+        """Federated evaluation of the round's global model, aggregated into `result`."""
+        flower = flower_strategy(strategy)
+        if flower.fraction_evaluate > 0:
+            self._wait_for_nodes(grid, max(flower.min_available_nodes, flower.min_evaluate_nodes))
+        messages = list(strategy.configure_evaluate(server_round, result.arrays, evaluate_config, grid))
+        replies = send_and_receive(grid, messages, self.config.round_timeout)
+        usable = self.gate.screen("evaluate", replies, server_round)
+        counts["evaluate"] = reply_counts(messages, replies, usable)
+        if usable and (evaluate_metrics := strategy.aggregate_evaluate(server_round, usable)) is not None:
+            result.evaluate_metrics_clientapp[server_round] = evaluate_metrics
+
+    def _wait_for_nodes(self, grid: Grid, needed: int) -> None:
+        """Wait up to `round-timeout` for `needed` SuperNodes, then fail in one line.
+
+        Flower's strategies would wait forever, e.g. for a second SuperNode that never comes.
+        """
+        timeout = self.config.round_timeout
+        deadline = time.monotonic() + timeout
+        connected = len(list(grid.get_node_ids()))
+        if connected < needed:
+            log(INFO, "Waiting for SuperNodes: %d connected, %d needed", connected, needed)
+        while connected < needed:
+            if time.monotonic() > deadline:
+                raise RunFailed(
+                    f"{connected} SuperNode(s) connected but {needed} needed to sample a round, still "
+                    f"after {timeout:g}s (round-timeout): start more SuperNodes, or resume later"
+                )
+            time.sleep(NODE_POLL_INTERVAL_S)
+            connected = len(list(grid.get_node_ids()))
+
+
+def flower_strategy(strategy: Strategy) -> Strategy:
+    """The FedAvg-family strategy inside a wrapper (DP's), or `strategy` itself."""
+    return getattr(strategy, "strategy", strategy)
+
+
+def reply_counts(messages: list[Message], replies: list[Message], usable: list[Message]) -> dict[str, int]:
+    """Messages sent, replies received, error replies, and replies left out by the gate."""
+    failed = sum(1 for reply in replies if reply.has_error())
+    return {
+        "expected": len(messages),
+        "received": len(replies),
+        "failed": failed,
+        "dropped": len(replies) - failed - len(usable),
+    }
+
+
+def log_progress(
+    round_result: dict, num_rounds: int, round_s: float, elapsed_s: float, rounds_done: int
+) -> None:
+    """The one line per round a user watches: time, time left, the two accuracies.
+
+    `elapsed_s` and `rounds_done` count this process's rounds (a resumed run's own).
+    """
+    server_round = round_result["round"]
+    eta_s = elapsed_s / rounds_done * (num_rounds - server_round)
+    central = round_result["evaluate_metrics_serverapp"].get("accuracy")
+    personal = round_result["evaluate_metrics_clientapp"].get("eval_acc")
+    privacy = round_result.get("privacy")
+    log(
+        INFO,
+        "Round %d/%d: %.1fs, %s elapsed, ETA %s | central accuracy %s | personalised accuracy %s%s",
+        server_round,
+        num_rounds,
+        round_s,
+        clock(elapsed_s),
+        clock(eta_s),
+        "-" if central is None else f"{central:.4f}",
+        "-" if personal is None else f"{personal:.4f}",
+        "" if privacy is None else f" | epsilon {privacy['epsilon']:.2f} (delta {privacy['delta']:g})",
+    )
+
+
+def clock(seconds: float) -> str:
+    """`3725` -> `1:02:05`, `65` -> `1:05`."""
+    minutes, secs = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
+
+
+def last_line(text: str) -> str:
+    """The last non-empty line of a client's error (a traceback ends with its message)."""
+    lines = [line.strip() for line in str(text).splitlines() if line.strip()]
+    return lines[-1][:300] if lines else str(text)[:300]
+
+
+def send_and_receive(grid: Grid, messages: Iterable[Message], timeout: float) -> list[Message]:
+    """`Grid.send_and_receive`, checking for replies every `REPLY_POLL_INTERVAL_S`."""
+    # A message the SuperLink did not accept has no ID and will never get a reply.
+    pending = {message_id for message_id in grid.push_messages(messages) if message_id}
+    replies: list[Message] = []
+    deadline = time.monotonic() + timeout
+    while pending and time.monotonic() < deadline:
+        # Each message's first reply only.
+        arrived = [
+            reply for reply in grid.pull_messages(pending) if reply.metadata.reply_to_message_id in pending
+        ]
+        replies.extend(arrived)
+        pending -= {reply.metadata.reply_to_message_id for reply in arrived}
+        if pending:
+            time.sleep(REPLY_POLL_INTERVAL_S)
+    return replies

@@ -1,0 +1,272 @@
+"""Trusting the clients less: the robust rules, client-level DP with its epsilon, and
+what a round's replies must number for each.
+
+`aggregation` swaps `CustomFedAvg`'s weighted mean for one of Flower's robust rules:
+each class below is `CustomFedAvg` composed with Flower's. `dp-noise-multiplier` wraps
+the strategy in Flower's server-side fixed clipping, and `PrivacyLedger` accounts for
+the mechanism as the app runs it (README: Trust the clients less).
+"""
+
+import random
+from collections.abc import Iterable
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.serverapp import (
+    GaussianPrivacyEvent,
+    Grid,
+    NeighboringRelation,
+    PrivacyConfig,
+    RdpAccountant,
+    SamplingMethod,
+)
+from flwr.serverapp.strategy import (
+    Bulyan,
+    DifferentialPrivacyServerSideFixedClipping,
+    FedMedian,
+    FedTrimmedAvg,
+    Krum,
+    MultiKrum,
+    Strategy,
+)
+
+from pytorch_example.config import FEDAVG, AppConfig, ConfigError
+from pytorch_example.strategy import CustomFedAvg
+
+# What the server weighs a reply by when the client's own word on its rows must not
+# count: under the robust rules and DP, every reply weighs 1 (rounds.py stamps it).
+EQUAL_WEIGHT_KEY = "equal-weight"
+
+
+class CustomFedTrimmedAvg(CustomFedAvg, FedTrimmedAvg):
+    """Per weight, the mean of the replies left after cutting `beta` of them at each end."""
+
+
+class CustomFedMedian(CustomFedAvg, FedMedian):
+    """Per weight, the median of the replies."""
+
+
+class CustomKrum(CustomFedAvg, Krum):
+    """The one reply closest to its n - f - 2 nearest replies."""
+
+
+class CustomMultiKrum(CustomFedAvg, MultiKrum):
+    """The mean of the `keep` replies Krum scores best; `keep` 0: all but f of those that
+    came, counted again each round."""
+
+    def __init__(self, keep: int, **kwargs) -> None:
+        super().__init__(num_nodes_to_select=keep or 1, **kwargs)
+        self.keep = keep
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        replies = list(replies)
+        self.num_nodes_to_select = self.keep or len(replies) - self.num_malicious_nodes
+        return super().aggregate_train(server_round, replies)
+
+
+class CustomBulyan(CustomFedAvg, Bulyan):
+    """Multi-Krum's n - 2f best replies, then per weight the mean of the n - 4f closest
+    to their median."""
+
+
+class FixedSampleFedAvg(CustomFedAvg):
+    """`CustomFedAvg` that samples exactly `sample_size` clients to train, however many
+    SuperNodes come and go: DP's noise is scaled to that number."""
+
+    def __init__(self, sample_size: int, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.sample_size = sample_size
+        self.min_train_nodes = max(self.min_train_nodes, sample_size)
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        messages = list(super().configure_train(server_round, arrays, config, grid))
+        # A uniform subset of a uniform sample: still uniform.
+        return random.sample(messages, min(len(messages), self.sample_size))
+
+
+class ClippedNoisyMean(DifferentialPrivacyServerSideFixedClipping):
+    """Flower's server-side fixed clipping and noise, as the sum of the sampled clients'
+    clipped updates over their number n, plus noise. A sampled client whose reply is
+    missing or left out adds a zero update, so one client cannot stop DP rounds, and no
+    client's share is ever more than C / n.
+
+    The clipping is done here: Flower's divides by the update's norm, so one client that
+    sends the model back unchanged would end the run.
+    """
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        replies = list(replies)
+        sent = self.current_arrays.to_numpy_ndarrays()
+        for reply in replies:
+            received = reply.content["arrays"]
+            update = [new - old for new, old in zip(received.to_numpy_ndarrays(), sent, strict=True)]
+            norm = float(np.sqrt(sum(np.square(part, dtype=np.float64).sum() for part in update)))
+            scale = min(1.0, self.clipping_norm / norm) if norm > 0 else 1.0
+            clipped = {
+                key: Array(old + scale * part)
+                for key, old, part in zip(received.keys(), sent, update, strict=True)
+            }
+            reply.content["arrays"] = ArrayRecord(clipped)
+        mean, metrics = self.strategy.aggregate_train(server_round, replies)
+        if mean is None:
+            return None, metrics
+        # The mean of the replies that came, as the sum over all n sampled.
+        share = len(replies) / self.num_sampled_clients
+        summed = {
+            key: Array(old + share * (new.numpy() - old))
+            for (key, new), old in zip(mean.items(), sent, strict=True)
+        }
+        return self._add_noise_to_aggregated_arrays(ArrayRecord(summed)), metrics
+
+
+def build_strategy(config: AppConfig, num_supernodes: int) -> Strategy:
+    """The strategy `config` asks for, for a federation of `num_supernodes` that
+    `check_federation` accepted."""
+    num_sampled = config.train_sample_size(num_supernodes)
+    common = {
+        "learning_rate_at": config.learning_rate_at,
+        "fraction_train": config.fraction_train,
+        "fraction_evaluate": config.fraction_evaluate,
+    }
+    if weighs_replies_equally(config):
+        common["weighted_by_key"] = EQUAL_WEIGHT_KEY
+    f = config.num_malicious
+    if config.dp_on:
+        return ClippedNoisyMean(
+            FixedSampleFedAvg(sample_size=num_sampled, **common),
+            noise_multiplier=config.dp_noise_multiplier,
+            clipping_norm=config.dp_clipping_norm,
+            num_sampled_clients=num_sampled,
+        )
+    if config.aggregation == "trimmed-mean":
+        return CustomFedTrimmedAvg(**common, beta=config.trim_fraction)
+    if config.aggregation == "median":
+        return CustomFedMedian(**common)
+    if config.aggregation == "krum":
+        return CustomKrum(**common, num_malicious_nodes=f)
+    if config.aggregation == "multi-krum":
+        return CustomMultiKrum(keep=config.multi_krum_keep, **common, num_malicious_nodes=f)
+    if config.aggregation == "bulyan":
+        return CustomBulyan(**common, num_malicious_nodes=f)
+    return CustomFedAvg(**common)
+
+
+def weighs_replies_equally(config: AppConfig) -> bool:
+    """Whether replies weigh 1 each instead of their rows: under a robust rule (a rule
+    the client's own row count must not sway) and under DP (whose noise is scaled to a
+    mean in which every client counts the same)."""
+    return config.dp_on or config.aggregation != FEDAVG
+
+
+def too_few_replies(config: AppConfig, num_usable: int) -> str | None:
+    """Why `num_usable` replies that passed the gate cannot serve this round's rule, or
+    None. Checked every round: a rule sized for the sample can fail on the replies that
+    came. (DP needs no floor: a missing reply adds a zero update, see `ClippedNoisyMean`.)"""
+    f = config.num_malicious
+    needed = {"krum": 2 * f + 3, "multi-krum": 2 * f + 3, "bulyan": 4 * f + 3}.get(config.aggregation, 0)
+    if config.aggregation == "multi-krum" and config.multi_krum_keep:
+        needed = max(needed, config.multi_krum_keep + f)
+    if num_usable < needed:
+        rule = f"'{config.aggregation}' with num-malicious={f}"
+        return f"{rule} needs {needed} replies, {num_usable} were usable"
+    if config.aggregation == "trimmed-mean" and num_usable and int(config.trim_fraction * num_usable) == 0:
+        return f"trim-fraction={config.trim_fraction:g} trims none of {num_usable} usable replies"
+    return None
+
+
+def check_federation(config: AppConfig, num_supernodes: int) -> None:
+    """Refuse, in one line, settings that cannot work on a federation of this size."""
+    if num_supernodes > 0:
+        config.check_sample(num_supernodes)
+    if config.dp_on:
+        if num_supernodes < 2:
+            raise ConfigError(
+                "run-config key 'dp-noise-multiplier' > 0 scales its noise to the clients a round "
+                f"samples, fixed when the run starts, but {num_supernodes} SuperNode(s) are connected: "
+                "start 2 or more"
+            )
+        privacy_ledger(config, num_supernodes, releases=0)
+
+
+def privacy_ledger(config: AppConfig, num_supernodes: int, releases: int) -> "PrivacyLedger | None":
+    """The run's epsilon account, `releases` DP rounds in (a resumed run goes on from
+    what its folder spent); None without DP. `ConfigError` if no round is left to run."""
+    if not config.dp_on:
+        return None
+    ledger = PrivacyLedger(config, num_supernodes, releases)
+    ledger.check_budget()
+    return ledger
+
+
+class PrivacyLedger:
+    """Epsilon for DP as the app runs it, `releases` DP rounds in.
+
+    The mechanism: each round, exactly n of the connected SuperNodes train; each update
+    is clipped to C = `dp-clipping-norm`; the mean gets Gaussian noise of standard
+    deviation sigma x C / n (sigma = `dp-noise-multiplier`), i.e. sigma x C on the sum.
+    Neighbouring federations differ in one client's data. With a fixed-size sample,
+    adding one client to those connected can replace one sampled update by another, so
+    the sum moves by up to 2C: the noise is sigma / 2 in units of that sensitivity.
+    No credit is taken for sampling: the population it would need is not fixed (SuperNodes
+    come and go, a resumed run may have another), and Flower's accountant counts
+    no-amplification releases for any population. Flower's `RdpAccountant` composes the
+    releases; Flower's DP wrapper adds the noise and keeps no account of its own.
+    """
+
+    def __init__(self, config: AppConfig, num_supernodes: int, releases: int) -> None:
+        try:
+            self.accountant = RdpAccountant(
+                PrivacyConfig(
+                    target_delta=config.dp_delta,
+                    population_size=num_supernodes,
+                    neighboring_relation=NeighboringRelation.ADD_OR_REMOVE_ONE,
+                    sampling_method=SamplingMethod.NO_AMPLIFICATION,
+                )
+            )
+        except ImportError:
+            raise ConfigError(
+                "run-config key 'dp-noise-multiplier' > 0 needs Flower's privacy accountant: "
+                'pip install "flwr[dp]"'
+            ) from None
+        self.config = config
+        self.event = GaussianPrivacyEvent(
+            noise_multiplier=config.dp_noise_multiplier / 2,
+            sample_size=config.train_sample_size(num_supernodes),
+            population_size=num_supernodes,
+        )
+        if releases:
+            self.accountant.compose(self.event, count=releases)
+
+    @property
+    def releases(self) -> int:
+        return self.accountant.num_releases
+
+    def next_round_would_exceed(self) -> bool:
+        """Whether one more DP round would take epsilon past `dp-max-epsilon` (if set)."""
+        limit = self.config.dp_max_epsilon
+        return bool(limit) and self.accountant.would_exceed(self.event, max_epsilon=limit)
+
+    def check_budget(self) -> None:
+        """`ConfigError` if `dp-max-epsilon` leaves no round to run."""
+        if self.next_round_would_exceed():
+            spent = self.spent()["epsilon"] if self.releases else 0.0
+            raise ConfigError(
+                f"run-config key 'dp-max-epsilon' = {self.config.dp_max_epsilon:g} leaves no round to "
+                f"run: epsilon is {spent:.3g} after {self.releases} round(s) and one more round would "
+                "pass it (raise dp-max-epsilon or dp-noise-multiplier)"
+            )
+
+    def release(self) -> None:
+        """Count a round whose noisy model left the aggregation."""
+        self.accountant.compose(self.event)
+
+    def spent(self) -> dict:
+        """Epsilon so far at `dp-delta`, and the releases it counts."""
+        epsilon = self.accountant.get_epsilon(self.config.dp_delta) if self.releases else 0.0
+        return {"epsilon": epsilon, "delta": self.config.dp_delta, "releases": self.releases}

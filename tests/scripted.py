@@ -1,0 +1,121 @@
+"""A scripted Grid for the round loop's tests: every node answers at once, as told."""
+
+import itertools
+from pathlib import Path
+
+from flwr.app import ArrayRecord, Error, Message, MetricRecord, RecordDict
+
+from pytorch_example.config import AppConfig
+from pytorch_example.outputs import RunOutputs
+from pytorch_example.rounds import ReplyGate, RoundLoop
+from pytorch_example.task import Net
+from pytorch_example.trust import build_strategy, privacy_ledger
+
+MAX_TRAIN_ROWS = 1000  # the most train rows a client of these tests holds
+MAX_VAL_ROWS = 250
+
+
+class ScriptedGrid:
+    """Stands in for Flower's Grid: every node answers at once, as `answer` says.
+
+    `answer(server_round, message)` returns a reply's content, or an exception to
+    send back as the error a crashed ClientApp would.
+    """
+
+    def __init__(self, num_nodes: int, answer) -> None:
+        self.node_ids = list(range(1, num_nodes + 1))
+        self.answer = answer
+        self.ids = itertools.count()
+        self.pushed: dict[str, Message] = {}
+        self.sent: list[tuple[str, dict]] = []  # type and config, as pushed
+
+    def get_node_ids(self):
+        return self.node_ids
+
+    def push_messages(self, messages):
+        ids = []
+        for message in messages:
+            # As the SuperLink does when it accepts a message.
+            message.metadata.__dict__["_message_id"] = f"message-{next(self.ids)}"
+            self.pushed[message.metadata.message_id] = message
+            self.sent.append((message.metadata.message_type, dict(message.content["config"])))
+            ids.append(message.metadata.message_id)
+        return ids
+
+    def pull_messages(self, message_ids):
+        replies = []
+        for message_id in list(message_ids):
+            message = self.pushed.pop(message_id)
+            server_round = int(message.content["config"]["server-round"])
+            answer = self.answer(server_round, message)
+            if isinstance(answer, Exception):
+                replies.append(message.create_error_reply(Error(code=0, reason=f"Traceback...\n{answer!r}")))
+            else:
+                replies.append(Message(answer, reply_to=message))
+        return replies
+
+
+def is_train(message: Message) -> bool:
+    return message.metadata.message_type.startswith("train")
+
+
+def trained(message: Message) -> RecordDict:
+    """What this app's ClientApp sends: the model back unchanged with 10 train rows, or
+    node n's scores, 0.1 x n with its own head and 0.1 with the global one, on 5 x n rows."""
+    if is_train(message):
+        return RecordDict(
+            {
+                "arrays": message.content["arrays"],
+                "metrics": MetricRecord({"train_loss": 1.0, "num-examples": 10}),
+            }
+        )
+    node = message.metadata.dst_node_id
+    return RecordDict(
+        {
+            "metrics": MetricRecord(
+                {
+                    "eval_loss": 1.0,
+                    "eval_acc": 0.1 * node,
+                    "eval_loss_global": 2.0,
+                    "eval_acc_global": 0.1,
+                    "num-examples": 5 * node,
+                }
+            )
+        }
+    )
+
+
+def shifted(message: Message, by: float) -> RecordDict:
+    """A train reply that moves every weight of the received model by `by`."""
+    content = trained(message)
+    state = message.content["arrays"].to_torch_state_dict()
+    content["arrays"] = ArrayRecord({key: value + by for key, value in state.items()})
+    return content
+
+
+def honest(server_round: int, message: Message) -> RecordDict:
+    return trained(message)
+
+
+def config_for(**overrides) -> AppConfig:
+    """Test settings: 0.1 / round as the learning rate, a 5 s round timeout."""
+    settings = {"num_server_rounds": 3, "round_timeout": 5.0, "lr_decay_rounds": (2,), **overrides}
+    return AppConfig(**settings)
+
+
+def run_rounds(
+    run_dir: Path,
+    config: AppConfig,
+    grid: ScriptedGrid,
+    first_round: int = 1,
+    privacy_releases: int = 0,
+    initial: ArrayRecord | None = None,
+):
+    """The app's round loop, strategy and gate over `grid`, recording into `run_dir`."""
+    num_nodes = len(grid.node_ids)
+    start = initial if initial is not None else ArrayRecord(Net().state_dict())
+    outputs = RunOutputs(run_dir, {}, wandb_project=None)
+    outputs.state.privacy_releases = privacy_releases
+    gate = ReplyGate.for_run(config, start, MAX_TRAIN_ROWS, MAX_VAL_ROWS)
+    rounds = RoundLoop(config, outputs, gate, privacy_ledger(config, num_nodes, privacy_releases))
+    return rounds.run(build_strategy(config, num_nodes), grid, start, first_round=first_round)

@@ -1,0 +1,254 @@
+"""Trusting the clients less: each aggregation rule against a poisoned reply, row
+counts that cannot buy weight, the per-round reply floor, and DP (clipping, noise,
+epsilon, its budget)."""
+
+import json
+import logging
+import re
+
+import pytest
+import torch
+from dp_accounting import dp_event, rdp
+from flwr.app import ArrayRecord, ConfigRecord
+
+from pytorch_example.config import ConfigError
+from pytorch_example.rounds import RunFailed
+from pytorch_example.task import Net
+from pytorch_example.trust import build_strategy, check_federation, privacy_ledger
+from tests.scripted import ScriptedGrid, config_for, is_train, run_rounds, shifted, trained
+
+
+def results_of(run_dir) -> list[dict]:
+    return json.loads((run_dir / "results.json").read_text())
+
+
+def mean_shift(start: ArrayRecord, end: ArrayRecord) -> float:
+    before, after = start.to_torch_state_dict(), end.to_torch_state_dict()
+    return float(torch.cat([(after[key] - before[key]).flatten() for key in before]).mean())
+
+
+def honest_but_node_1(attack_shift: float, attack_rows: int = 10):
+    """Nodes 2..7 move the model by 0.010..0.016; node 1 by `attack_shift`, claiming
+    `attack_rows` rows."""
+
+    def answer(server_round, message):
+        if not is_train(message):
+            return trained(message)
+        node = message.metadata.dst_node_id
+        content = shifted(message, attack_shift if node == 1 else 0.01 + 0.001 * (node - 2))
+        if node == 1:
+            content["metrics"]["num-examples"] = attack_rows
+        return content
+
+    return answer
+
+
+ROBUST = ["trimmed-mean", "median", "krum", "multi-krum", "bulyan"]
+
+
+@pytest.mark.parametrize("aggregation", ["fedavg", *ROBUST])
+def test_each_aggregation_against_one_update_scaled_a_hundredfold(tmp_path, aggregation):
+    # 7 nodes all train: Bulyan with num-malicious=1 needs 4f + 3 = 7 replies.
+    config = config_for(aggregation=aggregation, num_server_rounds=1, fraction_train=1.0, trim_fraction=0.2)
+    check_federation(config, 7)
+    start = ArrayRecord(Net().state_dict())
+    result = run_rounds(tmp_path, config, ScriptedGrid(7, honest_but_node_1(1.0)), initial=start)
+    shift = mean_shift(start, result.arrays)
+    # FedAvg: (1.0 + six honest ~0.013) / 7 ~ 0.155; a robust rule stays among the honest 0.010..0.016.
+    if aggregation == "fedavg":
+        assert shift > 0.1
+    else:
+        assert 0.0099 < shift < 0.0161
+
+
+def test_under_fedavg_a_row_count_weighs_no_more_than_the_largest_partition(tmp_path):
+    config = config_for(num_server_rounds=1, fraction_train=1.0)
+    start = ArrayRecord(Net().state_dict())
+    grid = ScriptedGrid(7, honest_but_node_1(1.0, attack_rows=10**15))
+    shift = mean_shift(start, run_rounds(tmp_path, config, grid, initial=start).arrays)
+    assert 0.0099 < shift < 0.0161  # the claim was left out
+    assert results_of(tmp_path)[0]["replies"]["train"]["dropped"] == 1
+
+
+def test_multi_krum_keeps_all_but_f_of_the_replies_that_came(tmp_path):
+    def node_7_crashes(server_round, message):
+        if is_train(message) and message.metadata.dst_node_id == 7:
+            return RuntimeError("gone")
+        return honest_but_node_1(1.0)(server_round, message)
+
+    config = config_for(aggregation="multi-krum", num_server_rounds=1, fraction_train=1.0)
+    start = ArrayRecord(Net().state_dict())
+    result = run_rounds(tmp_path, config, ScriptedGrid(7, node_7_crashes), initial=start)
+    assert 0.0099 < mean_shift(start, result.arrays) < 0.0161  # 6 came: 5 kept, the attacker not
+
+
+def test_a_round_with_too_few_usable_replies_for_its_rule_trains_nothing_and_says_why(tmp_path, caplog):
+    def nodes_6_and_7_crash(server_round, message):
+        if is_train(message) and message.metadata.dst_node_id >= 6:
+            return RuntimeError("gone")
+        return trained(message)
+
+    config = config_for(aggregation="bulyan", num_server_rounds=1, fraction_train=1.0)
+    with (
+        caplog.at_level(logging.WARNING, logger="flwr"),
+        pytest.raises(RunFailed, match="needs 7 replies, 5"),
+    ):
+        run_rounds(tmp_path, config, ScriptedGrid(7, nodes_6_and_7_crash))
+    assert (
+        "Round 1 trained nothing ('bulyan' with num-malicious=1 needs 7 replies, 5 were usable)"
+        in caplog.text
+    )
+    keep = config_for(aggregation="multi-krum", multi_krum_keep=5, num_server_rounds=1, fraction_train=1.0)
+    (tmp_path / "keep").mkdir()
+    with pytest.raises(RunFailed, match=r"'multi-krum' with num-malicious=1 needs 6 replies, 5 were usable"):
+        run_rounds(tmp_path / "keep", keep, ScriptedGrid(7, nodes_6_and_7_crash))
+
+
+def dp_config(**overrides):
+    settings = {"fraction_train": 1.0, "dp_noise_multiplier": 1.0, "dp_clipping_norm": 0.5, **overrides}
+    return config_for(**settings)
+
+
+def all_move_by_one(server_round, message):
+    return shifted(message, 1.0) if is_train(message) else trained(message)
+
+
+def test_dp_clips_each_update_and_averages_clients_equally(tmp_path):
+    """Node n moves every weight by 0.001 * 10 ** (n - 1) and holds 100 * n rows: updates
+    of norm 0.28 (under the clipping norm 0.5) to 283 (clipped to 0.5)."""
+
+    def unlike_updates(server_round, message):
+        if not is_train(message):
+            return trained(message)
+        node = message.metadata.dst_node_id
+        content = shifted(message, 0.001 * 10 ** (node - 1))
+        content["metrics"]["num-examples"] = 100 * node
+        return content
+
+    start = ArrayRecord(Net().state_dict())
+    config = dp_config(dp_noise_multiplier=1e-9, num_server_rounds=1)  # noise too small to see
+    result = run_rounds(tmp_path, config, ScriptedGrid(4, unlike_updates), initial=start)
+    before, after = start.to_torch_state_dict(), result.arrays.to_torch_state_dict()
+    moved = torch.cat([(after[key] - before[key]).flatten() for key in before])
+    size = moved.numel() ** 0.5  # the norm of a shift by 1 of every weight
+    clipped = [min(0.001 * 10 ** (node - 1), 0.5 / size) for node in (1, 2, 3, 4)]
+    torch.testing.assert_close(moved, torch.full_like(moved, sum(clipped) / 4), rtol=1e-4, atol=1e-7)
+
+
+def test_dp_noise_has_the_multiplier_times_the_norm_over_the_clients_sampled(tmp_path):
+    # 8 SuperNodes, half sampled: 4 clients, each sending the model back unchanged.
+    config = dp_config(fraction_train=0.5, dp_noise_multiplier=1.0, dp_clipping_norm=0.5, num_server_rounds=1)
+    start = ArrayRecord(Net().state_dict())
+    result = run_rounds(tmp_path, config, ScriptedGrid(8, lambda _, message: trained(message)), initial=start)
+    before, after = start.to_torch_state_dict(), result.arrays.to_torch_state_dict()
+    noise = torch.cat([(after[key] - before[key]).flatten() for key in before]).double()
+    # About 80,000 draws: their spread is within 1% of the true one.
+    assert noise.std().item() == pytest.approx(1.0 * 0.5 / 4, rel=0.02)
+    assert abs(noise.mean().item()) < 0.01
+
+
+def epsilons(results: list[dict]) -> list[float]:
+    return [entry["privacy"]["epsilon"] for entry in results]
+
+
+def test_dp_epsilon_is_the_gaussian_at_half_the_multiplier_composed_each_round(tmp_path, caplog):
+    with caplog.at_level(logging.INFO, logger="flwr"):
+        run_rounds(tmp_path, dp_config(), ScriptedGrid(4, all_move_by_one))
+    results = results_of(tmp_path)
+    assert [entry["privacy"]["releases"] for entry in results] == [1, 2, 3]
+    assert all(entry["privacy"]["delta"] == 1e-5 for entry in results)
+    # Independently: a Gaussian of noise multiplier 1 on a sum whose sensitivity is 2C
+    # (one sampled update replaced by another) is multiplier 0.5, composed per round.
+    for releases, epsilon in enumerate(epsilons(results), start=1):
+        accountant = rdp.RdpAccountant()
+        accountant.compose(dp_event.GaussianDpEvent(0.5), releases)
+        assert epsilon == pytest.approx(accountant.get_epsilon(1e-5), rel=1e-9)
+    assert re.search(r"Round 3/3: .* \| epsilon [\d.]+ \(delta 1e-05\)", caplog.text)
+
+
+def test_a_resumed_dp_run_goes_on_from_the_epsilon_it_spent(tmp_path):
+    run_rounds(tmp_path, dp_config(), ScriptedGrid(4, all_move_by_one))
+    fresh = epsilons(results_of(tmp_path))
+    (tmp_path / "resumed").mkdir()
+    run_rounds(
+        tmp_path / "resumed", dp_config(), ScriptedGrid(4, all_move_by_one), first_round=3, privacy_releases=2
+    )
+    resumed = results_of(tmp_path / "resumed")
+    assert resumed[0]["privacy"]["releases"] == 3
+    assert resumed[0]["privacy"]["epsilon"] == pytest.approx(fresh[2])
+
+
+def test_dp_max_epsilon_ends_the_run_before_the_round_that_would_pass_it(tmp_path, caplog):
+    (tmp_path / "all").mkdir()
+    run_rounds(tmp_path / "all", dp_config(), ScriptedGrid(4, all_move_by_one))
+    first_three = epsilons(results_of(tmp_path / "all"))
+    limit = (first_three[1] + first_three[2]) / 2  # round 2 fits, round 3 would not
+    with caplog.at_level(logging.WARNING, logger="flwr"):
+        run_rounds(
+            tmp_path, dp_config(dp_max_epsilon=limit, num_server_rounds=5), ScriptedGrid(4, all_move_by_one)
+        )
+    results = results_of(tmp_path)
+    assert [entry["round"] for entry in results] == [1, 2]
+    assert epsilons(results)[-1] <= limit
+    assert "Round 3 not run, so the run ends here" in caplog.text
+    assert (tmp_path / "final_model.pt").exists()
+
+
+def test_a_dp_reply_left_out_counts_as_a_zero_update_and_the_round_goes_on(tmp_path):
+    def node_2_sends_an_extra_key(server_round, message):
+        content = shifted(message, 1e-6) if is_train(message) else trained(message)  # under the norm
+        if is_train(message) and message.metadata.dst_node_id == 2:
+            content["metrics"]["extra"] = 1.0
+        return content
+
+    start = ArrayRecord(Net().state_dict())
+    config = dp_config(dp_noise_multiplier=1e-9, num_server_rounds=1)  # noise too small to see
+    result = run_rounds(tmp_path, config, ScriptedGrid(4, node_2_sends_an_extra_key), initial=start)
+    # Three of the four sampled moved every weight by 1e-6, the fourth adds nothing.
+    assert mean_shift(start, result.arrays) == pytest.approx(3 / 4 * 1e-6, rel=1e-3)
+    [entry] = results_of(tmp_path)
+    assert entry["replies"]["train"]["dropped"] == 1 and entry["privacy"]["releases"] == 1
+
+
+def test_settings_a_federation_cannot_serve_are_refused_in_one_line():
+    with pytest.raises(
+        ConfigError, match=r"'bulyan' with num-malicious=3 needs at least 15 replies a round, but"
+    ):
+        check_federation(config_for(aggregation="bulyan", num_malicious=3), 50)
+    check_federation(config_for(aggregation="bulyan", num_malicious=2), 50)  # 12 sampled >= 11
+    with pytest.raises(
+        ConfigError, match=r"'dp-noise-multiplier' > 0 .* 1 SuperNode\(s\) are connected: start 2"
+    ):
+        check_federation(dp_config(), 1)
+    with pytest.raises(
+        ConfigError, match=r"'dp-max-epsilon' = 1 leaves no round to run: epsilon is 0 after 0"
+    ):
+        check_federation(dp_config(dp_max_epsilon=1.0), 4)
+    two_rounds = privacy_ledger(dp_config(), 4, releases=2).spent()["epsilon"]
+    with pytest.raises(ConfigError, match=rf"leaves no round to run: epsilon is {two_rounds:.3g} after 2"):
+        privacy_ledger(dp_config(dp_max_epsilon=two_rounds + 0.1), 4, releases=2)
+
+
+def test_dp_samples_the_same_number_of_clients_as_supernodes_come_and_go():
+    grid = ScriptedGrid(4, all_move_by_one)
+    strategy = build_strategy(dp_config(), 4)
+    sampled = []
+    for server_round, nodes in ((1, [1, 2, 3, 4]), (2, [1, 2, 3, 4, 5, 6]), (3, [2, 3, 4, 5])):
+        grid.node_ids = nodes
+        arrays = ArrayRecord(Net().state_dict())
+        sampled.append(len(list(strategy.configure_train(server_round, arrays, ConfigRecord(), grid))))
+    assert sampled == [4, 4, 4]
+
+
+def test_a_dp_release_is_saved_before_the_round_is_evaluated(tmp_path):
+    """A run killed while its clients evaluate: resuming it must count that round's release."""
+
+    def killed_in_round_2_evaluation(server_round, message):
+        if server_round == 2 and not is_train(message):
+            raise KeyboardInterrupt
+        return all_move_by_one(server_round, message)
+
+    with pytest.raises(KeyboardInterrupt):
+        run_rounds(tmp_path, dp_config(), ScriptedGrid(4, killed_in_round_2_evaluation))
+    saved = torch.load(tmp_path / "resume.pt", weights_only=True)
+    assert (saved["round"], saved["privacy_releases"]) == (1, 2)
