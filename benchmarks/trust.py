@@ -36,8 +36,8 @@ from harness.attacks import ATTACK_RUN_CONFIG, ATTACKS_CLIENT_APP
 from harness.flower_processes import LocalFederation, copy_app, default_run_config
 from harness.synthetic_fmnist import write_idx_dataset
 from pytorch_example.config import AGGREGATIONS, AppConfig
-from pytorch_example.strategy import build_strategy
 from pytorch_example.task import Net
+from pytorch_example.trust import EQUAL_WEIGHT_KEY, build_strategy
 
 FEDERATION = {"num-supernodes": 50, "client-resources-num-cpus": 1}
 # At most 2 of the 12 sampled replies may be malicious: Bulyan's limit (4f + 3 <= 12).
@@ -180,9 +180,13 @@ def cost(args) -> dict:
                 )
                 noisy = {key: value + 0.01 * torch.randn_like(value) for key, value in model.items()}
                 content = RecordDict(
-                    {"arrays": ArrayRecord(noisy), "metrics": MetricRecord({"num-examples": 100})}
+                    # As the gate hands them over: rows, and the equal weight robust rules use.
+                    {
+                        "arrays": ArrayRecord(noisy),
+                        "metrics": MetricRecord({"num-examples": 100, EQUAL_WEIGHT_KEY: 1}),
+                    }
                 )
-                replies.append(message.create_reply(content))
+                replies.append(Message(content, reply_to=message))
             started = time.perf_counter()
             strategy.aggregate_train(1, replies)
             table[rule][count] = time.perf_counter() - started

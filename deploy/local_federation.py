@@ -6,24 +6,29 @@ and with authenticated SuperNodes, and its teardown.
     python deploy/local_federation.py status
     python deploy/local_federation.py down
 
-`up` keeps everything in one folder (`deploy/.federation/`, or `--dir`): credentials,
-the SuperLink's database (runs and registered SuperNodes survive a restart), logs and
-the PIDs `down` stops. It is not part of the app: `flwr run` never ships this folder.
+`up` keeps everything in one folder (`deploy/.federation/`, or `--dir`), readable by
+its owner only: credentials, the SuperLink's database (every message, model updates
+included; runs and registered SuperNodes survive a restart), logs and the PIDs `down`
+stops. It is not part of the app: `flwr run` never ships this folder.
 """
 
 import argparse
 import contextlib
 import datetime
 import fcntl
+import grp
 import ipaddress
 import json
 import os
+import pwd
 import re
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -50,14 +55,55 @@ STOP_TIMEOUT_S = 20.0
 # Flower cuts every array into chunks of at most 5 MiB (FLWR_PRIVATE_MAX_ARRAY_CHUNK_SIZE),
 # so no SuperNode request comes near this; anything larger is refused by the proxy.
 MAX_REQUEST_MIB = 8
-# Open connections nginx allows one address: a SuperNode uses a few.
+# Requests nginx serves one address at once (its handshakes and idle connections are
+# not counted): a SuperNode uses a few.
 CONNECTIONS_PER_ADDRESS = 16
+# What nginx holds of a request body in memory; the rest waits in a private file.
+BODY_BUFFER_KIB = 128
+# Seconds nginx waits on a client: for its handshake and request headers, between two
+# reads of its body, between two writes of its reply, idle between requests (SuperNodes
+# ask every 3 s, so theirs stays open), and discarding the body of a refused request.
+CLIENT_TIMEOUT_S = 5
+# Whoever runs `up` may read and write the folder and all in it; nobody else anything.
+PRIVATE_UMASK = 0o077
 # Where Debian and others put nginx, outside a non-root user's PATH.
 SYSTEM_BINARY_DIRS = ["/usr/sbin", "/usr/local/sbin", "/sbin"]
 
 
 class FederationError(Exception):
     """What went wrong, in one line for the user."""
+
+
+# -- The folder ----------------------------------------------------------------------
+
+
+def make_private(folder: Path) -> None:
+    """Make `folder` (and any missing parent) and everything in it its owner's only:
+    folders 0700, files 0600 at most. A folder that is a symbolic link, another user's
+    or not one that can be changed is refused in one line."""
+    if folder.is_symlink():
+        raise FederationError(f"{folder} is a symbolic link: give --dir the folder itself")
+    try:
+        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    except FileExistsError:
+        raise FederationError(f"{folder} is not a folder: choose another --dir") from None
+    owner = folder.stat().st_uid
+    if owner != os.geteuid():
+        raise FederationError(f"{folder} belongs to another user (uid {owner}): choose a --dir of your own")
+    try:
+        os.chmod(folder, 0o700)
+        # Top down: a folder is made private, and so readable, before the walk enters it.
+        for parent, folders, files in os.walk(folder):
+            for name in [*folders, *files]:
+                path = os.path.join(parent, name)
+                mode = os.lstat(path).st_mode
+                private = 0o700 if stat.S_ISDIR(mode) else stat.S_IMODE(mode) & 0o600
+                if not stat.S_ISLNK(mode) and stat.S_IMODE(mode) != private:
+                    os.chmod(path, private)
+    except OSError as error:
+        raise FederationError(
+            f"cannot make {error.filename} private ({error.strerror}): fix it or choose another --dir"
+        ) from None
 
 
 # -- Credentials ---------------------------------------------------------------------
@@ -274,7 +320,7 @@ def stop_federation(processes: list[dict]) -> list[str]:
 
 PROXY_CONFIG = """# Written by deploy/local_federation.py at every `up`; edits are lost.
 daemon off;  # `up` tracks and `down` stops the master process by its PID
-worker_processes auto;
+{worker_user}worker_processes auto;
 worker_rlimit_nofile 16384;
 pid {proxy_dir}/nginx.pid;
 error_log stderr notice;
@@ -290,22 +336,25 @@ http {{
         default 1;
     }}
     access_log {logs_dir}/proxy-refused.log combined if=$refused;
-    # nginx makes these at start; outside the folder a non-root user cannot.
-    client_body_temp_path {proxy_dir}/client_body;
-    proxy_temp_path {proxy_dir}/proxy;
-    fastcgi_temp_path {proxy_dir}/fastcgi;
-    uwsgi_temp_path {proxy_dir}/uwsgi;
-    scgi_temp_path {proxy_dir}/scgi;
-    # Bodies and replies stay in memory: started by root, nginx's worker runs as
-    # `nobody`, which cannot write in this folder.
+    # Request bodies past the buffer, and replies the client is slower to take than the
+    # SuperLink to give, wait in files here, in the private folder.
+    client_body_temp_path {spool_dir}/client_body;
+    proxy_temp_path {spool_dir}/proxy;
+    fastcgi_temp_path {spool_dir}/fastcgi;
+    uwsgi_temp_path {spool_dir}/uwsgi;
+    scgi_temp_path {spool_dir}/scgi;
     client_max_body_size {max_request_mib}m;
-    client_body_buffer_size {max_request_mib}m;
-    proxy_max_temp_file_size 0;
-    # A client that is silent or slow is dropped here, and never holds the SuperLink.
-    {ssl_handshake_timeout}client_header_timeout 10s;
-    client_body_timeout 10s;
-    send_timeout 30s;
-    keepalive_timeout 60s;
+    client_body_buffer_size {body_buffer_kib}k;
+    proxy_max_temp_file_size {max_request_mib}m;
+    # The SuperLink sees a request once its whole body is here: a slow client holds
+    # nginx, never the SuperLink.
+    proxy_request_buffering on;
+    # Each bounds one wait, not a request's whole time: open-source nginx has no such bound.
+    {ssl_handshake_timeout}client_header_timeout {client_timeout_s}s;
+    client_body_timeout {client_timeout_s}s;
+    send_timeout {client_timeout_s}s;
+    keepalive_timeout {client_timeout_s}s;
+    lingering_time {client_timeout_s}s;
     limit_conn_zone $binary_remote_addr zone=per_address:1m;
     default_type text/plain;
     server_tokens off;
@@ -321,6 +370,9 @@ http {{
         ssl_certificate_key {folder}/superlink.key;
         ssl_protocols TLSv1.2 TLSv1.3;
         limit_conn per_address {connections_per_address};
+        # nginx's own refusals are answered, then their connection is closed.
+        error_page 403 @refused;
+        error_page 503 @busy;
 
         location /v1/fleet/ {{
             limit_except POST {{
@@ -329,7 +381,7 @@ http {{
             # The location matches the normalised path; what goes upstream is the path
             # as sent. Only a plain Fleet path, as SuperNodes send them, passes.
             if ($request_uri !~ "^/v1/fleet/[a-z-]+$") {{
-                return 403 "{refusal}\\n";
+                return 403;
             }}
             proxy_pass https://superlink;
             proxy_http_version 1.1;
@@ -342,7 +394,17 @@ http {{
         }}
 
         location / {{
+            return 403;
+        }}
+
+        location @refused {{
+            keepalive_timeout 0;
             return 403 "{refusal}\\n";
+        }}
+
+        location @busy {{
+            keepalive_timeout 0;
+            return 503 "{busy}\\n";
         }}
     }}
 }}
@@ -351,6 +413,7 @@ REFUSAL = (
     "Refused: this address serves SuperNodes only (Flower's Fleet API). "
     "Run flwr on the SuperLink's machine, or through an SSH tunnel to it."
 )
+BUSY = f"Busy: at most {CONNECTIONS_PER_ADDRESS} requests at once from one address."
 
 
 def find_nginx(search_path: str | None = None) -> str:
@@ -373,16 +436,25 @@ def nginx_version(nginx: str) -> tuple[int, ...]:
     return tuple(map(int, found.groups())) if found else (0, 0, 0)
 
 
+SPOOL_RECORD = "spool"  # in the proxy folder: the workers' spool folder, when `up` ran as root
+
+
 def write_proxy_config(folder: Path, nginx: str, listen: str, superlink_address: str) -> Path:
     proxy_dir = folder / "proxy"
     proxy_dir.mkdir(mode=0o700, exist_ok=True)
     config_path = proxy_dir / "nginx.conf"
     # From nginx 1.25.5 the TLS handshake has a timeout of its own (60 s by default);
     # before, client_header_timeout covers it.
-    handshake = "ssl_handshake_timeout 10s;\n    " if nginx_version(nginx) >= (1, 25, 5) else ""
+    handshake = ""
+    if nginx_version(nginx) >= (1, 25, 5):
+        handshake = f"ssl_handshake_timeout {CLIENT_TIMEOUT_S}s;\n    "
+    spool_dir, worker_user = worker_spool(proxy_dir)
     config_path.write_text(
         PROXY_CONFIG.format(
+            worker_user=worker_user,
+            spool_dir=spool_dir,
             ssl_handshake_timeout=handshake,
+            client_timeout_s=CLIENT_TIMEOUT_S,
             connections_per_address=CONNECTIONS_PER_ADDRESS,
             proxy_dir=proxy_dir,
             logs_dir=folder / "logs",
@@ -390,10 +462,34 @@ def write_proxy_config(folder: Path, nginx: str, listen: str, superlink_address:
             listen=listen,
             superlink_address=superlink_address,
             max_request_mib=MAX_REQUEST_MIB,
+            body_buffer_kib=BODY_BUFFER_KIB,
             refusal=REFUSAL,
+            busy=BUSY,
         )
     )
     return config_path
+
+
+def worker_spool(proxy_dir: Path) -> tuple[Path, str]:
+    """Where nginx's workers keep request bodies and slow replies, and the `user` line
+    they run under. Started by root, the workers drop to `nobody` (the public port's
+    parser should not run as root), and `nobody` cannot enter the private folder: they
+    get a private folder of their own, made afresh, which `down` removes."""
+    remove_worker_spool(proxy_dir)
+    if os.geteuid() != 0:
+        return proxy_dir, ""
+    nobody = pwd.getpwnam("nobody")
+    spool = Path(tempfile.mkdtemp(prefix="pytorch-example-nginx-"))
+    os.chown(spool, nobody.pw_uid, nobody.pw_gid)
+    (proxy_dir / SPOOL_RECORD).write_text(str(spool))
+    return spool, f"user nobody {grp.getgrgid(nobody.pw_gid).gr_name};\n"
+
+
+def remove_worker_spool(proxy_dir: Path) -> None:
+    record = proxy_dir / SPOOL_RECORD
+    if record.is_file():
+        shutil.rmtree(record.read_text().strip(), ignore_errors=True)
+        record.unlink()
 
 
 def start_proxy(folder: Path, nginx: str, listen: str, superlink_address: str) -> dict:
@@ -595,8 +691,11 @@ def host_port(host: str, port: int) -> str:
 
 
 def up(args: argparse.Namespace) -> None:
+    # What `up` writes, and what the processes it starts write (the SuperLink's database
+    # holds every model update), is its user's only.
+    os.umask(PRIVATE_UMASK)
+    make_private(Path(os.path.abspath(args.dir)))
     folder = args.dir.resolve()
-    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
     with exclusive(folder):
         if started := running(read_state(folder)):
             names = ", ".join(f"{record['name']} (PID {record['pid']})" for record in started)
@@ -712,6 +811,7 @@ def down(args: argparse.Namespace) -> None:
     with exclusive(folder):
         state = read_state(folder)
         stopped = stop_federation(state["processes"])
+        remove_worker_spool(folder / "proxy")
         write_state(folder, {**state, "processes": []})
     print(f"Stopped {', '.join(stopped)}." if stopped else f"No federation from {folder} was up.")
 

@@ -2,11 +2,14 @@
 loopback brought up, used, refused to strangers, restarted and brought down."""
 
 import contextlib
+import http.client
 import json
+import math
 import os
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -37,6 +40,23 @@ SCRIPT = REPO / "deploy" / "local_federation.py"
 
 def mode(path: Path) -> int:
     return path.stat().st_mode & 0o777
+
+
+def open_to_others(folder: Path) -> list[str]:
+    """`folder` and everything in it that its group or anyone else may use."""
+    paths = [folder, *(path for path in folder.rglob("*") if not path.is_symlink())]
+    return [f"{mode(path):o} {path}" for path in paths if mode(path) & 0o077]
+
+
+@contextlib.contextmanager
+def umask(value: int):
+    """Processes started meanwhile get `value`: what `mkdir` and a fresh file then
+    get is up to the code under test."""
+    previous = os.umask(value)
+    try:
+        yield
+    finally:
+        os.umask(previous)
 
 
 # -- Credentials, no processes ----------------------------------------------------
@@ -305,6 +325,27 @@ def test_a_bad_request_is_refused_in_one_line_and_starts_nothing(deployment, opt
     assert (done.returncode, done.stdout.strip()) == (0, f"No federation from {deployment.folder} was up.")
 
 
+@pytest.mark.parametrize("kind", ["symbolic link", "another user's"])
+def test_a_folder_up_cannot_keep_private_is_refused_in_one_line(deployment, kind):
+    folder = deployment.folder
+    if kind == "symbolic link":
+        target = deployment.root / "elsewhere"
+        target.mkdir()
+        folder.symlink_to(target)
+        refusal = f"{folder} is a symbolic link: give --dir the folder itself"
+    else:
+        if os.geteuid() != 0:
+            pytest.skip("only root can give a folder to another user")
+        target = folder
+        folder.mkdir()
+        os.chown(folder, 65534, 65534)  # nobody's
+        refusal = f"{folder} belongs to another user (uid 65534): choose a --dir of your own"
+    os.chmod(target, 0o755)
+    done = deployment.script("up")
+    assert (done.returncode, done.stderr.strip()) == (1, f"local_federation up: {refusal}")
+    assert (mode(target), list(target.iterdir())) == (0o755, [])
+
+
 def test_a_port_in_use_is_refused_in_one_line(deployment):
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
@@ -332,6 +373,22 @@ def test_a_failed_up_says_why_in_one_line_and_leaves_nothing_running(deployment)
     assert "Unable to parse the private key file" in log.read_text()
     assert not [record for record in deployment.state()["processes"] if local_federation.alive(record)]
     assert deployment.script("status").stdout.strip() == f"No federation from {deployment.folder} is up."
+
+
+@pytest.mark.e2e
+def test_up_makes_an_existing_folder_and_all_in_it_private(deployment):
+    """A folder made by `mkdir` (0755), with a log an older `up` left readable: after
+    `up`, nothing in it is open to anyone else, the SuperLink's database (every message,
+    model updates included) and the keys, logs and configs written since included."""
+    old_log = deployment.folder / "logs" / "superlink.log"
+    old_log.parent.mkdir(parents=True)
+    old_log.write_text("from an older `up`\n")
+    for path, path_mode in [(deployment.folder, 0o755), (old_log.parent, 0o755), (old_log, 0o644)]:
+        os.chmod(path, path_mode)
+    with umask(0o022):
+        deployment.up("--nodes", "0")  # SuperNodes' files: test_up_run_down_then_a_restart_...
+    assert (deployment.folder / "superlink.db").exists()
+    assert open_to_others(deployment.folder) == []
 
 
 @pytest.mark.e2e
@@ -364,6 +421,7 @@ def test_up_run_down_then_a_restart_still_lists_the_run(deployment, idx_dataset,
         cwd=app_dir,
     )
     assert_two_rounds_ran(done, tmp_path)
+    assert open_to_others(deployment.folder) == []
     [run] = json.loads(deployment.flwr("ls", "local-deployment", "--format", "json").stdout)["runs"]
     assert run["status"] == "finished:completed"
 
@@ -501,20 +559,26 @@ def run_under_burst(
     run: tuple[str, ...],
     public_address: str,
     tmp_path: Path,
+    requests: int,
+    half_open: int,
     env: dict | None = None,
     namespace: str | None = None,
     burst_namespace: str | None = None,
 ) -> dict:
-    """Start `flwr run *run` (as `env` on `namespace`), send harness.burst's 2,000
-    hostile requests to the public address from `burst_namespace` while it runs, and
-    return what the burst got back once the run has finished and completed."""
+    """Start `flwr run *run` (as `env` on `namespace`), send harness.burst's `requests`
+    hostile requests and `half_open` stalled handshakes to the public address from
+    `burst_namespace` while it runs, and return what the burst got back once the run
+    has finished and completed."""
     app_dir = copy_app(tmp_path / "burst-app")
     submitted = deployment.flwr(*run, cwd=app_dir, env=env, namespace=namespace)
     output = submitted.stdout + submitted.stderr
     assert submitted.returncode == 0, output
     run_id = started_run_id(output)
     burst_command = [sys.executable, "-m", "harness.burst", public_address]
-    burst_command += ["--ca", str(deployment.folder / "ca.pem"), "--requests", "2000", "--half-open", "200"]
+    burst_command += ["--ca", str(deployment.folder / "ca.pem")]
+    burst_command += ["--requests", str(requests), "--half-open", str(half_open)]
+    # Long enough for nginx to drop every stalled handshake.
+    burst_command += ["--hold-seconds", str(local_federation.CLIENT_TIMEOUT_S + 3)]
     bursting = subprocess.run(
         deployment.on_host(burst_command, burst_namespace),
         cwd=REPO,
@@ -565,17 +629,18 @@ def assert_disguises_refused(public_address: str, ca: Path) -> None:
         assert status in (400, 403) and from_nginx, (request_line, status, body)
 
 
-def assert_the_proxy_refused_the_burst(result: dict) -> None:
+def assert_the_proxy_refused_the_burst(result: dict, half_open: int) -> None:
     statuses = result["statuses"]
+    per_kind = result["requests"] // len(burst.KINDS)
     # Never past the proxy: Control, Runtime and the SuperLink's other pages.
     for kind in ("control", "runtime", "other"):
-        assert statuses[kind] == {"403": 400}, (kind, statuses)
-    assert statuses["oversized"] == {"413": 400}, statuses
+        assert statuses[kind] == {"403": per_kind}, (kind, statuses)
+    assert statuses["oversized"] == {"413": per_kind}, statuses
     # Fleet posts reach the SuperLink, which refuses garbage: none succeeds.
-    assert sum(statuses["fleet-malformed"].values()) == 400
+    assert sum(statuses["fleet-malformed"].values()) == per_kind
     assert not [status for status in statuses["fleet-malformed"] if status.startswith("2")], statuses
     # A stalled TLS handshake is dropped after client_header_timeout.
-    assert result["half_open"] == {"opened": 200, "closed_by_server": 200}, result
+    assert result["half_open"] == {"opened": half_open, "closed_by_server": half_open}, result
 
 
 @pytest.mark.e2e
@@ -609,10 +674,83 @@ def test_a_public_address_serves_supernodes_only(deployment, idx_dataset, tmp_pa
 
     # Meanwhile the operator runs the app, and it trains through the proxy under a burst.
     run = ("run", ".", "local-deployment", "--run-config", two_rounds(idx_dataset, tmp_path))
-    assert_the_proxy_refused_the_burst(run_under_burst(deployment, run, public_address, tmp_path))
+    result = run_under_burst(deployment, run, public_address, tmp_path, requests=2000, half_open=200)
+    assert_the_proxy_refused_the_burst(result, half_open=200)
     refused_log = (deployment.folder / "logs" / "proxy-refused.log").read_text()
     assert '"POST /v1/control/list-runs HTTP/1.1" 403' in refused_log
     assert " 200 " not in refused_log
+
+
+def tls_connection(host: str, port: int, ca: Path) -> ssl.SSLSocket:
+    context = ssl.create_default_context(cafile=str(ca))
+    return context.wrap_socket(socket.create_connection((host, port), timeout=30), server_hostname=host)
+
+
+def keep_alive_request(connection: ssl.SSLSocket, request_line: str, body: bytes = b"") -> tuple[int, str]:
+    """One HTTP/1.1 request, kept alive as SuperNodes keep theirs: the status and body
+    of its answer."""
+    head = f"{request_line}\r\nHost: localhost\r\nContent-Type: application/protobuf\r\n"
+    head += f"Content-Length: {len(body)}\r\n\r\n"
+    connection.sendall(head.encode() + body)
+    response = http.client.HTTPResponse(connection, method=request_line.split()[0])
+    response.begin()
+    return response.status, response.read().decode()
+
+
+def closed_at(connection: ssl.SSLSocket, limit_s: float) -> float:
+    """When (`time.monotonic()`) the server closed `connection`; infinity if it is still
+    open after `limit_s`."""
+    connection.settimeout(limit_s)
+    try:
+        while connection.recv(4096):
+            pass
+    except TimeoutError:
+        return math.inf
+    except OSError:
+        pass  # closed without TLS's goodbye
+    return time.monotonic()
+
+
+@pytest.mark.e2e
+@needs_nginx
+def test_the_public_address_closes_what_it_refuses_and_what_stalls(deployment):
+    """deploy/README.md's "what one address can hold": a body past nginx's memory buffer
+    waits in the private folder; at most CONNECTIONS_PER_ADDRESS requests at once, each
+    dropped after CLIENT_TIMEOUT_S of silence; a refusal is answered, then its
+    connection closed."""
+    host, port = "127.0.0.2", free_port()
+    deployment.up("--nodes", "0", "--host", host, "--port", str(port), "--san", host)
+    ca = deployment.folder / "ca.pem"
+    timeout_s = local_federation.CLIENT_TIMEOUT_S
+
+    # 8 times the buffer, and the SuperLink gets it all: it is the one refusing garbage.
+    with tls_connection(host, port, ca) as connection:
+        status, body = keep_alive_request(connection, "POST /v1/fleet/push-messages HTTP/1.1", bytes(2**20))
+    assert (status, json.loads(body)["detail"]) == (400, "Invalid protobuf payload.")
+
+    stalled = [tls_connection(host, port, ca) for _ in range(local_federation.CONNECTIONS_PER_ADDRESS)]
+    try:
+        for connection in stalled:
+            connection.sendall(
+                b"POST /v1/fleet/push-messages HTTP/1.1\r\nHost: localhost\r\nContent-Length: 4096\r\n\r\n"
+                + bytes(64)
+            )
+        stalled_at = time.monotonic()
+        refusals = {
+            "POST /v1/fleet/send-node-heartbeat HTTP/1.1": (503, local_federation.BUSY),
+            "POST /v1/control/list-runs HTTP/1.1": (403, local_federation.REFUSAL),
+            "POST /v1/fleet/pull-messages?/../../control/list-runs HTTP/1.1": (403, local_federation.REFUSAL),
+        }
+        for request_line, (status, body) in refusals.items():
+            with tls_connection(host, port, ca) as connection:
+                assert keep_alive_request(connection, request_line) == (status, f"{body}\n")
+                assert closed_at(connection, limit_s=1.0) < math.inf, f"{request_line}: left open"
+        waited = [closed_at(connection, limit_s=timeout_s + 3) - stalled_at for connection in stalled]
+    finally:
+        for connection in stalled:
+            connection.close()
+    assert all(timeout_s - 1 < seconds < timeout_s + 2 for seconds in waited), waited
+    assert open_to_others(deployment.folder) == []
 
 
 @contextlib.contextmanager
@@ -739,16 +877,20 @@ def test_readme_recipe_for_several_machines(tmp_path, idx_dataset):
                     assert time.monotonic() < deadline, "the SSH tunnel never carried `flwr ls`"
                     time.sleep(1)
                 run = ("run", ".", "my-federation", "--run-config", two_rounds(idx_dataset, tmp_path))
+                # The full burst is test_a_public_address_serves_supernodes_only's; this
+                # one checks that an outsider's host gets the same refusals.
                 result = run_under_burst(
                     deployment,
                     run,
                     public_address,
                     tmp_path,
+                    requests=100,
+                    half_open=20,
                     env=laptop_env,
                     namespace=network["laptop"][0],
                     burst_namespace=network["outsider"][0],
                 )
-                assert_the_proxy_refused_the_burst(result)
+                assert_the_proxy_refused_the_burst(result, half_open=20)
 
             # The SuperLink's operator does run code on every SuperNode: by design.
             marker_app = shutil.copytree(MARKER_APP, tmp_path / "marker-app")
