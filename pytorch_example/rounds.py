@@ -198,13 +198,12 @@ class RoundLoop:
                         "epsilon past dp-max-epsilon = %g", server_round, limit)  # fmt: skip
                     break
                 counts: dict[str, dict[str, int]] = {}
-                train_config = ConfigRecord(dict(client_config or {}))
-                why_untrained = self._train(strategy, grid, server_round, result, train_config, counts)
+                client_config = client_config or ConfigRecord()
+                why_untrained = self._train(strategy, grid, server_round, result, client_config, counts)
                 # The clients' evaluation is mostly waiting on messages, so the ServerApp's
                 # cores are free for the central evaluation meanwhile.
                 central = background.submit(evaluate_fn, server_round, result.arrays) if evaluate_fn else None
-                evaluate_config = ConfigRecord(dict(client_config or {}))
-                self._evaluate(strategy, grid, server_round, result, evaluate_config, counts)
+                self._evaluate(strategy, grid, server_round, result, client_config, counts)
                 if central is not None and (central_metrics := central.result()) is not None:
                     result.evaluate_metrics_serverapp[server_round] = central_metrics
                 round_result = self.outputs.record_round(
@@ -234,18 +233,13 @@ class RoundLoop:
         grid: Grid,
         server_round: int,
         result: Result,
-        train_config: ConfigRecord,
+        client_config: ConfigRecord,
         counts: dict[str, dict[str, int]],
     ) -> str | None:
         """Train and aggregate into `result`, count the replies into `counts`; say why,
         if the round trained nothing (the model then stays as it was)."""
-        flower = flower_strategy(strategy)
-        if flower.fraction_train > 0:
-            self._wait_for_nodes(grid, max(flower.min_available_nodes, flower.min_train_nodes))
-        messages = list(strategy.configure_train(server_round, result.arrays, train_config, grid))
-        replies = send_and_receive(grid, messages, self.config.round_timeout)
-        usable = self.gate.screen("train", replies, server_round)
-        counts["train"] = reply_counts(messages, replies, usable)
+        exchange = (strategy, grid, server_round, result.arrays, client_config, counts)
+        messages, replies, usable = self._exchange("train", *exchange)
         why_untrained = self._untrained(messages, replies, usable)
         if why_untrained is None:
             arrays, train_metrics = strategy.aggregate_train(server_round, usable)
@@ -283,19 +277,37 @@ class RoundLoop:
         grid: Grid,
         server_round: int,
         result: Result,
-        evaluate_config: ConfigRecord,
+        client_config: ConfigRecord,
         counts: dict[str, dict[str, int]],
     ) -> None:
         """Federated evaluation of the round's global model, aggregated into `result`."""
-        flower = flower_strategy(strategy)
-        if flower.fraction_evaluate > 0:
-            self._wait_for_nodes(grid, max(flower.min_available_nodes, flower.min_evaluate_nodes))
-        messages = list(strategy.configure_evaluate(server_round, result.arrays, evaluate_config, grid))
-        replies = send_and_receive(grid, messages, self.config.round_timeout)
-        usable = self.gate.screen("evaluate", replies, server_round)
-        counts["evaluate"] = reply_counts(messages, replies, usable)
+        exchange = (strategy, grid, server_round, result.arrays, client_config, counts)
+        _, _, usable = self._exchange("evaluate", *exchange)
         if usable and (evaluate_metrics := strategy.aggregate_evaluate(server_round, usable)) is not None:
             result.evaluate_metrics_clientapp[server_round] = evaluate_metrics
+
+    def _exchange(
+        self,
+        phase: str,
+        strategy: Strategy,
+        grid: Grid,
+        server_round: int,
+        arrays: ArrayRecord,
+        client_config: ConfigRecord,
+        counts: dict[str, dict[str, int]],
+    ) -> tuple[list[Message], list[Message], list[Message]]:
+        """One phase's messages ("train" or "evaluate"), sent once enough SuperNodes are
+        there; its replies, and those the gate lets through (counted into `counts`)."""
+        flower = flower_strategy(strategy)
+        if getattr(flower, f"fraction_{phase}") > 0:
+            self._wait_for_nodes(grid, max(flower.min_available_nodes, getattr(flower, f"min_{phase}_nodes")))
+        configure = strategy.configure_train if phase == "train" else strategy.configure_evaluate
+        # A copy each time: the strategy adds the round's own entries to it.
+        messages = list(configure(server_round, arrays, ConfigRecord(dict(client_config)), grid))
+        replies = send_and_receive(grid, messages, self.config.round_timeout)
+        usable = self.gate.screen(phase, replies, server_round)
+        counts[phase] = reply_counts(messages, replies, usable)
+        return messages, replies, usable
 
     def _wait_for_nodes(self, grid: Grid, needed: int) -> None:
         """Wait up to `round-timeout` for `needed` SuperNodes, then fail in one line.

@@ -105,6 +105,16 @@ def test_simulation_writes_every_output(superlink, app_dir, idx_dataset, tmp_pat
     assert not list(run_dir.rglob(".*.tmp"))
     assert "The federation has 4 SuperNodes connected" in log
 
+    # `flwr run .` moved both federations into the Flower Config as SuperLink connections.
+    with open(superlink.flwr_home / "config.toml", "rb") as file:
+        connections = tomllib.load(file)["superlink"]
+    assert connections["default"] == "local-simulation"
+    assert connections["local-simulation"]["options"]["num-supernodes"] == 50
+    gpu = connections["local-sim-gpu"]
+    assert gpu["options"]["num-supernodes"] == 50
+    assert gpu["options"]["backend"]["client-resources"]["num-gpus"] == 0.25
+    assert "# [tool.flwr.federations]" in (app_dir / "pyproject.toml").read_text()
+
 
 @pytest.mark.parametrize("personalisation", ["refit-head", "private-head", "stored-head"])
 def test_what_leaves_a_client_is_what_personalisation_says(superlink, idx_dataset, tmp_path, personalisation):
@@ -152,55 +162,6 @@ def test_what_leaves_a_client_is_what_personalisation_says(superlink, idx_datase
     assert len(heads) == (2 if personalisation == "stored-head" else 4)
 
 
-def test_an_alpha_the_data_cannot_satisfy_stops_before_round_1(superlink, app_dir, idx_dataset, tmp_path):
-    log, record = superlink.run(
-        app_dir,
-        {
-            "dirichlet-alpha": 0.05,
-            "dataset-path": str(idx_dataset),
-            "data-cache-dir": str(tmp_path / "cache"),
-            "output-dir": str(tmp_path / "outputs"),
-        },
-        federation_config={"num-supernodes": 50},
-    )
-    assert record["status"] == "finished:failed"
-    details = record["status-details"]
-    assert "run-config key 'dirichlet-alpha' = 0.05: alpha 0.05 leaves some of the 50 partitions" in details
-    assert "or more, or fewer partitions" in details and "\n" not in details
-    assert "[ROUND 1" not in log
-    assert not (tmp_path / "outputs").exists()
-
-
-def test_flwr_run_migrates_the_two_federations(superlink, app_dir, idx_dataset, tmp_path):
-    """After any `flwr run .` both federations are SuperLink connections."""
-    log, record = superlink.run(
-        app_dir,
-        {
-            "num-server-rounds": 1,
-            "fraction-train": 1.0,
-            "fraction-evaluate": 0.0,
-            "dataset-path": str(idx_dataset),
-            "data-cache-dir": str(tmp_path / "cache"),
-            "output-dir": str(tmp_path / "outputs"),
-            "use-wandb": False,
-        },
-        federation_config={"num-supernodes": 2},
-    )
-    assert record["status"] == "finished:completed", log
-    [results_file] = (tmp_path / "outputs").glob("*/*/results.json")
-    [entry] = json.loads(results_file.read_text())
-    assert entry["evaluate_metrics_clientapp"] == {}  # fraction-evaluate=0 skips it
-    with open(superlink.flwr_home / "config.toml", "rb") as file:
-        connections = tomllib.load(file)["superlink"]
-    assert connections["default"] == "local-simulation"
-    assert connections["local-simulation"]["options"]["num-supernodes"] == 50
-    gpu = connections["local-sim-gpu"]
-    assert gpu["options"]["num-supernodes"] == 50
-    assert gpu["options"]["backend"]["client-resources"]["num-gpus"] == 0.25
-    assert "# [tool.flwr.federations]" in (app_dir / "pyproject.toml").read_text()
-    assert not list((tmp_path / "outputs").rglob("wandb"))
-
-
 def test_bad_flag_fails_the_run_with_one_line(superlink, app_dir, tmp_path):
     output_dir = tmp_path / "outputs"
     log, record = superlink.run(
@@ -212,24 +173,6 @@ def test_bad_flag_fails_the_run_with_one_line(superlink, app_dir, tmp_path):
     assert "'fraction-train' = 1.5 is invalid" in record["status-details"]
     assert "ERROR" in log and "run-config key 'fraction-train' = 1.5 is invalid" in log
     assert not output_dir.exists()
-
-
-def test_unreachable_hub_fails_once_naming_dataset_and_key(superlink, app_dir, tmp_path):
-    log, record = superlink.run(
-        app_dir,
-        {
-            "dataset-path": "",
-            "data-cache-dir": str(tmp_path / "cache"),
-            "output-dir": str(tmp_path / "outputs"),
-        },
-        federation_config={"num-supernodes": 2},
-    )
-    assert record["status"] == "finished:failed"
-    assert "zalando-datasets/fashion_mnist" in record["status-details"]
-    assert "dataset-path" in record["status-details"]
-    # It failed in the ServerApp before any round: no ClientApp ran, nothing was written.
-    assert "ClientApp" not in log
-    assert not (tmp_path / "outputs").exists()
 
 
 def results_of(output_dir) -> list[dict]:
