@@ -5,6 +5,7 @@ only this module writes into the folder. A folder read back to resume passes one
 loader, `read_run_folder`, which checks all it reads before anything is written.
 """
 
+import fcntl
 import json
 import os
 import re
@@ -26,6 +27,8 @@ from pytorch_example.config import LEGACY_SETTINGS, AppConfig, ConfigError
 from pytorch_example.files import save_atomically, save_json_atomically
 from pytorch_example.task import Net
 
+# Held by the process of the run writing into the folder (see `hold_run_lock`).
+RUN_LOCK_FILE = ".run.lock"
 # What a restart needs, rewritten after every round before results.json says it is done.
 RESUME_FILE = "resume.pt"
 CONFIG_FILE = "config.json"
@@ -398,6 +401,7 @@ class RunOutputs:
             num_supernodes=num_supernodes,
         )
         self.wandb_run = None
+        self.run_lock: int | None = None  # see `hold_run_lock`
 
     @classmethod
     def open(
@@ -415,6 +419,7 @@ class RunOutputs:
                 run_dir, run_config, wandb_project, config.resume_settings(), num_supernodes=num_supernodes
             )
             outputs.state.arrays = initial_arrays
+            outputs.run_lock = hold_run_lock(run_dir)
             return outputs
         model_shapes = {key: tuple(array.shape) for key, array in initial_arrays.items()}
         try:
@@ -437,6 +442,12 @@ class RunOutputs:
             raise config.resume_error(
                 f"already finished round {resumed.round}: raise num-server-rounds above it to go on"
             )
+        run_lock = hold_run_lock(config.resume_from)
+        if run_lock is None:
+            raise config.resume_error(
+                "is the folder of a run that is still going: two runs would write over each other "
+                "(`flwr stop <run-id>` ends it; `flwr ls` lists the runs)"
+            )
         log(
             INFO,
             "Resuming %s after round %d of %d",
@@ -453,7 +464,9 @@ class RunOutputs:
                 resumed.num_supernodes,
                 num_supernodes,
             )
-        return cls(config.resume_from, run_config, wandb_project, resumed=resumed)
+        outputs = cls(config.resume_from, run_config, wandb_project, resumed=resumed)
+        outputs.run_lock = run_lock
+        return outputs
 
     @property
     def lineage(self) -> str:
@@ -481,6 +494,14 @@ class RunOutputs:
         return self
 
     def __exit__(self, error_type, error, traceback) -> None:
+        try:
+            self._finish(error_type)
+        finally:
+            if self.run_lock is not None:
+                os.close(self.run_lock)  # the folder is free for a resume
+                self.run_lock = None
+
+    def _finish(self, error_type) -> None:
         # Nothing here may hide the run's own outcome: each step only warns.
         try:
             plots.plot_run(self.run_dir)
@@ -615,6 +636,18 @@ def continued_run_config(run_config: dict, config: AppConfig) -> dict:
             settings,
         )
     return {**run_config, **taken}
+
+
+def hold_run_lock(run_dir: Path) -> int | None:
+    """Lock `run_dir` for this process, for as long as it lives (the lock goes with it,
+    however it ends); None if another process holds it: a run still going there."""
+    descriptor = os.open(run_dir / RUN_LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(descriptor)
+        return None
+    return descriptor
 
 
 def create_run_dir(output_dir: Path) -> Path:

@@ -9,9 +9,11 @@ the mechanism as the app runs it (README: Trust the clients less).
 
 import random
 from collections.abc import Iterable
+from logging import INFO
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.common.logger import log
 from flwr.serverapp import (
     GaussianPrivacyEvent,
     Grid,
@@ -136,6 +138,14 @@ def build_strategy(config: AppConfig, num_supernodes: int) -> Strategy:
     }
     if weighs_replies_equally(config):
         common["weighted_by_key"] = EQUAL_WEIGHT_KEY
+    weights = "every reply weighs the same" if weighs_replies_equally(config) else "replies weigh their rows"
+    privacy = (
+        f"DP on (noise multiplier {config.dp_noise_multiplier:g}, clipping norm {config.dp_clipping_norm:g}, "
+        f"{num_sampled} clients a round, delta {config.dp_delta:g})"
+        if config.dp_on
+        else "DP off"
+    )
+    log(INFO, "Aggregation '%s' (%s), %s", config.aggregation, weights, privacy)
     f = config.num_malicious
     if config.dp_on:
         return ClippedNoisyMean(

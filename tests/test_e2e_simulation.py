@@ -104,6 +104,7 @@ def test_simulation_writes_every_output(superlink, app_dir, idx_dataset, tmp_pat
     assert logged.exit_code == 0 and len(logged.history) == 3
     assert not list(run_dir.rglob(".*.tmp"))
     assert "The federation has 4 SuperNodes connected" in log
+    assert "Aggregation 'fedavg' (replies weigh their rows), DP off" in log
 
     # `flwr run .` moved both federations into the Flower Config as SuperLink connections.
     with open(superlink.flwr_home / "config.toml", "rb") as file:

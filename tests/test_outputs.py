@@ -548,3 +548,11 @@ def test_epsilon_is_recorded_each_round_and_a_resumed_run_counts_its_releases(tm
     assert [row["privacy_epsilon"] for row in read_offline_run(run_folder).history] == [2.5, 3.75]
     state = load_resume_state(tmp_path, SETTINGS, MODEL_SHAPES)
     assert RunOutputs(tmp_path, {}, None, SETTINGS, resumed=state).privacy_releases == 2
+
+
+def test_a_folder_whose_run_is_still_going_is_refused_and_free_once_it_ends(killed_run):
+    with resume(killed_run) as going:  # e.g. a run the user left running after Ctrl-C in `flwr run`
+        assert going.next_round == 3
+        assert_refused(killed_run, r"is the folder of a run that is still going: .*flwr stop")
+    with resume(killed_run) as resumed:  # that run ended: its folder may be continued
+        assert resumed.next_round == 3
