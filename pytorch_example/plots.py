@@ -1,4 +1,5 @@
-"""Figures of a run, drawn from its results.json: every run gets them at its end, and
+"""Figures of a run, drawn from its results.json and config.json: every run gets them at
+its end, and
 
     python -m pytorch_example.plots outputs/<date>/<time> [...]
 
@@ -13,25 +14,76 @@ import math
 from pathlib import Path
 
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from pytorch_example.files import save_atomically
 
-FIGURE_SIZE = (6.4, 3.6)
+FIGURE_SIZE = (6.4, 4.2)
+WIDE = 1.6  # a two-panel figure, in figure widths
 DPI = 120
+CLIENTS = "evaluate_metrics_clientapp"  # the results.json section of the clients' evaluation
 
 
 def plot_run(run_dir: Path) -> list[Path]:
     """Draw the figures of `run_dir` next to its results.json; return their paths."""
+    return [_save(figure, run_dir / name) for name, figure in run_figures(run_dir).items()]
+
+
+def run_figures(run_dir: Path) -> dict[str, Figure]:
+    """The figures of `run_dir` by file name: those its results.json has the numbers for."""
     results_file = run_dir / "results.json"
     if not results_file.is_file():
-        return []
+        return {}
     rounds = json.loads(results_file.read_text())
-    drawn = [
-        _central(rounds, run_dir / "central.png"),
-        _save(personalisation_figure(rounds), run_dir / "personalisation.png"),
-        _learning_rate(rounds, run_dir / "learning_rate.png"),
-    ]
-    return [path for path in drawn if path is not None]
+    run_config = _read_run_config(run_dir)
+    drawn = {
+        "central.png": central_figure(rounds, run_config),
+        "personalisation.png": personalisation_figure(rounds, run_config),
+        "learning_rate.png": learning_rate_figure(rounds, run_config),
+        "privacy.png": privacy_figure(rounds, run_config),
+    }
+    return {name: figure for name, figure in drawn.items() if figure is not None}
+
+
+def _read_run_config(run_dir: Path) -> dict:
+    """config.json as written, or {}: a figure is worth drawing without its title."""
+    try:
+        run_config = json.loads((run_dir / "config.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return run_config if isinstance(run_config, dict) else {}
+
+
+def settings_title(run_config: dict) -> str:
+    """The settings runs are compared by, as far as `run_config` names them (an older
+    folder's config.json lacks those added since): one line, then DP on a second."""
+    shown = ("personalisation", "aggregation", "dirichlet-alpha")
+    lines = [", ".join(f"{key}={run_config[key]}" for key in shown if key in run_config)]
+    noise = run_config.get("dp-noise-multiplier")
+    if isinstance(noise, int | float):
+        dp_keys = ("dp-noise-multiplier", "dp-clipping-norm")
+        dp = [f"{key}={run_config[key]}" for key in dp_keys if key in run_config]
+        lines.append(f"DP on: {', '.join(dp)}" if noise > 0 else "DP off")
+    return "\n".join(line for line in lines if line)
+
+
+def _figure(width: float, run_config: dict) -> Figure:
+    # Constrained layout keeps the settings title and the legends below the panels clear of them.
+    figure = Figure(figsize=(FIGURE_SIZE[0] * width, FIGURE_SIZE[1]), layout="constrained")
+    if title := settings_title(run_config):
+        figure.suptitle(title, fontsize="medium")
+    return figure
+
+
+def _per_round(axes) -> None:
+    """Rounds on the x-axis, ticked at whole rounds only (3 rounds would get 1.25, 1.5, ...)."""
+    axes.set_xlabel("round")
+    axes.xaxis.set_major_locator(MaxNLocator(integer=True))
+
+
+def _legend_below(panel) -> None:
+    """The legend of `panel` (a figure or subfigure), below its axes, where it hides no data."""
+    panel.legend(loc="outside lower center", ncols=2, fontsize="small")
 
 
 def _series(rounds: list[dict], section: str, name: str) -> list[float]:
@@ -43,95 +95,110 @@ def _has(values: list[float]) -> bool:
     return any(not math.isnan(value) for value in values)
 
 
-def _central(rounds: list[dict], path: Path) -> Path | None:
+def central_figure(rounds: list[dict], run_config: dict) -> Figure | None:
+    """The global model's accuracy and loss on the test set."""
     numbers = [entry["round"] for entry in rounds]
     accuracy = _series(rounds, "evaluate_metrics_serverapp", "accuracy")
     loss = _series(rounds, "evaluate_metrics_serverapp", "loss")
     if not _has(accuracy):
         return None
-    figure = Figure(figsize=(FIGURE_SIZE[0] * 1.6, FIGURE_SIZE[1]))
+    figure = _figure(WIDE, run_config)
     accuracy_axes, loss_axes = figure.subplots(1, 2)
     accuracy_axes.plot(numbers, accuracy, marker="o")
-    accuracy_axes.set(title="Central accuracy (global model, test set)", xlabel="round", ylabel="accuracy")
+    accuracy_axes.set(title="Central accuracy (global model, test set)", ylabel="accuracy")
     loss_axes.plot(numbers, loss, marker="o", color="tab:red")
-    loss_axes.set(title="Central loss (global model, test set)", xlabel="round", ylabel="loss")
-    return _save(figure, path)
+    loss_axes.set(title="Central loss (global model, test set)", ylabel="loss")
+    _per_round(accuracy_axes)
+    _per_round(loss_axes)
+    return figure
 
 
-def personalisation_figure(rounds: list[dict]) -> Figure | None:
+def personalisation_figure(rounds: list[dict], run_config: dict) -> Figure | None:
     """Own model against global model on the clients' rows; with gain figures, a second
     panel: what the own model adds, in points, and the share of clients it helps."""
     numbers = [entry["round"] for entry in rounds]
-    section = "evaluate_metrics_clientapp"
-    personal = _series(rounds, section, "eval_acc")
+    personal = _series(rounds, CLIENTS, "eval_acc")
     if not _has(personal):
         return None
-    gain = _series(rounds, section, "eval_gain_points_mean")
-    figure = Figure(figsize=(FIGURE_SIZE[0] * (1.6 if _has(gain) else 1), FIGURE_SIZE[1]))
-    axes, *gain_axes = figure.subplots(1, 2 if _has(gain) else 1, squeeze=False)[0]
-    low, high = _series(rounds, section, "eval_acc_min"), _series(rounds, section, "eval_acc_max")
+    with_gain = _has(_series(rounds, CLIENTS, "eval_gain_points_mean"))
+    figure = _figure(WIDE if with_gain else 1, run_config)
+    # A subfigure per panel, so that each gets its own legend below it.
+    accuracy_panel, *gain_panel = figure.subfigures(1, 2 if with_gain else 1, squeeze=False)[0]
+    axes = accuracy_panel.subplots()
+    low, high = _series(rounds, CLIENTS, "eval_acc_min"), _series(rounds, CLIENTS, "eval_acc_max")
     own, shared = "tab:blue", "tab:orange"
     if _has(low):
         band = "own model: min to max over clients"
         axes.fill_between(numbers, low, high, color=own, alpha=0.15, label=band)
-        median = _series(rounds, section, "eval_acc_median")
+        median = _series(rounds, CLIENTS, "eval_acc_median")
         axes.plot(numbers, median, color=own, ls=":", label="own model: median client")
     axes.plot(numbers, personal, color=own, marker="o", label="own model (personalised)")
-    global_model = _series(rounds, section, "eval_acc_global")
+    global_model = _series(rounds, CLIENTS, "eval_acc_global")
     if _has(global_model):
         axes.plot(numbers, global_model, color=shared, marker="s", label="global model")
-    axes.set(
-        title="Clients' validation accuracy (weighted mean)",
-        xlabel="round",
-        ylabel="accuracy",
-        ylim=(0, 1),
-    )
-    axes.legend(loc="lower right", fontsize="small")
-    if gain_axes:
-        _gain(gain_axes[0], numbers, rounds, section)
+    axes.set(title="Clients' validation accuracy (weighted mean)", ylabel="accuracy", ylim=(0, 1))
+    _per_round(axes)
+    _legend_below(accuracy_panel)
+    if gain_panel:
+        _gain(gain_panel[0], numbers, rounds)
     return figure
 
 
-def _gain(axes, numbers: list[int], rounds: list[dict], section: str) -> None:
+def _gain(panel, numbers: list[int], rounds: list[dict]) -> None:
     """Own minus global accuracy per client, in points: mean, min to max, share above 0."""
-    low, high = (
-        _series(rounds, section, "eval_gain_points_min"),
-        _series(rounds, section, "eval_gain_points_max"),
-    )
+    axes = panel.subplots()
+    low = _series(rounds, CLIENTS, "eval_gain_points_min")
+    high = _series(rounds, CLIENTS, "eval_gain_points_max")
     if _has(low):
         axes.fill_between(numbers, low, high, color="tab:green", alpha=0.15, label="min to max over clients")
-    axes.plot(numbers, _series(rounds, section, "eval_gain_points_mean"), color="tab:green", marker="o",
-              label="mean over clients")  # fmt: skip
+    mean = _series(rounds, CLIENTS, "eval_gain_points_mean")
+    axes.plot(numbers, mean, color="tab:green", marker="o", label="mean over clients")
     axes.axhline(0, color="grey", lw=0.8)
-    axes.set(title="Own model minus global model", xlabel="round", ylabel="accuracy gain (points)")
-    # Headroom above the curves for the two legends.
-    bottom, top = axes.get_ylim()
-    axes.set_ylim(bottom, top + 0.35 * (top - bottom))
-    axes.legend(loc="upper left", fontsize="small")
-    share = _series(rounds, section, "eval_gain_share")
+    axes.set(title="Own model minus global model", ylabel="accuracy gain (points)")
+    _per_round(axes)
+    share = _series(rounds, CLIENTS, "eval_gain_share")
     if _has(share):
         share_axes = axes.twinx()
         share_axes.plot(numbers, share, color="black", ls="--", lw=1, label="share of clients that gain")
-        share_axes.set(ylabel="share of clients that gain", ylim=(0, 1.4), yticks=[0, 0.25, 0.5, 0.75, 1])
-        share_axes.legend(loc="upper right", fontsize="small")
+        share_axes.set(ylabel="share of clients that gain", ylim=(0, 1.05), yticks=[0, 0.25, 0.5, 0.75, 1])
+    _legend_below(panel)
 
 
-def _learning_rate(rounds: list[dict], path: Path) -> Path | None:
+def learning_rate_figure(rounds: list[dict], run_config: dict) -> Figure | None:
+    """The learning rate the clients were sent, per round."""
     numbers = [entry["round"] for entry in rounds]
     rates = [entry.get("learning_rate", math.nan) for entry in rounds]
     if not _has(rates):
         return None
-    figure = Figure(figsize=FIGURE_SIZE)
+    figure = _figure(1, run_config)
     axes = figure.subplots()
     axes.step(numbers, rates, where="post", marker="o")
-    axes.set(title="Clients' learning rate", xlabel="round", ylabel="learning rate", ylim=(0, None))
-    return _save(figure, path)
+    axes.set(title="Clients' learning rate", ylabel="learning rate", ylim=(0, None))
+    _per_round(axes)
+    return figure
 
 
-def _save(figure: Figure | None, path: Path) -> Path | None:
-    if figure is None:
+def privacy_figure(rounds: list[dict], run_config: dict) -> Figure | None:
+    """Epsilon spent so far, per round, for a run with DP on; with dp-max-epsilon, the cap."""
+    spent = [entry["privacy"] for entry in rounds if "privacy" in entry]
+    if not spent:
         return None
-    figure.tight_layout()
+    figure = _figure(1, run_config)
+    axes = figure.subplots()
+    epsilon = [entry.get("privacy", {}).get("epsilon", math.nan) for entry in rounds]
+    label = f"epsilon at delta={spent[-1]['delta']:g}"
+    axes.plot([entry["round"] for entry in rounds], epsilon, color="tab:purple", marker="o", label=label)
+    cap = run_config.get("dp-max-epsilon")
+    if isinstance(cap, int | float) and cap > 0:
+        label = f"dp-max-epsilon={cap}: the run ends before passing it"
+        axes.axhline(cap, color="grey", ls="--", lw=1, label=label)
+    axes.set(title="Privacy spent (client-level DP)", ylabel="epsilon", ylim=(0, None))
+    _per_round(axes)
+    _legend_below(figure)
+    return figure
+
+
+def _save(figure: Figure, path: Path) -> Path:
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=DPI)
     save_atomically(path, lambda file: file.write(buffer.getvalue()))

@@ -4,8 +4,11 @@ import json
 import subprocess
 import sys
 
+import pytest
+from matplotlib.legend import Legend
+
 from harness.flower_processes import REPO
-from pytorch_example.plots import personalisation_figure, plot_run
+from pytorch_example.plots import personalisation_figure, plot_run, run_figures
 
 # A run folder written before results.json carried the learning rate, the global-head
 # scores and the spread: its figures must still be drawn from what it has.
@@ -19,26 +22,59 @@ OLDER_RESULTS = [
     for server_round in (1, 2, 3)
 ]
 
+GAINS = {
+    "eval_acc_global": 0.1,
+    "eval_acc_min": 0.05,
+    "eval_acc_median": 0.5,
+    "eval_acc_max": 0.95,
+    "eval_gain_share": 0.75,
+    "eval_gain_points_mean": 15.0,
+    "eval_gain_points_min": 0.0,
+    "eval_gain_points_max": 30.0,
+}
+
+
+def with_gains(entry: dict) -> dict:
+    return {**entry, "evaluate_metrics_clientapp": {**entry["evaluate_metrics_clientapp"], **GAINS}}
+
+
+def dp_round(entry: dict) -> dict:
+    """A round of today's app with DP on: learning rate, gains and the privacy spent."""
+    epsilon = 0.5 * entry["round"]
+    privacy = {"epsilon": epsilon, "delta": 1e-5, "releases": entry["round"]}
+    return {**with_gains(entry), "learning_rate": 0.1, "privacy": privacy}
+
+
+DP_RESULTS = [dp_round(entry) for entry in OLDER_RESULTS]
+DP_CONFIG = {
+    "num-server-rounds": 3,
+    "personalisation": "refit-head",
+    "aggregation": "fedavg",
+    "dp-noise-multiplier": 1.5,
+    "dp-clipping-norm": 0.1,
+    "dp-max-epsilon": 4.0,
+    "dirichlet-alpha": 0.3,
+}
+
+
+def write_run(run_dir, results: list[dict], run_config: dict | None = None) -> None:
+    (run_dir / "results.json").write_text(json.dumps(results))
+    if run_config is not None:
+        (run_dir / "config.json").write_text(json.dumps(run_config))
+
 
 def test_an_older_run_folder_gets_the_figures_its_numbers_allow(tmp_path):
-    (tmp_path / "results.json").write_text(json.dumps(OLDER_RESULTS))
+    write_run(tmp_path, OLDER_RESULTS)
     drawn = plot_run(tmp_path)
     assert [path.name for path in drawn] == ["central.png", "personalisation.png"]
     assert all(path.read_bytes().startswith(b"\x89PNG") for path in drawn)
+    assert all(figure.get_suptitle() == "" for figure in run_figures(tmp_path).values())  # no config.json
 
 
 def test_the_personalisation_figure_shows_the_gain_when_the_run_has_it():
-    gains = {
-        "eval_acc_global": 0.1,
-        "eval_gain_share": 0.75,
-        "eval_gain_points_mean": 15.0,
-        "eval_gain_points_min": 0.0,
-        "eval_gain_points_max": 30.0,
-    }
-    rounds = [{**entry, "evaluate_metrics_clientapp": {**entry["evaluate_metrics_clientapp"], **gains}}
-              for entry in OLDER_RESULTS]  # fmt: skip
-    assert len(personalisation_figure(OLDER_RESULTS).axes) == 1  # no gain figures: one panel
-    accuracy, gain, share = personalisation_figure(rounds).axes
+    rounds = [with_gains(entry) for entry in OLDER_RESULTS]
+    assert len(personalisation_figure(OLDER_RESULTS, {}).axes) == 1  # no gain figures: one panel
+    accuracy, gain, share = personalisation_figure(rounds, {}).axes
     assert [line.get_label() for line in gain.get_lines()][0] == "mean over clients"
     assert list(gain.get_lines()[0].get_ydata()) == [15.0, 15.0, 15.0]
     assert list(share.get_lines()[0].get_ydata()) == [0.75, 0.75, 0.75]
@@ -53,8 +89,69 @@ def test_a_run_that_ended_before_central_evaluation_draws_what_it_has(tmp_path):
         "evaluate_metrics_clientapp": {},
         "evaluate_metrics_serverapp": {},
     }
-    (tmp_path / "results.json").write_text(json.dumps([entry]))
+    write_run(tmp_path, [entry])
     assert [path.name for path in plot_run(tmp_path)] == ["learning_rate.png"]
+
+
+def test_a_dp_run_gets_an_epsilon_figure_with_its_delta(tmp_path):
+    write_run(tmp_path, DP_RESULTS, DP_CONFIG)
+    assert [path.name for path in plot_run(tmp_path)] == [
+        "central.png",
+        "personalisation.png",
+        "learning_rate.png",
+        "privacy.png",
+    ]
+    (axes,) = run_figures(tmp_path)["privacy.png"].axes
+    epsilon, cap = axes.get_lines()
+    assert list(epsilon.get_ydata()) == [0.5, 1.0, 1.5]
+    assert epsilon.get_label() == "epsilon at delta=1e-05"
+    assert list(cap.get_ydata()) == [4.0, 4.0] and axes.get_ylabel() == "epsilon"
+
+
+def test_rounds_are_ticked_at_whole_numbers(tmp_path):
+    write_run(tmp_path, DP_RESULTS, DP_CONFIG)
+    for name, figure in run_figures(tmp_path).items():
+        figure.draw_without_rendering()
+        for axes in figure.axes:
+            low, high = axes.get_xlim()
+            ticks = [tick for tick in axes.get_xticks() if low <= tick <= high]
+            assert ticks == [1, 2, 3], (name, ticks)
+
+
+def test_no_legend_covers_a_panel(tmp_path):
+    write_run(tmp_path, DP_RESULTS, DP_CONFIG)
+    legends = 0
+    for name, figure in run_figures(tmp_path).items():
+        figure.draw_without_rendering()
+        panels = [axes.get_window_extent() for axes in figure.axes]
+        for legend in figure.findobj(Legend):
+            legends += 1
+            extent = legend.get_window_extent()
+            assert not any(extent.overlaps(panel) for panel in panels), name
+    assert legends == 3  # own vs global, gain, epsilon: each panel that has one
+
+
+@pytest.mark.parametrize(
+    ("run_config", "title"),
+    [
+        (
+            DP_CONFIG,
+            "personalisation=refit-head, aggregation=fedavg, dirichlet-alpha=0.3\n"
+            "DP on: dp-noise-multiplier=1.5, dp-clipping-norm=0.1",
+        ),
+        (
+            {**DP_CONFIG, "aggregation": "krum", "dp-noise-multiplier": 0.0},
+            "personalisation=refit-head, aggregation=krum, dirichlet-alpha=0.3\nDP off",
+        ),
+        # A folder from before personalisation, robust rules and DP were settings.
+        ({"num-server-rounds": 3, "dirichlet-alpha": 1.0}, "dirichlet-alpha=1.0"),
+    ],
+    ids=["dp-on", "dp-off", "older-folder"],
+)
+def test_each_figure_names_the_settings_of_the_run(tmp_path, run_config, title):
+    write_run(tmp_path, DP_RESULTS, run_config)
+    figures = run_figures(tmp_path)
+    assert [figure.get_suptitle() for figure in figures.values()] == [title] * len(figures)
 
 
 def redraw(*run_dirs) -> subprocess.CompletedProcess:
@@ -65,7 +162,7 @@ def redraw(*run_dirs) -> subprocess.CompletedProcess:
 def test_the_command_redraws_a_folder_and_refuses_one_without_results(tmp_path):
     run_dir = tmp_path / "2026-01-01" / "10-00-00"
     run_dir.mkdir(parents=True)
-    (run_dir / "results.json").write_text(json.dumps(OLDER_RESULTS))
+    write_run(run_dir, OLDER_RESULTS)
     done = redraw(run_dir)
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == [str(run_dir / "central.png"), str(run_dir / "personalisation.png")]
