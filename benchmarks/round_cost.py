@@ -71,10 +71,8 @@ def _floor_evaluate(job) -> None:
     task.test(net, partition.val, config.eval_batch_size, cpu)  # the global model
     if config.personalisation != STORED_HEAD:  # refit the head, then score the own model
         generator = torch.Generator().manual_seed(partition_id)
-        task.fit_head(
-            net, partition.train, config.head_refit_epochs, config.batch_size, config.learning_rate,
-            config.momentum, cpu, generator,
-        )  # fmt: skip
+        sgd = task.SGD(config.learning_rate, config.momentum, config.batch_size, cpu)
+        task.fit_head(net, partition.train, config.head_refit_epochs, sgd, generator)
         task.test(net, partition.val, config.eval_batch_size, cpu)
 
 

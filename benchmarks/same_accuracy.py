@@ -38,6 +38,7 @@ BATCH_SIZE = 32
 LEARNING_RATE = 0.02
 MOMENTUM = 0.9
 CPU = torch.device("cpu")
+SGD = task.SGD(LEARNING_RATE, MOMENTUM, BATCH_SIZE, CPU)
 NOISE = 250.0
 
 
@@ -156,7 +157,7 @@ def main() -> None:
                 ),
                 "this app": lambda s=seed, g=generator: federate(
                     lambda net, p: (
-                        task.train(net, partitions[p].train, 1, BATCH_SIZE, LEARNING_RATE, MOMENTUM, CPU, g),
+                        task.train(net, partitions[p].train, 1, SGD, g),
                         len(partitions[p].train),
                     )[1],
                     lambda net: task.test(net, test_set, 256, CPU)[1],

@@ -62,7 +62,8 @@ def run(source: DataSource, alpha: float, learning_rate: float, momentum: float,
             rows = partitions[client].train
             net = copy.deepcopy(global_net)
             generator = client_generator(config.seed, server_round, int(client))
-            task.train(net, rows, config.local_epochs, config.batch_size, lr, momentum, CPU, generator)
+            sgd = task.SGD(lr, momentum, config.batch_size, CPU)
+            task.train(net, rows, config.local_epochs, sgd, generator)
             commonest = torch.topk(torch.bincount(rows.labels, minlength=10), 2).indices
             own_classes.append(torch.isin(predictions(net, images), commonest).float().mean().item())
             updates.append(flat(net) - start)

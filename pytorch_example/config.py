@@ -14,6 +14,7 @@ from importlib.metadata import PackageNotFoundError, distribution
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
+import torch
 from flwr.app import UserConfig
 
 DISTRIBUTION_NAME = "pytorchexample"
@@ -397,6 +398,18 @@ class _Reader:
         if not isinstance(value, str):
             raise self._fail(key, value, 'a path, or "" for the default')
         return resolve_path(value) if value.strip() else None
+
+
+def check_server_device(server_device: str) -> None:
+    """Fail with one line when `server-device` names a GPU this ServerApp cannot see."""
+    if server_device == "cpu":
+        return
+    index = int(server_device.partition(":")[2] or 0)
+    if index >= torch.cuda.device_count():
+        raise ConfigError(
+            f"run-config key 'server-device' = '{server_device}' but the ServerApp sees "
+            f'{torch.cuda.device_count()} CUDA device(s): use server-device="cpu"'
+        )
 
 
 @functools.cache  # where the app is installed does not change while a process runs

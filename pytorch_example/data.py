@@ -11,14 +11,12 @@ The recipe runs once per federation, on row numbers and labels only; the images 
 decoded once and mapped by every process (see `data_cache.py`).
 """
 
-import time
-import warnings
 from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
 
-from pytorch_example import data_cache
+from pytorch_example import alpha_advice, data_cache
 from pytorch_example.config import ConfigError, DataSource, Partitioning
 from pytorch_example.data_cache import DataError
 
@@ -58,15 +56,14 @@ def load_partition(source: DataSource, partitioning: Partitioning, partition_id:
 
 
 def prepare_partitions(source: DataSource, partitioning: Partitioning) -> tuple[int, int]:
-    """Decode the data and compute every client's rows now, or fail in one line.
-    Returns the most train rows and the most validation rows a client holds."""
+    """Decode the data and compute every client's rows now, once for all ClientApps, or
+    fail in one line. Returns the most train and validation rows a client holds; with
+    no partitions yet (no SuperNode connected), the whole train split bounds both."""
+    if partitioning.num_partitions == 0:
+        whole = len(data_cache.split_arrays(source, "train")[1])
+        return whole, whole
     rows = np.load(data_cache.packed_rows_file(source, partitioning, partition_rows), mmap_mode="r")
     return data_cache.largest_partition(rows)
-
-
-def train_split_size(source: DataSource) -> int:
-    """How many images the train split holds: more than any client can."""
-    return len(data_cache.split_arrays(source, "train")[1])
 
 
 def load_test_set(source: DataSource) -> ImageSet:
@@ -91,10 +88,15 @@ def partition_rows(labels: np.ndarray, partitioning: Partitioning) -> dict[str, 
     # FederatedDataset shuffles each split with its seed before partitioning.
     table = table.shuffle(seed=partitioning.partition_seed)
     partitioner = dirichlet_partitioner(table, partitioning)
-    if not _can_assign(partitioner):
-        raise DataError(
-            "dirichlet-alpha", partitioning.dirichlet_alpha, _unsatisfiable_alpha(table, partitioning)
+    if not alpha_advice.can_assign(partitioner):
+
+        def partitioner_for(alpha: float):
+            return dirichlet_partitioner(table, replace(partitioning, dirichlet_alpha=alpha))
+
+        advice = alpha_advice.why_unsatisfiable(
+            table.num_rows, partitioning, MIN_PARTITION_SIZE, partitioner_for
         )
+        raise DataError("dirichlet-alpha", partitioning.dirichlet_alpha, advice)
     rows = {}
     for partition_id in range(partitioning.num_partitions):
         partition = partitioner.load_partition(partition_id)
@@ -126,41 +128,3 @@ def dirichlet_partitioner(table, partitioning: Partitioning):
     )
     partitioner.dataset = table
     return partitioner
-
-
-# --- When the partitioner cannot satisfy alpha: say what would work -----------------
-
-# Dirichlet concentrations offered when the configured one cannot be satisfied.
-ALPHA_LADDER = (0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0)
-ALPHA_SEARCH_S = 20.0
-
-
-def _can_assign(partitioner) -> bool:
-    """Whether the partitioner finds partitions of its minimum size within its retries."""
-    with warnings.catch_warnings():
-        # It warns on every failed try; the caller reports the outcome in one line.
-        warnings.simplefilter("ignore", UserWarning)
-        try:
-            partitioner.load_partition(0)
-        except ValueError:
-            return False
-    return True
-
-
-def _unsatisfiable_alpha(table, partitioning: Partitioning) -> str:
-    """Why the partitioner gave up, and the smallest concentration that works here."""
-    message = (
-        f"alpha {partitioning.dirichlet_alpha} leaves some of the {partitioning.num_partitions} "
-        f"partitions of {table.num_rows} images with fewer than the partitioner's minimum of "
-        f"{MIN_PARTITION_SIZE} in every try"
-    )
-    most_partitions = table.num_rows // MIN_PARTITION_SIZE
-    if partitioning.num_partitions > most_partitions:
-        return f"{message}, whatever alpha: use at most {most_partitions} partitions"
-    deadline = time.monotonic() + ALPHA_SEARCH_S
-    for alpha in (candidate for candidate in ALPHA_LADDER if candidate > partitioning.dirichlet_alpha):
-        if time.monotonic() > deadline:
-            break
-        if _can_assign(dirichlet_partitioner(table, replace(partitioning, dirichlet_alpha=alpha))):
-            return f"{message}: use {alpha} or more, or fewer partitions"
-    return f"{message}: use a larger alpha or fewer partitions"

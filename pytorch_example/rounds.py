@@ -34,6 +34,7 @@ REPLY_POLL_INTERVAL_S = 0.05
 NODE_POLL_INTERVAL_S = 1.0
 
 CentralEvaluation = Callable[[int, ArrayRecord], MetricRecord | None]
+Counts = dict[str, dict[str, int]]  # per phase: messages sent, replies received, failed, dropped
 
 
 class RunFailed(RuntimeError):
@@ -147,6 +148,10 @@ class RoundLoop:
     config : AppConfig
         The run's settings: the learning rate recorded per round, `max-failed-rounds`,
         `round-timeout` and what a round's replies must number (trust.py).
+    strategy : Strategy
+        Configures each phase's messages and aggregates its replies.
+    grid : Grid
+        The SuperLink's: sends the messages and brings back the replies.
     outputs : RunOutputs
         Records each finished round (results.json, checkpoints, W&B).
     gate : ReplyGate
@@ -156,17 +161,23 @@ class RoundLoop:
     """
 
     def __init__(
-        self, config: AppConfig, outputs: RunOutputs, gate: ReplyGate, privacy: PrivacyLedger | None = None
+        self,
+        config: AppConfig,
+        strategy: Strategy,
+        grid: Grid,
+        outputs: RunOutputs,
+        gate: ReplyGate,
+        privacy: PrivacyLedger | None = None,
     ) -> None:
         self.config = config
+        self.strategy = strategy
+        self.grid = grid
         self.outputs = outputs
         self.gate = gate
         self.privacy = privacy
 
     def run(
         self,
-        strategy: Strategy,
-        grid: Grid,
         initial_arrays: ArrayRecord,
         client_config: ConfigRecord | None = None,
         evaluate_fn: CentralEvaluation | None = None,
@@ -179,7 +190,7 @@ class RoundLoop:
         raises `RunFailed` when the clients stopped training (`max-failed-rounds`).
         """
         num_rounds = self.config.num_server_rounds
-        strategy.summary()
+        self.strategy.summary()
         result = Result(arrays=initial_arrays)
         if first_round == 1 and evaluate_fn and (initial := evaluate_fn(0, initial_arrays)) is not None:
             log(INFO, "Initial central evaluation: %s", initial)
@@ -197,13 +208,13 @@ class RoundLoop:
                     log(WARNING, "Round %d not run, so the run ends here: one more DP round would take "
                         "epsilon past dp-max-epsilon = %g", server_round, limit)  # fmt: skip
                     break
-                counts: dict[str, dict[str, int]] = {}
+                counts: Counts = {}
                 client_config = client_config or ConfigRecord()
-                why_untrained = self._train(strategy, grid, server_round, result, client_config, counts)
+                why_untrained = self._train(server_round, result, client_config, counts)
                 # The clients' evaluation is mostly waiting on messages, so the ServerApp's
                 # cores are free for the central evaluation meanwhile.
                 central = background.submit(evaluate_fn, server_round, result.arrays) if evaluate_fn else None
-                self._evaluate(strategy, grid, server_round, result, client_config, counts)
+                self._evaluate(server_round, result, client_config, counts)
                 if central is not None and (central_metrics := central.result()) is not None:
                     result.evaluate_metrics_serverapp[server_round] = central_metrics
                 round_result = self.outputs.record_round(
@@ -227,22 +238,13 @@ class RoundLoop:
         self.outputs.save_final_model(result.arrays)
         return result
 
-    def _train(
-        self,
-        strategy: Strategy,
-        grid: Grid,
-        server_round: int,
-        result: Result,
-        client_config: ConfigRecord,
-        counts: dict[str, dict[str, int]],
-    ) -> str | None:
+    def _train(self, server_round: int, result: Result, config: ConfigRecord, counts: Counts) -> str | None:
         """Train and aggregate into `result`, count the replies into `counts`; say why,
         if the round trained nothing (the model then stays as it was)."""
-        exchange = (strategy, grid, server_round, result.arrays, client_config, counts)
-        messages, replies, usable = self._exchange("train", *exchange)
+        messages, replies, usable = self._exchange("train", server_round, result.arrays, config, counts)
         why_untrained = self._untrained(messages, replies, usable)
         if why_untrained is None:
-            arrays, train_metrics = strategy.aggregate_train(server_round, usable)
+            arrays, train_metrics = self.strategy.aggregate_train(server_round, usable)
             if arrays is None:
                 why_untrained = f"the strategy aggregated none of the {len(usable)} usable replies"
             else:
@@ -271,52 +273,37 @@ class RoundLoop:
             return f"every train reply was left out ({len(replies)}), see the warnings above"
         return f"no reply from {len(messages)} sampled node(s) within {self.config.round_timeout:g}s"
 
-    def _evaluate(
-        self,
-        strategy: Strategy,
-        grid: Grid,
-        server_round: int,
-        result: Result,
-        client_config: ConfigRecord,
-        counts: dict[str, dict[str, int]],
-    ) -> None:
+    def _evaluate(self, server_round: int, result: Result, config: ConfigRecord, counts: Counts) -> None:
         """Federated evaluation of the round's global model, aggregated into `result`."""
-        exchange = (strategy, grid, server_round, result.arrays, client_config, counts)
-        _, _, usable = self._exchange("evaluate", *exchange)
-        if usable and (evaluate_metrics := strategy.aggregate_evaluate(server_round, usable)) is not None:
-            result.evaluate_metrics_clientapp[server_round] = evaluate_metrics
+        _, _, usable = self._exchange("evaluate", server_round, result.arrays, config, counts)
+        metrics = self.strategy.aggregate_evaluate(server_round, usable) if usable else None
+        if metrics is not None:
+            result.evaluate_metrics_clientapp[server_round] = metrics
 
     def _exchange(
-        self,
-        phase: str,
-        strategy: Strategy,
-        grid: Grid,
-        server_round: int,
-        arrays: ArrayRecord,
-        client_config: ConfigRecord,
-        counts: dict[str, dict[str, int]],
+        self, phase: str, server_round: int, arrays: ArrayRecord, client_config: ConfigRecord, counts: Counts
     ) -> tuple[list[Message], list[Message], list[Message]]:
         """One phase's messages ("train" or "evaluate"), sent once enough SuperNodes are
         there; its replies, and those the gate lets through (counted into `counts`)."""
-        flower = flower_strategy(strategy)
+        flower = flower_strategy(self.strategy)
         if getattr(flower, f"fraction_{phase}") > 0:
-            self._wait_for_nodes(grid, max(flower.min_available_nodes, getattr(flower, f"min_{phase}_nodes")))
-        configure = strategy.configure_train if phase == "train" else strategy.configure_evaluate
+            self._wait_for_nodes(max(flower.min_available_nodes, getattr(flower, f"min_{phase}_nodes")))
+        configure = self.strategy.configure_train if phase == "train" else self.strategy.configure_evaluate
         # A copy each time: the strategy adds the round's own entries to it.
-        messages = list(configure(server_round, arrays, ConfigRecord(dict(client_config)), grid))
-        replies = send_and_receive(grid, messages, self.config.round_timeout)
+        messages = list(configure(server_round, arrays, ConfigRecord(dict(client_config)), self.grid))
+        replies = send_and_receive(self.grid, messages, self.config.round_timeout)
         usable = self.gate.screen(phase, replies, server_round)
         counts[phase] = reply_counts(messages, replies, usable)
         return messages, replies, usable
 
-    def _wait_for_nodes(self, grid: Grid, needed: int) -> None:
+    def _wait_for_nodes(self, needed: int) -> None:
         """Wait up to `round-timeout` for `needed` SuperNodes, then fail in one line.
 
         Flower's strategies would wait forever, e.g. for a second SuperNode that never comes.
         """
         timeout = self.config.round_timeout
         deadline = time.monotonic() + timeout
-        connected = len(list(grid.get_node_ids()))
+        connected = len(list(self.grid.get_node_ids()))
         if connected < needed:
             log(INFO, "Waiting for SuperNodes: %d connected, %d needed", connected, needed)
         while connected < needed:
@@ -326,7 +313,7 @@ class RoundLoop:
                     f"after {timeout:g}s (round-timeout): start more SuperNodes, or resume later"
                 )
             time.sleep(NODE_POLL_INTERVAL_S)
-            connected = len(list(grid.get_node_ids()))
+            connected = len(list(self.grid.get_node_ids()))
 
 
 def flower_strategy(strategy: Strategy) -> Strategy:

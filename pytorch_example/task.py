@@ -6,6 +6,7 @@ whole tensors on the training device, so no Python code runs per image.
 """
 
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -104,21 +105,23 @@ class MomentumSGD:
             self.momentum_buffers[index] = buffer
 
 
-def train(
-    net: nn.Module,
-    data: ImageSet,
-    epochs: int,
-    batch_size: int,
-    learning_rate: float,
-    momentum: float,
-    device: torch.device,
-    generator: torch.Generator,
-) -> float:
-    """Train `net`'s parameters that require a gradient with SGD on augmented `data`;
+@dataclass(frozen=True)
+class SGD:
+    """How a client takes its steps: SGD with momentum, in batches, on a device."""
+
+    learning_rate: float
+    momentum: float
+    batch_size: int
+    device: torch.device
+
+
+def train(net: nn.Module, data: ImageSet, epochs: int, sgd: SGD, generator: torch.Generator) -> float:
+    """Train `net`'s parameters that require a gradient with `sgd` on augmented `data`;
     return the mean loss over batches."""
+    device, batch_size = sgd.device, sgd.batch_size
     net.to(device).train()
     trainable = [param for param in net.parameters() if param.requires_grad]
-    optimizer = MomentumSGD(trainable, lr=learning_rate, momentum=momentum)
+    optimizer = MomentumSGD(trainable, lr=sgd.learning_rate, momentum=sgd.momentum)
     images, labels = data.images.to(device), data.labels.to(device)
     loss_sum = torch.zeros((), device=device)
     num_batches = 0
@@ -135,32 +138,24 @@ def train(
     return (loss_sum / max(num_batches, 1)).item()
 
 
-def fit_head(
-    net: Net,
-    data: ImageSet,
-    epochs: int,
-    batch_size: int,
-    learning_rate: float,
-    momentum: float,
-    device: torch.device,
-    generator: torch.Generator,
-) -> None:
-    """Train only `net.fc2` on `data` with SGD, the body fixed; `net` stays on `device`.
+def fit_head(net: Net, data: ImageSet, epochs: int, sgd: SGD, generator: torch.Generator) -> None:
+    """Train only `net.fc2` on `data` with `sgd`, the body fixed; `net` stays on its device.
 
     The body runs once over `data` (no augmentation), and the epochs run on the head
     alone, a linear layer on 128 features: for 960 rows and 5 epochs, measured at about
     half the time of one training epoch, most of it that one forward pass.
     """
+    device = sgd.device
     net.to(device).eval()
     with torch.no_grad():
         features = torch.cat(
             [net.features(normalize(images.to(device))) for images in data.images.split(1024)]
         )
     labels = data.labels.to(device)
-    optimizer = MomentumSGD(net.fc2.parameters(), lr=learning_rate, momentum=momentum)
+    optimizer = MomentumSGD(net.fc2.parameters(), lr=sgd.learning_rate, momentum=sgd.momentum)
     for _ in range(epochs):
         order = torch.randperm(len(labels), generator=generator).to(device)
-        for batch in order.split(batch_size):
+        for batch in order.split(sgd.batch_size):
             loss = F.cross_entropy(net.fc2(features[batch]), labels[batch])
             optimizer.zero_grad()
             loss.backward()

@@ -117,5 +117,6 @@ def run_rounds(
     outputs = RunOutputs(run_dir, {}, wandb_project=None)
     outputs.state.privacy_releases = privacy_releases
     gate = ReplyGate.for_run(config, start, MAX_TRAIN_ROWS, MAX_VAL_ROWS)
-    rounds = RoundLoop(config, outputs, gate, privacy_ledger(config, num_nodes, privacy_releases))
-    return rounds.run(build_strategy(config, num_nodes), grid, start, first_round=first_round)
+    privacy = privacy_ledger(config, num_nodes, privacy_releases)
+    rounds = RoundLoop(config, build_strategy(config, num_nodes), grid, outputs, gate, privacy)
+    return rounds.run(start, first_round=first_round)

@@ -255,8 +255,7 @@ def test_the_config_clients_get_holds_the_run_config(tmp_path):
     grid = ScriptedGrid(2, honest)
     config = config_for(num_server_rounds=1)
     start = ArrayRecord(Net().state_dict())
-    rounds = RoundLoop(
-        config, RunOutputs(tmp_path, {}, wandb_project=None), ReplyGate.for_run(config, start, 10, 10)
-    )
-    rounds.run(build_strategy(config, 2), grid, start, client_config=ConfigRecord({"lineage": "a" * 32}))
+    outputs, gate = RunOutputs(tmp_path, {}, wandb_project=None), ReplyGate.for_run(config, start, 10, 10)
+    rounds = RoundLoop(config, build_strategy(config, 2), grid, outputs, gate)
+    rounds.run(start, client_config=ConfigRecord({"lineage": "a" * 32}))
     assert all(sent["lineage"] == "a" * 32 and "lr" in sent for _, sent in grid.sent)

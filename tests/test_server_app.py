@@ -6,10 +6,10 @@ from flwr.app import ArrayRecord
 
 from harness.flower_processes import default_run_config
 from harness.synthetic_fmnist import make_split
-from pytorch_example.config import AppConfig, ConfigError
+from pytorch_example.config import AppConfig, ConfigError, check_server_device
 from pytorch_example.data import ImageSet
 from pytorch_example.outputs import create_run_dir
-from pytorch_example.server_app import central_evaluation, check_server_device
+from pytorch_example.server_app import central_evaluation
 from pytorch_example.task import Net
 
 

@@ -12,6 +12,7 @@ from pytorch_example import task
 from pytorch_example.data import ImageSet
 
 CPU = torch.device("cpu")
+SGD = task.SGD(learning_rate=0.1, momentum=0.9, batch_size=32, device=CPU)
 
 
 def image_set(count: int, seed: int) -> ImageSet:
@@ -67,7 +68,7 @@ def test_train_learns_and_is_reproducible():
     def run(seed: int) -> tuple[float, float, float]:
         torch.manual_seed(0)
         net = task.Net()
-        loss = task.train(net, train_set, 2, 32, 0.1, 0.9, CPU, torch.Generator().manual_seed(seed))
+        loss = task.train(net, train_set, 2, SGD, torch.Generator().manual_seed(seed))
         return (loss, *task.test(net, test_set, 256, CPU))
 
     first, again, other = run(0), run(0), run(1)
@@ -83,7 +84,7 @@ def test_fit_head_moves_the_head_alone_and_repeats_under_a_seed():
     for seed in (5, 5, 6):
         net = task.Net()
         net.load_state_dict(start.state_dict())
-        task.fit_head(net, data, 3, 32, 0.1, 0.9, CPU, torch.Generator().manual_seed(seed))
+        task.fit_head(net, data, 3, SGD, torch.Generator().manual_seed(seed))
         for name, value in net.state_dict().items():
             if name not in task.HEAD_KEYS:
                 assert torch.equal(value, start.state_dict()[name]), name
@@ -98,7 +99,7 @@ def test_a_frozen_head_stays_put_in_training():
     head = {key: value.clone() for key, value in net.fc2.state_dict().items()}
     body = net.fc1.weight.detach().clone()
     net.fc2.requires_grad_(False)
-    task.train(net, image_set(64, seed=1), 1, 32, 0.1, 0.9, CPU, torch.Generator().manual_seed(0))
+    task.train(net, image_set(64, seed=1), 1, SGD, torch.Generator().manual_seed(0))
     assert all(torch.equal(net.fc2.state_dict()[key], head[key]) for key in head)
     assert not torch.equal(net.fc1.weight, body)
 
@@ -146,7 +147,7 @@ def test_training_never_imports_torch_dynamo():
         "images, labels = make_split(64, 0)\n"
         "data = task.ImageSet(torch.from_numpy(images), torch.from_numpy(labels.astype('int64')))\n"
         "generator = torch.Generator().manual_seed(0)\n"
-        "task.train(task.Net(), data, 1, 32, 0.1, 0.9, torch.device('cpu'), generator)\n"
+        "task.train(task.Net(), data, 1, task.SGD(0.1, 0.9, 32, torch.device('cpu')), generator)\n"
         "print('torch._dynamo' in sys.modules)\n"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=REPO)
