@@ -8,7 +8,8 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 
 from harness.flower_processes import default_run_config
-from harness.synthetic_fmnist import write_idx_dataset
+from harness.synthetic_fmnist import NUM_CLASSES, write_idx_dataset
+from pytorch_example import client_app, task
 from pytorch_example.client_app import (
     HEAD_STATE_KEY,
     client_generator,
@@ -18,7 +19,7 @@ from pytorch_example.client_app import (
     train,
 )
 from pytorch_example.config import PERSONALISATIONS, AppConfig, ConfigError, NodeConfig
-from pytorch_example.data import load_partition
+from pytorch_example.data import ImageSet, Partition, load_partition
 from pytorch_example.task import HEAD_KEYS, Net
 from pytorch_example.task import train as train_model
 
@@ -182,9 +183,8 @@ def test_private_head_trains_the_body_against_the_global_head_held_still(run_con
     config = AppConfig.from_run_config(run_config)
     rows = load_partition(config.data_source, config.partitioning(2), 0)
     generator = client_generator(config.seed, 1, 0)
-    train_model(
-        expected, rows.train, config.local_epochs, config.batch_size, 0.1, config.momentum, CPU, generator
-    )
+    sgd = task.SGD(learning_rate=0.1, momentum=config.momentum, batch_size=config.batch_size, device=CPU)
+    train_model(expected, rows.train, config.local_epochs, sgd, generator)
     for key, value in sent.to_torch_state_dict().items():
         torch.testing.assert_close(value, expected.state_dict()[key], rtol=0, atol=0)
     assert torch.equal(expected.fc2.weight, start.fc2.weight)
@@ -202,6 +202,39 @@ def test_a_refit_follows_the_body_it_is_fit_to(run_config):
         evaluate(message("evaluate", arrays, lineage=""), context)
         heads.append(context.state[HEAD_STATE_KEY].to_torch_state_dict()["weight"])
     assert not torch.equal(heads[0], heads[1])
+
+
+def test_the_refit_learns_from_the_train_rows_never_the_validation_rows_it_is_scored_on(
+    run_config, monkeypatch
+):
+    """The client's validation rows are its train images, each labelled as the next class:
+    a head refit on them would score them well, one refit on the train rows badly."""
+    config = AppConfig.from_run_config(run_config)
+    train_rows = load_partition(config.data_source, config.partitioning(2), 0).train
+    relabelled = ImageSet(train_rows.images, (train_rows.labels + 1) % NUM_CLASSES)
+    refit_rows = []
+    fit_head = task.fit_head
+
+    def recording_fit_head(net, data, **settings):
+        refit_rows.append(data)
+        fit_head(net, data, **settings)
+
+    monkeypatch.setattr(task, "fit_head", recording_fit_head)
+    torch.manual_seed(1)  # over bodies from seeds 0..11: 0.01 to 0.15 scored, 0.52 to 0.71 had it read val
+    global_arrays = ArrayRecord(Net().state_dict())
+
+    def refit_and_score(partition: Partition) -> float:
+        monkeypatch.setattr(client_app, "local_partition", lambda config, node: partition)
+        reply = evaluate(message("evaluate", global_arrays, lineage=""), client_context(run_config))
+        return float(reply.content["metrics"]["eval_acc"])
+
+    scored = refit_and_score(Partition(train=train_rows, val=relabelled))
+    assert len(refit_rows) == 1
+    assert torch.equal(refit_rows[0].images, train_rows.images)
+    assert torch.equal(refit_rows[0].labels, train_rows.labels)
+    # What a refit on the validation rows scores: the same client, its train rows relabelled too.
+    assert refit_and_score(Partition(train=relabelled, val=relabelled)) > 0.5
+    assert scored < 0.3
 
 
 def load_partition_labels(run_config: dict, tmp_path):

@@ -26,7 +26,8 @@ from tests.scripted import MAX_TRAIN_ROWS, MAX_VAL_ROWS, ScriptedGrid, config_fo
 NUM_NODES = 7  # enough for Bulyan with num-malicious=1 (4f + 3)
 MODEL_SHAPES = {key: tuple(value.shape) for key, value in Net().state_dict().items()}
 FUZZ = settings(
-    max_examples=40,
+    max_examples=25,
+    derandomize=True,  # the same replies in every run: a failure here repeats
     deadline=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
@@ -220,7 +221,7 @@ def honest_metrics_fixed(train: bool) -> dict:
 
 @pytest.mark.parametrize("rule", [rule for rule in AGGREGATIONS if rule != "fedavg"])
 @settings(
-    max_examples=8,
+    max_examples=5,
     derandomize=True,
     deadline=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture],
