@@ -312,3 +312,12 @@ class LocalFederation:
                 os.kill(pid, signal.SIGKILL)
         for log in self.logs:
             log.close()
+
+
+def wait_until(condition, timeout_s: float = 600) -> None:
+    """Poll `condition` until it holds; `TimeoutError` after `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            raise TimeoutError("the federation did not get there in time")
+        time.sleep(0.2)

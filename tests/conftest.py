@@ -35,6 +35,18 @@ def idx_dataset(tmp_path_factory) -> Path:
     return write_idx_dataset(tmp_path_factory.mktemp("fmnist-idx"), num_train=3000, num_test=1000)
 
 
+@pytest.fixture
+def base_run_config(idx_dataset, tmp_path) -> dict:
+    """What every end-to-end run sets: the generated data, its own cache and outputs
+    under `tmp_path`, and W&B off."""
+    return {
+        "dataset-path": str(idx_dataset),
+        "data-cache-dir": str(tmp_path / "cache"),
+        "output-dir": str(tmp_path / "outputs"),
+        "use-wandb": False,
+    }
+
+
 @pytest.fixture(scope="session")
 def superlink(tmp_path_factory):
     """A SuperLink with the Simulation Engine, shared by the simulation tests."""

@@ -2,14 +2,13 @@
 
 import json
 import math
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
 from harness.attacks import ATTACKS_CLIENT_APP
-from harness.flower_processes import LocalFederation, copy_app
+from harness.flower_processes import LocalFederation, copy_app, wait_until
 from harness.wandb_offline import read_offline_run
 
 pytestmark = pytest.mark.e2e
@@ -54,14 +53,6 @@ def test_a_run_whose_clientapps_all_fail_ends_failed(idx_dataset, tmp_path):
     assert not (run_dir / "final_model.pt").exists()
     [wandb_run] = (run_dir / "wandb").glob("offline-run-*")
     assert read_offline_run(wandb_run).exit_code == 1
-
-
-def wait_until(condition, timeout_s: float = 600) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        if time.monotonic() > deadline:
-            raise TimeoutError("the federation did not get there in time")
-        time.sleep(0.2)
 
 
 def test_a_supernode_killed_mid_run_costs_its_replies_and_comes_back_with_its_head(idx_dataset, tmp_path):

@@ -70,18 +70,10 @@ def test_a_killed_run_resumes_with_every_round_exactly_once(idx_dataset, tmp_pat
     assert read_offline_run(wandb_runs[-1]).exit_code == 0
 
 
-def test_a_run_resumed_on_a_larger_federation_gives_no_client_another_clients_head(idx_dataset, tmp_path):
+def test_a_run_resumed_on_a_larger_federation_gives_no_client_another_clients_head(tmp_path, base_run_config):
     """4 SuperNodes, then 6: partition 0 of 6 holds other rows than partition 0 of 4."""
     output_dir = tmp_path / "outputs"
-    run_config = {
-        "num-server-rounds": 1,
-        "fraction-train": 1.0,
-        "fraction-evaluate": 1.0,
-        "dataset-path": str(idx_dataset),
-        "data-cache-dir": str(tmp_path / "cache"),
-        "output-dir": str(output_dir),
-        "use-wandb": False,
-    }
+    run_config = {**base_run_config, "num-server-rounds": 1, "fraction-train": 1.0, "fraction-evaluate": 1.0}
     app_dir = copy_app(tmp_path / "app")
     federation = LocalFederation(tmp_path / "federation")
     try:

@@ -33,7 +33,7 @@ RESULT_KEYS = {
 }
 
 
-def test_simulation_writes_every_output(superlink, app_dir, idx_dataset, tmp_path):
+def test_simulation_writes_every_output(superlink, app_dir, idx_dataset, tmp_path, base_run_config):
     output_dir = tmp_path / "outputs"
     run_config = {
         "num-server-rounds": 3,
@@ -43,9 +43,8 @@ def test_simulation_writes_every_output(superlink, app_dir, idx_dataset, tmp_pat
         # the global model at chance after three rounds (seen once in CI: 0.112).
         "local-epochs": 2,
         "lr-decay-rounds": "2",
-        "dataset-path": str(idx_dataset),
-        "data-cache-dir": str(tmp_path / "cache"),
-        "output-dir": str(output_dir),
+        **base_run_config,
+        "use-wandb": True,  # offline: no credentials here
     }
     log, record = superlink.run(app_dir, run_config, federation_config={"num-supernodes": 4})
     assert record["status"] == "finished:completed", log
@@ -118,7 +117,9 @@ def test_simulation_writes_every_output(superlink, app_dir, idx_dataset, tmp_pat
 
 
 @pytest.mark.parametrize("personalisation", ["refit-head", "private-head", "stored-head"])
-def test_what_leaves_a_client_is_what_personalisation_says(superlink, idx_dataset, tmp_path, personalisation):
+def test_what_leaves_a_client_is_what_personalisation_says(
+    superlink, idx_dataset, tmp_path, base_run_config, personalisation
+):
     """Each reply as the ClientApp hands it to its SuperNode, recorded by a Flower mod."""
     cache = tmp_path / "cache"
     run_config = {
@@ -126,10 +127,7 @@ def test_what_leaves_a_client_is_what_personalisation_says(superlink, idx_datase
         "fraction-train": 0.5,
         "fraction-evaluate": 1.0,
         "personalisation": personalisation,
-        "dataset-path": str(idx_dataset),
-        "data-cache-dir": str(cache),
-        "output-dir": str(tmp_path / "outputs"),
-        "use-wandb": False,
+        **base_run_config,
     }
     app = copy_app(tmp_path / "app", client_app=SENT_LOG_CLIENT_APP)
     log, record = superlink.run(app, run_config, federation_config={"num-supernodes": 4})
@@ -181,7 +179,7 @@ def results_of(output_dir) -> list[dict]:
     return json.loads(results_file.read_text())
 
 
-def test_a_scaled_update_sinks_fedavg_but_not_trimmed_mean(superlink, idx_dataset, tmp_path):
+def test_a_scaled_update_sinks_fedavg_but_not_trimmed_mean(superlink, tmp_path, base_run_config):
     """5 SuperNodes all train; partition 0 sends its update x100 every round."""
     app = copy_app(tmp_path / "app", client_app=ATTACKS_CLIENT_APP, extra_config=ATTACK_RUN_CONFIG)
     final_accuracy = {}
@@ -196,10 +194,8 @@ def test_a_scaled_update_sinks_fedavg_but_not_trimmed_mean(superlink, idx_datase
             "trim-fraction": 0.2,  # 1 of 5 replies cut at each end
             "attack": "scaled",
             "attack-fraction": 0.2,
-            "dataset-path": str(idx_dataset),
-            "data-cache-dir": str(tmp_path / "cache"),
+            **base_run_config,
             "output-dir": str(output_dir),
-            "use-wandb": False,
         }
         log, record = superlink.run(app, run_config, federation_config={"num-supernodes": 5})
         assert record["status"] == "finished:completed", log
@@ -222,7 +218,7 @@ def epsilon_after(releases: int, noise_multiplier: float, delta: float) -> float
 
 
 def test_a_dp_run_reports_epsilon_each_round_and_stops_at_its_budget(
-    superlink, app_dir, idx_dataset, tmp_path
+    superlink, app_dir, tmp_path, base_run_config
 ):
     budget = (epsilon_after(2, 1.0, 1e-5) + epsilon_after(3, 1.0, 1e-5)) / 2  # fits 2 rounds, not 3
     output_dir = tmp_path / "outputs"
@@ -235,10 +231,7 @@ def test_a_dp_run_reports_epsilon_each_round_and_stops_at_its_budget(
         # model in one round and the clients diverge; epsilon does not depend on the norm.
         "dp-clipping-norm": 0.01,
         "dp-max-epsilon": budget,
-        "dataset-path": str(idx_dataset),
-        "data-cache-dir": str(tmp_path / "cache"),
-        "output-dir": str(output_dir),
-        "use-wandb": False,
+        **base_run_config,
     }
     log, record = superlink.run(app_dir, run_config, federation_config={"num-supernodes": 4})
     assert record["status"] == "finished:completed", log
@@ -252,7 +245,9 @@ def test_a_dp_run_reports_epsilon_each_round_and_stops_at_its_budget(
     assert (next(output_dir.glob("*/*")) / "final_model.pt").exists()
 
 
-def test_replies_unlike_the_clientapps_are_left_out_and_the_run_completes(superlink, idx_dataset, tmp_path):
+def test_replies_unlike_the_clientapps_are_left_out_and_the_run_completes(
+    superlink, tmp_path, base_run_config
+):
     """Partition 0 adds a metric key to its train replies, partition 1 leaves the row
     count out of its evaluate replies: each once ended the run in round 1."""
     app = copy_app(tmp_path / "app", client_app=ATTACKS_CLIENT_APP, extra_config=ATTACK_RUN_CONFIG)
@@ -262,10 +257,7 @@ def test_replies_unlike_the_clientapps_are_left_out_and_the_run_completes(superl
         "fraction-train": 1.0,
         "fraction-evaluate": 1.0,
         "attack-partitions": "0:extra-metric,1:evaluate-without-rows",
-        "dataset-path": str(idx_dataset),
-        "data-cache-dir": str(tmp_path / "cache"),
-        "output-dir": str(output_dir),
-        "use-wandb": False,
+        **base_run_config,
     }
     log, record = superlink.run(app, run_config, federation_config={"num-supernodes": 4})
     assert record["status"] == "finished:completed", log
