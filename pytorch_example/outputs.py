@@ -27,7 +27,7 @@ from pytorch_example.config import LEGACY_SETTINGS, AppConfig, ConfigError
 from pytorch_example.files import save_atomically, save_json_atomically
 from pytorch_example.task import Net
 
-# Held by the process of the run writing into the folder (see `hold_run_lock`).
+# Held by the process of the run writing into the folder (see `lock_run_folder`).
 RUN_LOCK_FILE = ".run.lock"
 # What a restart needs, rewritten after every round before results.json says it is done.
 RESUME_FILE = "resume.pt"
@@ -232,8 +232,10 @@ def _entry_problem(number: int, entry) -> str | None:
     """What is wrong with round `number`'s results entry, or None."""
     if not isinstance(entry, dict) or not _is_integer(entry.get("round"), low=number, high=number):
         return f"is not round {number}'s"
-    central = entry.get("evaluate_metrics_serverapp", {})
-    accuracy = central.get("accuracy") if isinstance(central, dict) else central
+    for section in (*RESULT_SECTIONS, "replies"):
+        if section in entry and not isinstance(entry[section], dict):
+            return f"holds {section} = {SHOWN.repr(entry[section])}, not a record of values"
+    accuracy = entry.get("evaluate_metrics_serverapp", {}).get("accuracy")
     if accuracy is not None and not (_is_number(accuracy) and 0 <= accuracy <= 1):
         return f"holds central accuracy {SHOWN.repr(accuracy)}, not a number in [0, 1]"
     if "privacy" in entry and _releases(entry) is None:
@@ -401,7 +403,7 @@ class RunOutputs:
             num_supernodes=num_supernodes,
         )
         self.wandb_run = None
-        self.run_lock: int | None = None  # see `hold_run_lock`
+        self.run_lock: int | None = None  # see `lock_run_folder`
 
     @classmethod
     def open(
@@ -419,13 +421,35 @@ class RunOutputs:
                 run_dir, run_config, wandb_project, config.resume_settings(), num_supernodes=num_supernodes
             )
             outputs.state.arrays = initial_arrays
-            outputs.run_lock = hold_run_lock(run_dir)
+            outputs.run_lock = lock_run_folder(run_dir, create=True)
             return outputs
-        model_shapes = {key: tuple(array.shape) for key, array in initial_arrays.items()}
+        run_lock = None
         try:
-            folder = read_run_folder(config.resume_from, model_shapes)
-        except ResumeError as err:
-            raise config.resume_error(err) from None
+            # Locked before it is read: a run still going could write between the two.
+            run_lock = lock_run_folder(config.resume_from, create=False)
+            outputs = cls._continued(config, run_config, num_supernodes, initial_arrays, wandb_project)
+            # A folder of a version without the lock file gets one now.
+            outputs.run_lock = run_lock or lock_run_folder(config.resume_from, create=True)
+            return outputs
+        except BaseException as err:
+            if run_lock is not None:
+                os.close(run_lock)  # refused, or failed: the folder stays free
+            if isinstance(err, ResumeError):
+                raise config.resume_error(err) from None
+            raise
+
+    @classmethod
+    def _continued(
+        cls,
+        config: AppConfig,
+        run_config: dict,
+        num_supernodes: int,
+        initial_arrays: ArrayRecord,
+        wandb_project: str | None,
+    ) -> "RunOutputs":
+        """The outputs of the run `resume-from` names, checked; else `ResumeError` or `ConfigError`."""
+        model_shapes = {key: tuple(array.shape) for key, array in initial_arrays.items()}
+        folder = read_run_folder(config.resume_from, model_shapes)
         settings = config.resume_settings()
         if changed := [
             f"{key} was {folder.config.run_config_value(key)!r}"
@@ -441,12 +465,6 @@ class RunOutputs:
         if resumed.round >= config.num_server_rounds:
             raise config.resume_error(
                 f"already finished round {resumed.round}: raise num-server-rounds above it to go on"
-            )
-        run_lock = hold_run_lock(config.resume_from)
-        if run_lock is None:
-            raise config.resume_error(
-                "is the folder of a run that is still going: two runs would write over each other "
-                "(`flwr stop <run-id>` ends it; `flwr ls` lists the runs)"
             )
         log(
             INFO,
@@ -464,9 +482,7 @@ class RunOutputs:
                 resumed.num_supernodes,
                 num_supernodes,
             )
-        outputs = cls(config.resume_from, run_config, wandb_project, resumed=resumed)
-        outputs.run_lock = run_lock
-        return outputs
+        return cls(config.resume_from, run_config, wandb_project, resumed=resumed)
 
     @property
     def lineage(self) -> str:
@@ -638,15 +654,27 @@ def continued_run_config(run_config: dict, config: AppConfig) -> dict:
     return {**run_config, **taken}
 
 
-def hold_run_lock(run_dir: Path) -> int | None:
+def lock_run_folder(run_dir: Path, create: bool) -> int | None:
     """Lock `run_dir` for this process, for as long as it lives (the lock goes with it,
-    however it ends); None if another process holds it: a run still going there."""
-    descriptor = os.open(run_dir / RUN_LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
+    however it ends). None when the folder has no lock file and `create` is False (no run
+    of this version wrote it). `ResumeError` when another process holds the lock (a run
+    still going there) or the lock file cannot be opened."""
+    try:
+        descriptor = os.open(run_dir / RUN_LOCK_FILE, os.O_RDONLY | (os.O_CREAT if create else 0), 0o600)
+    except FileNotFoundError:
+        if create:
+            raise
+        return None
+    except OSError as err:
+        raise ResumeError(f"cannot be locked for this run ({RUN_LOCK_FILE}: {err.strerror})") from None
     try:
         fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         os.close(descriptor)
-        return None
+        raise ResumeError(
+            "is the folder of a run that is still going: two runs would write over each other "
+            "(`flwr stop <run-id>` ends it; `flwr ls` lists the runs)"
+        ) from None
     return descriptor
 
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from logging import DEBUG, INFO, WARNING
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result, Strategy
@@ -32,6 +32,9 @@ from pytorch_example.trust import EQUAL_WEIGHT_KEY, PrivacyLedger, too_few_repli
 # (benchmarks/README.md#round-cost-python--m-benchmarksround_cost).
 REPLY_POLL_INTERVAL_S = 0.05
 NODE_POLL_INTERVAL_S = 1.0
+# The largest loss a reply may report: no cross-entropy this model reaches, and small
+# enough that means over any number of replies stay finite (results.json is JSON).
+MAX_LOSS = 1e30
 
 CentralEvaluation = Callable[[int, ArrayRecord], MetricRecord | None]
 Counts = dict[str, dict[str, int]]  # per phase: messages sent, replies received, failed, dropped
@@ -94,13 +97,22 @@ class ReplyGate:
         arrays = reply.content["arrays"]
         if list(arrays.keys()) != list(self.arrays):
             return f"its arrays {list(arrays.keys())[:8]} are not the expected {list(self.arrays)}, in order"
+        decoded = {}
         for key, array in arrays.items():
             shape, dtype = self.arrays[key]
-            if tuple(array.shape) != shape or array.dtype != dtype:
-                return f"'{key}' is {array.dtype} {tuple(array.shape)}, not the model's {dtype} {shape}"
-            if not np.isfinite(array.numpy()).all():
+            # An Array says its shape and dtype beside its bytes: check what the bytes hold.
+            values = array.numpy() if array.stype == "numpy.ndarray" else None
+            if values is None or values.shape != shape or values.dtype != np.dtype(dtype):
+                held = "other bytes" if values is None else f"{values.dtype} {values.shape}"
+                return f"'{key}' holds {held}, not the model's {dtype} {shape}"
+            if not np.isfinite(values).all():
                 return f"'{key}' holds NaN or Inf"
-        return metrics_problem(reply.content["metrics"], TRAIN_METRIC_KEYS, self.max_train_rows)
+            decoded[key] = values
+        if problem := metrics_problem(reply.content["metrics"], TRAIN_METRIC_KEYS, self.max_train_rows):
+            return problem
+        # From here on the reply holds what was checked, whatever its Arrays declared.
+        reply.content["arrays"] = ArrayRecord({key: Array(values) for key, values in decoded.items()})
+        return None
 
     def evaluate_problem(self, reply: Message) -> str | None:
         """Why an evaluate reply must not be used, or None."""
@@ -122,8 +134,8 @@ def records_problem(reply: Message, expected: dict[str, type]) -> str | None:
 
 def metrics_problem(metrics: MetricRecord, keys: tuple[str, ...], max_rows: int) -> str | None:
     """Why a reply's metrics are not exactly `keys`, each a number in its range, or None:
-    scores (`*_acc*`) in [0, 1], losses finite and >= 0, the row count an integer in
-    1..`max_rows`."""
+    scores (`*_acc*`) in [0, 1], losses from 0 to `MAX_LOSS`, the row count an integer
+    in 1..`max_rows`."""
     if sorted(metrics.keys()) != sorted(keys):
         return f"its metrics {sorted(metrics.keys())[:8]} are not {sorted(keys)}"
     for key in keys:
@@ -135,8 +147,8 @@ def metrics_problem(metrics: MetricRecord, keys: tuple[str, ...], max_rows: int)
             return f"{key} = {value!r} is not a finite number"
         elif "_acc" in key and not 0 <= value <= 1:
             return f"{key} = {value!r} is not a score in [0, 1]"
-        elif value < 0:
-            return f"{key} = {value!r} is not a loss (>= 0)"
+        elif not 0 <= value <= MAX_LOSS:
+            return f"{key} = {value!r} is not a loss (0 to {MAX_LOSS:g})"
     return None
 
 
@@ -247,6 +259,9 @@ class RoundLoop:
             arrays, train_metrics = self.strategy.aggregate_train(server_round, usable)
             if arrays is None:
                 why_untrained = f"the strategy aggregated none of the {len(usable)} usable replies"
+            elif not all(np.isfinite(array.numpy()).all() for array in arrays.values()):
+                # Finite replies can still overflow a mean (float32 tops out at 3.4e38).
+                why_untrained = "the aggregate of the usable replies holds NaN or Inf"
             else:
                 result.arrays = arrays
                 if train_metrics is not None:
@@ -378,12 +393,10 @@ def send_and_receive(grid: Grid, messages: Iterable[Message], timeout: float) ->
     replies: list[Message] = []
     deadline = time.monotonic() + timeout
     while pending and time.monotonic() < deadline:
-        # Each message's first reply only.
-        arrived = [
-            reply for reply in grid.pull_messages(pending) if reply.metadata.reply_to_message_id in pending
-        ]
-        replies.extend(arrived)
-        pending -= {reply.metadata.reply_to_message_id for reply in arrived}
+        for reply in list(grid.pull_messages(list(pending))):
+            if reply.metadata.reply_to_message_id in pending:  # each message's first reply only
+                replies.append(reply)
+                pending.discard(reply.metadata.reply_to_message_id)
         if pending:
             time.sleep(REPLY_POLL_INTERVAL_S)
     return replies

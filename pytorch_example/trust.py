@@ -104,26 +104,21 @@ class ClippedNoisyMean(DifferentialPrivacyServerSideFixedClipping):
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         replies = list(replies)
-        sent = self.current_arrays.to_numpy_ndarrays()
+        # Paired by name: the model sent and each reply (the gate checked their names).
+        sent = {key: array.numpy() for key, array in self.current_arrays.items()}
         for reply in replies:
-            received = reply.content["arrays"]
-            update = [new - old for new, old in zip(received.to_numpy_ndarrays(), sent, strict=True)]
-            norm = float(np.sqrt(sum(np.square(part, dtype=np.float64).sum() for part in update)))
+            update = {key: array.numpy() - sent[key] for key, array in reply.content["arrays"].items()}
+            norm = float(np.sqrt(sum(np.square(part, dtype=np.float64).sum() for part in update.values())))
             scale = min(1.0, self.clipping_norm / norm) if norm > 0 else 1.0
-            clipped = {
-                key: Array(old + scale * part)
-                for key, old, part in zip(received.keys(), sent, update, strict=True)
-            }
-            reply.content["arrays"] = ArrayRecord(clipped)
+            reply.content["arrays"] = ArrayRecord(
+                {key: Array(sent[key] + scale * part) for key, part in update.items()}
+            )
         mean, metrics = self.strategy.aggregate_train(server_round, replies)
         if mean is None:
             return None, metrics
         # The mean of the replies that came, as the sum over all n sampled.
         share = len(replies) / self.num_sampled_clients
-        summed = {
-            key: Array(old + share * (new.numpy() - old))
-            for (key, new), old in zip(mean.items(), sent, strict=True)
-        }
+        summed = {key: Array(sent[key] + share * (new.numpy() - sent[key])) for key, new in mean.items()}
         return self._add_noise_to_aggregated_arrays(ArrayRecord(summed)), metrics
 
 

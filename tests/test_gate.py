@@ -68,6 +68,7 @@ def mutation(draw, phase: str):
     kinds = ["extra-record", "missing-record", "extra-metric", "missing-metric", "bad-value"]
     if phase == "train":
         kinds += ["array-shape", "array-dtype", "array-extra", "array-missing", "array-nan", "array-order"]
+        kinds += ["array-bytes"]  # the model's dtype and shape declared, other bytes held
     kind = draw(st.sampled_from(kinds))
     if kind == "extra-record":
         name = draw(names.filter(lambda name: name not in ("arrays", "metrics")))
@@ -107,6 +108,16 @@ def mutation(draw, phase: str):
     if kind == "array-extra":
         name = draw(names.filter(lambda name: name not in MODEL_SHAPES))
         return with_array(lambda arrays: arrays.__setitem__(name, Array(np.zeros(3, np.float32))))
+    if kind == "array-bytes":
+        held = draw(
+            st.sampled_from([np.zeros(3, np.float32), np.zeros(shape, np.float64), np.asarray(np.float32(1))])
+        )
+
+        def lie(arrays):
+            real = Array(held)
+            arrays[key] = Array(dtype="float32", shape=shape, stype=real.stype, data=real.data)
+
+        return with_array(lie)
     if kind == "array-missing":
         return with_array(lambda arrays: arrays.pop(key))
     if kind == "array-nan":
@@ -197,15 +208,20 @@ def test_no_reply_breaks_a_round_and_every_bad_one_is_counted(tmp_path_factory, 
             assert -100 <= value <= 100
 
 
+STEPS = (0.010, 0.013, 0.017, 0.018, 0.020, 0.026, 0.031)  # node n's, n = 1..7
+
+
 def with_rows(node_1_rows: int):
-    """Nodes move the model by 0.01 x their number; node 1 claims `node_1_rows` rows."""
+    """Nodes move the model each by its own step (no two alike, and no ties in Krum's
+    scores); node 1 claims `node_1_rows` rows."""
 
     def answer(server_round, message):
         node = message.metadata.dst_node_id
         content = RecordDict({"metrics": MetricRecord(honest_metrics_fixed(is_train(message)))})
         if is_train(message):
             received = message.content["arrays"].to_torch_state_dict()
-            content["arrays"] = ArrayRecord({key: value + 0.01 * node for key, value in received.items()})
+            step = STEPS[node - 1]
+            content["arrays"] = ArrayRecord({key: value + step for key, value in received.items()})
             if node == 1:
                 content["metrics"][ROWS_KEY] = node_1_rows
         return content

@@ -556,3 +556,14 @@ def test_a_folder_whose_run_is_still_going_is_refused_and_free_once_it_ends(kill
         assert_refused(killed_run, r"is the folder of a run that is still going: .*flwr stop")
     with resume(killed_run) as resumed:  # that run ended: its folder may be continued
         assert resumed.next_round == 3
+
+
+def test_a_damaged_results_entry_is_refused_in_one_line(killed_run):
+    def central_as_a_number(state):
+        state["round_results"][1]["evaluate_metrics_serverapp"] = 0.5
+        return state
+
+    edit_state(
+        killed_run, round_results=central_as_a_number(torch.load(killed_run / "resume.pt"))["round_results"]
+    )
+    assert_refused(killed_run, r"round_results entry 2 that holds evaluate_metrics_serverapp = 0.5, not")

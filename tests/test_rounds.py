@@ -6,9 +6,10 @@ import json
 import logging
 import re
 
+import numpy as np
 import pytest
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from pytorch_example.outputs import RunOutputs
 from pytorch_example.rounds import ReplyGate, RoundLoop, RunFailed, clock
@@ -159,10 +160,28 @@ def without_metric(key):
     return lambda content: content["metrics"].pop(key)
 
 
+def lying_array(key, bytes_of):
+    """`key` declared as the model's dtype and shape, with the bytes of `bytes_of(values)`."""
+
+    def poison(content):
+        arrays = dict(content["arrays"].items())
+        declared = arrays[key]
+        held = Array(bytes_of(declared.numpy()))
+        arrays[key] = Array(
+            dtype=declared.dtype, shape=tuple(declared.shape), stype=held.stype, data=held.data
+        )
+        content["arrays"] = ArrayRecord(arrays)
+
+    return poison
+
+
 BAD_TRAIN_REPLIES = [
+    (lying_array("fc1.weight", lambda values: values[:3]), "'fc1.weight' holds float32 (3, 512)"),
+    (lying_array("fc2.bias", lambda values: values.astype(np.float64)), "'fc2.bias' holds float64 (10,)"),
+    (lying_array("fc2.bias", lambda values: np.asarray(np.float32(0.5))), "'fc2.bias' holds float32 ()"),
     (set_array("fc1.weight", lambda a: a.index_fill(0, torch.tensor([0]), float("nan"))), "holds NaN or Inf"),
-    (set_array("fc2.bias", lambda a: a[:5]), "'fc2.bias' is float32 (5,), not the model's float32 (10,)"),
-    (set_array("fc2.bias", lambda a: a.double()), "'fc2.bias' is float64 (10,)"),
+    (set_array("fc2.bias", lambda a: a[:5]), "'fc2.bias' holds float32 (5,), not the model's float32 (10,)"),
+    (set_array("fc2.bias", lambda a: a.double()), "'fc2.bias' holds float64 (10,)"),
     (lambda c: c.__setitem__("arrays", ArrayRecord(dict(reversed(list(c["arrays"].items()))))), "in order"),
     (set_metric("num-examples", 0), "num-examples = 0 is not an integer from 1 to 1000"),
     (set_metric("num-examples", 10**15), "is not an integer from 1 to 1000"),
@@ -259,3 +278,17 @@ def test_the_config_clients_get_holds_the_run_config(tmp_path):
     rounds = RoundLoop(config, build_strategy(config, 2), grid, outputs, gate)
     rounds.run(start, client_config=ConfigRecord({"lineage": "a" * 32}))
     assert all(sent["lineage"] == "a" * 32 and "lr" in sent for _, sent in grid.sent)
+
+
+def test_a_round_whose_mean_overflows_trains_nothing_and_keeps_the_model(tmp_path, caplog):
+    def near_float32_max(server_round, message):
+        return shifted(message, 3e38) if is_train(message) else trained(message)
+
+    start = ArrayRecord(Net().state_dict())
+    # The trimmed mean of 5 (one cut at each end) sums 3 such replies in float32: Inf.
+    config = config_for(num_server_rounds=1, fraction_train=1.0, aggregation="trimmed-mean")
+    with caplog.at_level(logging.WARNING, logger="flwr"), pytest.raises(RunFailed):
+        run_rounds(tmp_path, config, ScriptedGrid(5, near_float32_max), initial=start)
+    assert "the aggregate of the usable replies holds NaN or Inf" in caplog.text
+    saved = torch.load(tmp_path / "resume.pt", weights_only=True)["arrays"]
+    assert all(torch.equal(saved[key], value) for key, value in start.to_torch_state_dict().items())
