@@ -219,7 +219,7 @@ class AppConfig:
                 f"run-config key 'trim-fraction' = {self.trim_fraction:g} trims nothing from the "
                 f"{num_sampled} replies a round gets: {fix}"
             )
-        needed = {"krum": 2 * f + 3, "multi-krum": 2 * f + 3, "bulyan": 4 * f + 3}.get(self.aggregation, 0)
+        needed = self.min_replies
         if num_sampled < needed:
             fraction = next(
                 (step / 100 for step in range(1, 101) if int(num_supernodes * step / 100) >= needed), None
@@ -236,6 +236,13 @@ class AppConfig:
                 f"replies Multi-Krum may keep ({num_sampled} sampled minus num-malicious={f}): lower it, "
                 "or 0 for all of them"
             )
+
+    @property
+    def min_replies(self) -> int:
+        """The replies a round needs for `aggregation` with f = `num-malicious`: Krum's and
+        Multi-Krum's 2f + 3, Bulyan's 4f + 3; 0 for the others."""
+        f = self.num_malicious
+        return {"krum": 2 * f + 3, "multi-krum": 2 * f + 3, "bulyan": 4 * f + 3}.get(self.aggregation, 0)
 
     def resume_settings(self) -> dict:
         """The run-config values a resumed run must share with the run it continues (the

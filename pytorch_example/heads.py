@@ -18,6 +18,9 @@ from flwr.common.logger import log
 from pytorch_example.config import ConfigError, NodeConfig
 from pytorch_example.files import save_atomically
 
+# A lineage is a run id, `uuid.uuid4().hex`; it becomes a folder name, so nothing else passes.
+LINEAGE_PATTERN = re.compile(r"[0-9a-f]{32}")
+
 
 class HeadStore:
     """This client's head file; without a lineage (a ServerApp other than this app's)
@@ -25,7 +28,7 @@ class HeadStore:
 
     def __init__(self, head_dir: Path, lineage, node: NodeConfig) -> None:
         self.path = None
-        if lineage and not re.fullmatch(r"[0-9a-f]{32}", str(lineage)):
+        if lineage and not LINEAGE_PATTERN.fullmatch(str(lineage)):
             # It names a folder: anything but a plain run id could lead outside head-dir.
             raise ConfigError(f"message key 'lineage' = {lineage!r} is not a run id (32 hex digits)")
         if lineage:

@@ -25,6 +25,7 @@ from flwr.serverapp.strategy import Result
 from pytorch_example import plots
 from pytorch_example.config import LEGACY_SETTINGS, AppConfig, ConfigError
 from pytorch_example.files import save_atomically, save_json_atomically
+from pytorch_example.heads import LINEAGE_PATTERN
 from pytorch_example.task import Net
 
 # Held by the process of the run writing into the folder (see `lock_run_folder`).
@@ -33,8 +34,6 @@ RUN_LOCK_FILE = ".run.lock"
 RESUME_FILE = "resume.pt"
 CONFIG_FILE = "config.json"
 RESULTS_FILE = "results.json"
-# A lineage is `uuid.uuid4().hex`: clients make it a folder name, so nothing else passes.
-LINEAGE_PATTERN = re.compile(r"[0-9a-f]{32}")
 WANDB_ID_PATTERN = re.compile(r"[a-z0-9]{1,64}")
 # The fix for a folder whose files are damaged, or disagree with each other.
 DAMAGED = ": restore the folder, or start a new run"

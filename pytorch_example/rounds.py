@@ -48,8 +48,8 @@ class RunFailed(RuntimeError):
 class ReplyGate:
     """What a reply must be to be used, for this run's settings.
 
-    `arrays`: the entries a train reply carries, in the global model's order (DP's
-    clipping pairs arrays by position), with their shapes and dtypes. `max_train_rows`,
+    `arrays`: the entries a train reply carries, in the global model's order, with
+    their shapes and dtypes. `max_train_rows`,
     `max_val_rows`: the most rows any client holds, which bound the row counts a reply
     may claim (and so, under FedAvg, its weight). `equal_weights`: stamp every used
     train reply to weigh 1 (`EQUAL_WEIGHT_KEY`), as the robust rules and DP need.
@@ -208,6 +208,7 @@ class RoundLoop:
             log(INFO, "Initial central evaluation: %s", initial)
             result.evaluate_metrics_serverapp[0] = initial
 
+        client_config = client_config or ConfigRecord()
         started = time.monotonic()
         failed_rounds: list[str] = []  # why each failed round in a row trained nothing
         # One background thread: central evaluation overlaps the clients' evaluation.
@@ -221,7 +222,6 @@ class RoundLoop:
                         "epsilon past dp-max-epsilon = %g", server_round, limit)  # fmt: skip
                     break
                 counts: Counts = {}
-                client_config = client_config or ConfigRecord()
                 why_untrained = self._train(server_round, result, client_config, counts)
                 # The clients' evaluation is mostly waiting on messages, so the ServerApp's
                 # cores are free for the central evaluation meanwhile.

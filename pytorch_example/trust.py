@@ -131,9 +131,10 @@ def build_strategy(config: AppConfig, num_supernodes: int) -> Strategy:
         "fraction_train": config.fraction_train,
         "fraction_evaluate": config.fraction_evaluate,
     }
-    if weighs_replies_equally(config):
+    equal_weights = weighs_replies_equally(config)
+    if equal_weights:
         common["weighted_by_key"] = EQUAL_WEIGHT_KEY
-    weights = "every reply weighs the same" if weighs_replies_equally(config) else "replies weigh their rows"
+    weights = "every reply weighs the same" if equal_weights else "replies weigh their rows"
     privacy = (
         f"DP on (noise multiplier {config.dp_noise_multiplier:g}, clipping norm {config.dp_clipping_norm:g}, "
         f"{num_sampled} clients a round, delta {config.dp_delta:g})"
@@ -174,7 +175,7 @@ def too_few_replies(config: AppConfig, num_usable: int) -> str | None:
     None. Checked every round: a rule sized for the sample can fail on the replies that
     came. (DP needs no floor: a missing reply adds a zero update, see `ClippedNoisyMean`.)"""
     f = config.num_malicious
-    needed = {"krum": 2 * f + 3, "multi-krum": 2 * f + 3, "bulyan": 4 * f + 3}.get(config.aggregation, 0)
+    needed = config.min_replies
     if config.aggregation == "multi-krum" and config.multi_krum_keep:
         needed = max(needed, config.multi_krum_keep + f)
     if num_usable < needed:
