@@ -4,7 +4,7 @@ what a round's replies must number for each.
 `aggregation` swaps `CustomFedAvg`'s weighted mean for one of Flower's robust rules:
 each class below is `CustomFedAvg` composed with Flower's. `dp-noise-multiplier` wraps
 the strategy in Flower's server-side fixed clipping, and `PrivacyLedger` accounts for
-the mechanism as the app runs it (README: Trust the clients less).
+the mechanism as the app runs it (docs/trust.md).
 """
 
 import random
