@@ -17,7 +17,8 @@ model accuracy (`eval_acc`), the global model's on the same rows (`eval_acc_glob
 own minus global in points with its spread over seeds, the share of clients whose own
 model wins (`eval_gain_share`), the worst client's own accuracy, and central accuracy;
 then a summary: the rounds from 3 on in which the own model's mean is at or above the
-global model's, and seconds per round as a ratio to the stored head's. `--out` keeps
+global model's, central accuracy at the last round (mean, and its worst seed), and
+seconds per round as a ratio to the stored head's. `--out` keeps
 every round of every run as JSON.
 """
 
@@ -96,6 +97,7 @@ def report(label: str, runs: list[dict], baseline_s: float | None) -> dict:
         "final_share_gaining": float(share[:, -1].mean()),
         "final_worst_client": float(worst[:, -1].mean()),
         "final_central": float(central[:, -1].mean()),
+        "final_central_worst_seed": float(central[:, -1].min()),
         "best_central": float(central.max(axis=1).mean()),
         "s_per_round": s_per_round,
         "ratio_to_stored_head": s_per_round / baseline_s if baseline_s else None,
@@ -181,7 +183,7 @@ def main() -> None:
         "final own - global (points)",
         "clients that gain",
         "worst client",
-        "final central",
+        "final central (worst seed)",
         "s/round (x stored-head)",
     ]
     print("\n| " + " | ".join(summary_columns) + " |")
@@ -197,7 +199,7 @@ def main() -> None:
             summary["final_gain_points"],
             f"{summary['final_share_gaining']:.2f}",
             f"{summary['final_worst_client']:.3f}",
-            f"{summary['final_central']:.3f}",
+            f"{summary['final_central']:.3f} ({summary['final_central_worst_seed']:.3f})",
             f"{summary['s_per_round']:.2f}" + (f" ({ratio:.2f})" if ratio else ""),
         ]
         print("| " + " | ".join(cells) + " |")

@@ -1,6 +1,7 @@
 """What a round costs: the app under `flwr run` against the bare arithmetic it does.
 
     python -m benchmarks.round_cost [--rounds 11] [--repeats 3] [--deployment-rounds 4]
+        [--superexec-polls 1,0.1] [--set 'personalisation="stored-head"']
 
 On a generated Fashion-MNIST-shaped set (60,000 train + 10,000 test images, IDX files
 read through `dataset-path`, the path real data takes) it measures, on this machine:
@@ -10,11 +11,13 @@ read through `dataset-path`, the path real data takes) it measures, on this mach
 - deployment: 2 SuperNodes on loopback, each holding half of the data, every client
   training and evaluating every round.
 
-For each it prints the compute floor (the same work as a plain PyTorch loop on tensors
-already in memory, with the same parallelism and no Flower), the app's steady-state
-seconds per round (first round excluded: it starts workers and fills the data cache),
-their ratio, and the peak memory of all processes involved. For deployment it also
-prints how long each fresh ClientApp process lives, watched from outside through /proc.
+For each it prints two compute floors (the same work as a plain PyTorch loop on tensors
+already in memory, with the same parallelism and no Flower): the round without the
+head refit (train, score the global and the own head, central evaluation) and with it.
+Then the app's steady-state seconds per round (first round excluded: it starts workers
+and fills the data cache), its ratio to each floor, and the peak memory of all
+processes involved. For deployment it also prints how long each fresh ClientApp process
+lives, watched from outside through /proc, once per SuperExec poll interval asked for.
 """
 
 import argparse
@@ -29,6 +32,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from benchmarks.personalisation import run_config_pairs
 from harness.flower_processes import LocalFederation, RoundLandings, copy_app, default_run_config
 from harness.synthetic_fmnist import write_idx_dataset
 from pytorch_example import task
@@ -63,17 +67,19 @@ def _floor_train(job) -> tuple[dict, int]:
 
 
 def _floor_evaluate(job) -> None:
-    config, num_partitions, partition_id, state = job
+    config, num_partitions, partition_id, state, refit = job
     partition = load_partition(config.data_source, config.partitioning(num_partitions), partition_id)
     net = task.Net()
     net.load_state_dict(state)
     cpu = torch.device("cpu")
-    task.test(net, partition.val, config.eval_batch_size, cpu)  # the global model
-    if config.personalisation != STORED_HEAD:  # refit the head, then score the own model
+    # One body pass over the validation rows; the global and the own head score it.
+    features = task.body_features(net, partition.val.images, config.eval_batch_size, cpu)
+    task.score(net.fc2, features, partition.val.labels)
+    if refit:
         generator = torch.Generator().manual_seed(partition_id)
         sgd = task.SGD(config.learning_rate, config.momentum, config.batch_size, cpu)
-        task.fit_head(net, partition.train, config.head_refit_epochs, sgd, generator)
-        task.test(net, partition.val, config.eval_batch_size, cpu)
+        task.fit_head(net, partition.train, config.head_refit_rows, config.head_refit_epochs, sgd, generator)
+    task.score(net.fc2, features, partition.val.labels)
 
 
 def compute_floor(
@@ -83,8 +89,10 @@ def compute_floor(
     evaluate_per_round: int,
     workers: int,
     rounds: int,
+    refit: bool,
 ) -> float:
-    """Seconds per round of the same training, evaluation and averaging, without Flower.
+    """Seconds per round of the same training, evaluation and averaging, without Flower;
+    with `refit`, each evaluating client also refits its head as the app does.
 
     Clients run on `workers` single-threaded processes, as the federation runs them;
     loading a partition from the warm cache is timed too (it is milliseconds).
@@ -110,7 +118,7 @@ def compute_floor(
             list(
                 pool.map(
                     _floor_evaluate,
-                    [(config, num_partitions, int(p), net.state_dict()) for p in evaluate_ids],
+                    [(config, num_partitions, int(p), net.state_dict(), refit) for p in evaluate_ids],
                 )
             )
             task.test(net, test_set, config.eval_batch_size, torch.device("cpu"))
@@ -186,9 +194,11 @@ class ProcessWatch:
         return self.peak_bytes / 2**30, [end - start for start, end in self.clientapps.values()]
 
 
-def run_app(root: Path, run_config: dict, node_configs, federation_config) -> dict:
+def run_app(
+    root: Path, run_config: dict, node_configs, federation_config, superexec_poll_s: float = 0.1
+) -> dict:
     """Run the app for `rounds` rounds; time each round as its results.json entry lands."""
-    federation = LocalFederation(root, node_configs)
+    federation = LocalFederation(root, node_configs, superexec_poll_s)
     watch = ProcessWatch(federation.pids())
     landings = RoundLandings(Path(run_config["output-dir"]))
     try:
@@ -213,19 +223,25 @@ def run_app(root: Path, run_config: dict, node_configs, federation_config) -> di
     }
 
 
-def report(name: str, runs: list[tuple[float, dict]]) -> None:
-    """Print one benchmark; with several repeats, medians and each repeat's ratio."""
-    floors = np.array([floor for floor, _ in runs])
-    apps = [app for _, app in runs]
+def report(name: str, runs: list[tuple[float, float, dict]]) -> None:
+    """Print one benchmark; with several repeats, medians and each repeat's ratios.
+    A run is (floor without the refit, floor with it, the app's figures)."""
+    bare = np.array([floor for floor, _, _ in runs])
+    refit = np.array([floor for _, floor, _ in runs])
+    apps = [app for _, _, app in runs]
     steady = np.array([app["steady_s"] for app in apps])
-    ratios = steady / floors
     print(f"\n== {name}" + (f" (median of {len(runs)} repeats)" if len(runs) > 1 else ""))
-    print(f"compute floor           {np.median(floors):7.2f} s/round")
+    print(f"floor without the refit {np.median(bare):7.2f} s/round")
+    print(f"floor with the refit    {np.median(refit):7.2f} s/round")
     print(f"app (steady state)      {np.median(steady):7.2f} s/round   (rounds 2..{apps[0]['rounds']})")
-    print(f"ratio app/floor         {np.median(ratios):7.2f}")
+    print(f"ratio app/floor without {np.median(steady / bare):7.2f}")
+    print(f"ratio app/floor with    {np.median(steady / refit):7.2f}")
     if len(runs) > 1:
-        for index, (floor, app, ratio) in enumerate(zip(floors, steady, ratios, strict=True), start=1):
-            print(f"  repeat {index}: floor {floor:.2f}, app {app:.2f}, ratio {ratio:.2f}")
+        for index, (run_bare, run_refit, app) in enumerate(zip(bare, refit, steady, strict=True), start=1):
+            print(
+                f"  repeat {index}: floors {run_bare:.2f} / {run_refit:.2f}, app {app:.2f},"
+                f" ratios {app / run_bare:.2f} / {app / run_refit:.2f}"
+            )
     print(
         f"first round             {np.median([a['first_round_s'] for a in apps]):7.2f} s"
         " (workers start, cache fills)"
@@ -249,6 +265,15 @@ def main() -> None:
     parser.add_argument(
         "--deployment-rounds", type=int, default=4, help="deployment rounds (default 4; 0 skips)"
     )
+    parser.add_argument(
+        "--superexec-polls",
+        default="0.1",
+        help="deployment: FLWR_SUPEREXEC_TASK_POLL_INTERVAL values to run, comma-separated"
+        " (default 0.1, what deploy/local_federation.py up sets; Flower's default is 1)",
+    )
+    parser.add_argument(
+        "--set", default="", help='run-config pairs for every run, e.g. "personalisation="stored-head""'
+    )
     parser.add_argument("--work-dir", type=Path, default=None, help="keep files here (default: a temp dir)")
     args = parser.parse_args()
 
@@ -264,6 +289,7 @@ def main() -> None:
             "dataset-path": str(dataset),
             "data-cache-dir": str(work / "cache"),
             "use-wandb": False,
+            **run_config_pairs(args.set),
         }
         # The machine's noise moves single runs by several percent: repeat, take medians.
         simulation_runs = []
@@ -283,15 +309,19 @@ def main() -> None:
                     "client-resources-num-cpus": SIMULATION_CPUS_PER_CLIENT,
                 },
             )
-            floor = compute_floor(
-                config,
-                num_partitions=50,
-                train_per_round=int(50 * config.fraction_train),
-                evaluate_per_round=int(50 * config.fraction_evaluate),
-                workers=max(1, cores // SIMULATION_CPUS_PER_CLIENT),
-                rounds=args.rounds,
-            )
-            simulation_runs.append((floor, app))
+            floors = [
+                compute_floor(
+                    config,
+                    num_partitions=50,
+                    train_per_round=int(50 * config.fraction_train),
+                    evaluate_per_round=int(50 * config.fraction_evaluate),
+                    workers=max(1, cores // SIMULATION_CPUS_PER_CLIENT),
+                    rounds=args.rounds,
+                    refit=refit,
+                )
+                for refit in (False, config.personalisation != STORED_HEAD)
+            ]
+            simulation_runs.append((*floors, app))
         if simulation_runs:
             report("simulation, 50 SuperNodes", simulation_runs)
 
@@ -301,19 +331,17 @@ def main() -> None:
                 "num-server-rounds": args.deployment_rounds,
                 "fraction-train": 1.0,
                 "fraction-evaluate": 1.0,
-                "output-dir": str(work / "out-deploy"),
             }
             nodes = [{"partition-id": i, "num-partitions": 2} for i in range(2)]
-            app = run_app(work / "deployment", deployment_config, nodes, None)
-            floor = compute_floor(
-                AppConfig.from_run_config(deployment_config),
-                num_partitions=2,
-                train_per_round=2,
-                evaluate_per_round=2,
-                workers=2,
-                rounds=3,
-            )
-            report("deployment, 2 SuperNodes", [(floor, app)])
+            config = AppConfig.from_run_config(deployment_config)
+            floors = [
+                compute_floor(config, 2, 2, 2, workers=2, rounds=3, refit=refit)
+                for refit in (False, config.personalisation != STORED_HEAD)
+            ]
+            for poll in args.superexec_polls.split(","):
+                run_config = {**deployment_config, "output-dir": str(work / f"out-deploy-{poll}")}
+                app = run_app(work / f"deployment-{poll}", run_config, nodes, None, float(poll))
+                report(f"deployment, 2 SuperNodes, SuperExec polling every {poll} s", [(*floors, app)])
 
 
 if __name__ == "__main__":

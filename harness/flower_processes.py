@@ -143,8 +143,13 @@ class LocalFederation:
     `flwr run .` starts, but on free ports and in our own `FLWR_HOME`.
     """
 
-    def __init__(self, root: Path, node_configs: list[dict] | None = None) -> None:
+    def __init__(
+        self, root: Path, node_configs: list[dict] | None = None, superexec_poll_s: float = 0.1
+    ) -> None:
         self.root = root
+        # As deploy/local_federation.py's `up` sets it: SuperExec checks for work every
+        # second by default, and a round pays that twice (benchmarks/round_cost).
+        self.superexec_poll_s = superexec_poll_s
         self.flwr_home = root / "flwr-home"
         self.env = isolated_env(root)
         self.simulation = node_configs is None
@@ -198,8 +203,10 @@ class LocalFederation:
                 "--node-config",
                 pairs(self.node_configs[index]),
             ],
-            # SuperExec checks for work every second by default; a round pays it twice.
-            extra_env={"OMP_NUM_THREADS": self.threads_per_node, "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.1"},
+            extra_env={
+                "OMP_NUM_THREADS": self.threads_per_node,
+                "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": str(self.superexec_poll_s),
+            },
         )
         self.supernodes[index] = self.processes[-1]
 

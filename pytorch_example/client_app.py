@@ -6,8 +6,8 @@ while its SuperNode lives (and on its disk, heads.py, for a restart or a resumed
 The run-config's `personalisation` decides how the head is made and what leaves:
 
 - `refit-head` (default): train the global model as received and send it back whole.
-  At each evaluation, refit the own head to the current body: head-only SGD on this
-  client's train rows, from the head it kept. The own head never leaves the client.
+  At each evaluation, refit the own head to the current body: head-only SGD on a sample
+  of this client's train rows, from the head it kept. The own head never leaves the client.
 - `private-head`: the same, but train and send the body only, under the global head,
   which stays the initial model's (FedBABU).
 - `stored-head`: the published example. Swap the kept head into the global model, train
@@ -99,19 +99,21 @@ def evaluate(msg: Message, context: Context) -> Message:
     """Score this client's validation rows with the global model (`eval_*_global`) and
     with its own model (`eval_*`); only metrics leave the client."""
     client = setup(msg, context)
-    net, val, batch_size = client.net, client.partition.val, client.config.eval_batch_size
-    global_loss, global_acc = task.test(net, val, batch_size, client.sgd.device)
+    net, val, config = client.net, client.partition.val, client.config
+    # Both models share the body: one pass over the validation rows scores both heads.
+    val_features = task.body_features(net, val.images, config.eval_batch_size, client.sgd.device)
+    global_loss, global_acc = task.score(net.fc2, val_features, val.labels)
     has_own_head = put_own_head(net, context.state)  # the first refit starts from the global head
-    if client.config.personalisation != STORED_HEAD:
+    if config.personalisation != STORED_HEAD:
         generator = client_generator(*client.seed, REFIT_STREAM)
-        task.fit_head(net, client.partition.train, epochs=client.config.head_refit_epochs, sgd=client.sgd,
-                      generator=generator)  # fmt: skip
+        task.fit_head(net, client.partition.train, config.head_refit_rows, config.head_refit_epochs,
+                      client.sgd, generator)  # fmt: skip
         keep_head(net, context.state, client.heads)
     # With stored-head, a client that has not trained yet has no head of its own: both
     # scores are the global model's.
     own_loss, own_acc = global_loss, global_acc
-    if has_own_head or client.config.personalisation != STORED_HEAD:
-        own_loss, own_acc = task.test(net, val, batch_size, client.sgd.device)
+    if has_own_head or config.personalisation != STORED_HEAD:
+        own_loss, own_acc = task.score(net.fc2, val_features, val.labels)
     metrics = {
         "eval_loss": own_loss,
         "eval_acc": own_acc,

@@ -5,17 +5,22 @@ and the ClientApp turn `context.run_config` into an `AppConfig` here, so a bad v
 stops the run with one line that names the key, the value and the fix.
 """
 
+import argparse
+import difflib
 import functools
 import json
 import math
 import re
+import sys
 from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, distribution
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
+import click
 import torch
 from flwr.app import UserConfig
+from flwr.common.config import flatten_dict, get_project_config, parse_config_args
 
 DISTRIBUTION_NAME = "pytorchexample"
 DEFAULT_CACHE_DIR = Path.home() / ".cache" / "pytorch-example"
@@ -51,11 +56,12 @@ RESUME_MUST_MATCH = (
     "dp-delta",
 )
 # The keys added after resume-from existed, with what a run folder made before them was run
-# with: the published example's stored heads, FedAvg and no DP (the other values, unused
-# by those, are the keys' first defaults).
+# with: the published example's stored heads, a refit on all train rows, FedAvg and no DP
+# (the other values, unused by those, are the keys' first defaults).
 LEGACY_SETTINGS = {
     "personalisation": STORED_HEAD,
     "head-refit-epochs": 5,
+    "head-refit-rows": 0,
     "aggregation": FEDAVG,
     "trim-fraction": 0.2,
     "num-malicious": 1,
@@ -98,10 +104,11 @@ class AppConfig:
     local_epochs: int = 1
     batch_size: int = 32
     eval_batch_size: int = 256
-    learning_rate: float = 0.1
+    learning_rate: float = 0.02
     momentum: float = 0.9
     personalisation: str = REFIT_HEAD
     head_refit_epochs: int = 5
+    head_refit_rows: int = 256
     aggregation: str = FEDAVG
     trim_fraction: float = 0.2
     num_malicious: int = 1
@@ -142,6 +149,7 @@ class AppConfig:
             momentum=reader.number("momentum", low=0.0, high=1.0, high_open=True),
             personalisation=reader.choice("personalisation", PERSONALISATIONS),
             head_refit_epochs=reader.integer("head-refit-epochs", minimum=1),
+            head_refit_rows=reader.integer("head-refit-rows", minimum=0),
             aggregation=reader.choice("aggregation", AGGREGATIONS),
             trim_fraction=reader.number("trim-fraction", low=0.0, high=0.5, low_open=True, high_open=True),
             num_malicious=reader.integer("num-malicious", minimum=0),
@@ -441,3 +449,27 @@ def resolve_path(value: str) -> Path:
     """Absolute paths as given (with `~` expanded); relative ones under `project_dir()`."""
     path = Path(value).expanduser()
     return path if path.is_absolute() else project_dir() / path
+
+
+def main() -> None:
+    """Check a `--run-config` against this project's keys and values in a second or two,
+    as a run checks them before round 1, without starting one."""
+    parser = argparse.ArgumentParser(prog="python -m pytorch_example.config", description=main.__doc__)
+    parser.add_argument("run_config", nargs="?", default="", help='what --run-config gets, e.g. "seed=1"')
+    args = parser.parse_args()
+    try:
+        defaults = flatten_dict(get_project_config(Path.cwd())["tool"]["flwr"]["app"]["config"])
+        overrides = parse_config_args([args.run_config])
+        for key in overrides.keys() - defaults.keys():
+            close = difflib.get_close_matches(key, defaults, n=1)
+            hint = f": did you mean '{close[0]}'?" if close else " (pyproject.toml, [tool.flwr.app.config])"
+            raise ConfigError(f"run-config key '{key}' is not one of this app's{hint}")
+        AppConfig.from_run_config({**defaults, **overrides})
+    except (ConfigError, click.ClickException, OSError, ValueError) as err:
+        message = err.format_message() if isinstance(err, click.ClickException) else str(err)
+        sys.exit(f"error: {message}")
+    print("run-config OK")
+
+
+if __name__ == "__main__":
+    main()

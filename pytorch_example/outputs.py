@@ -54,8 +54,8 @@ WANDB_NAMES = {
     "evaluate_metrics_clientapp": {
         "eval_loss": "federated_evaluate_loss",
         "eval_acc": "federated_evaluate_accuracy",
-        "eval_loss_global": "federated_evaluate_loss_global_head",
-        "eval_acc_global": "federated_evaluate_accuracy_global_head",
+        "eval_loss_global": "federated_evaluate_loss_global_model",
+        "eval_acc_global": "federated_evaluate_accuracy_global_model",
         "eval_acc_min": "federated_evaluate_accuracy_min",
         "eval_acc_median": "federated_evaluate_accuracy_median",
         "eval_acc_max": "federated_evaluate_accuracy_max",

@@ -22,6 +22,7 @@ FIGURE_SIZE = (6.4, 4.2)
 WIDE = 1.6  # a two-panel figure, in figure widths
 DPI = 120
 CLIENTS = "evaluate_metrics_clientapp"  # the results.json section of the clients' evaluation
+CHANCE = 0.1  # the accuracy of guessing among Fashion-MNIST's 10 classes
 
 
 def plot_run(run_dir: Path) -> list[Path]:
@@ -104,13 +105,21 @@ def central_figure(rounds: list[dict], run_config: dict) -> Figure | None:
         return None
     figure = _figure(WIDE, run_config)
     accuracy_axes, loss_axes = figure.subplots(1, 2)
-    accuracy_axes.plot(numbers, accuracy, marker="o")
-    accuracy_axes.set(title="Central accuracy (global model, test set)", ylabel="accuracy")
+    accuracy_axes.plot(numbers, accuracy, marker="o", label="global model")
+    _chance(accuracy_axes)
+    accuracy_axes.set(title="Central accuracy (global model, test set)", ylabel="accuracy", ylim=(0, 1))
     loss_axes.plot(numbers, loss, marker="o", color="tab:red")
     loss_axes.set(title="Central loss (global model, test set)", ylabel="loss")
     _per_round(accuracy_axes)
     _per_round(loss_axes)
+    _legend_below(figure)
     return figure
+
+
+def _chance(axes) -> None:
+    """A line at chance level: a model at 0.10 to 0.14 has learned nothing, however an
+    auto-scaled axis draws it."""
+    axes.axhline(CHANCE, color="grey", ls="--", lw=0.8, label="chance (1 in 10 classes)")
 
 
 def personalisation_figure(rounds: list[dict], run_config: dict) -> Figure | None:
@@ -132,10 +141,14 @@ def personalisation_figure(rounds: list[dict], run_config: dict) -> Figure | Non
         axes.fill_between(numbers, low, high, color=own, alpha=0.15, label=band)
         median = _series(rounds, CLIENTS, "eval_acc_median")
         axes.plot(numbers, median, color=own, ls=":", label="own model: median client")
-    axes.plot(numbers, personal, color=own, marker="o", label="own model (personalised)")
+    axes.plot(numbers, personal, color=own, marker="o", label="own model")
     global_model = _series(rounds, CLIENTS, "eval_acc_global")
     if _has(global_model):
-        axes.plot(numbers, global_model, color=shared, marker="s", label="global model")
+        # With private-head the global model keeps the initial model's head all run.
+        initial_head = run_config.get("personalisation") == "private-head"
+        label = "global model (the initial model's head)" if initial_head else "global model"
+        axes.plot(numbers, global_model, color=shared, marker="s", label=label)
+    _chance(axes)
     axes.set(title="Clients' validation accuracy (weighted mean)", ylabel="accuracy", ylim=(0, 1))
     _per_round(axes)
     _legend_below(accuracy_panel)

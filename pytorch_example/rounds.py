@@ -361,7 +361,7 @@ def log_progress(
     privacy = round_result.get("privacy")
     log(
         INFO,
-        "Round %d/%d: %.1fs, %s elapsed, ETA %s | central accuracy %s | personalised accuracy %s%s",
+        "Round %d/%d: %.1fs, %s elapsed, ETA %s | central accuracy %s | own-model accuracy %s%s",
         server_round,
         num_rounds,
         round_s,

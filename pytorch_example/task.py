@@ -20,7 +20,7 @@ NORMALIZE_MEAN = 0.1307
 NORMALIZE_STD = 0.3081
 CROP_PADDING = 4
 HEAD_KEYS = ("fc2.weight", "fc2.bias")  # the classification head's entries in `Net().state_dict()`
-FEATURE_BATCH = 1024  # images per forward pass when a refit computes features: bounds memory
+REFIT_FEATURE_BATCH = 256  # images per body pass when a refit computes features: bounds memory
 
 
 class Net(nn.Module):
@@ -138,23 +138,20 @@ def train(net: nn.Module, data: ImageSet, epochs: int, sgd: SGD, generator: torc
     return (loss_sum / max(num_batches, 1)).item()
 
 
-def fit_head(net: Net, data: ImageSet, epochs: int, sgd: SGD, generator: torch.Generator) -> None:
-    """Train only `net.fc2` on `data` with `sgd`, the body fixed; `net` stays on its device.
+def fit_head(net: Net, data: ImageSet, rows: int, epochs: int, sgd: SGD, generator: torch.Generator) -> None:
+    """Train only `net.fc2` with `sgd` on a sample of `rows` of `data` drawn with
+    `generator` (all of them when `rows` is 0), the body fixed; `net` stays on `sgd.device`.
 
-    The body runs once over `data` (no augmentation), and the epochs run on the head
-    alone, a linear layer on 128 features: for 960 rows and 5 epochs, measured at about
-    half the time of one training epoch, most of it that one forward pass.
+    The body runs once over the sample (no augmentation), and the epochs run on the head
+    alone, a linear layer on 128 features: that one forward pass is most of the cost, so
+    the sample bounds it (benchmarks/README.md#round-cost-python--m-benchmarksround_cost).
     """
-    device = sgd.device
-    net.to(device).eval()
-    with torch.no_grad():
-        features = torch.cat(
-            [net.features(normalize(images.to(device))) for images in data.images.split(1024)]
-        )
-    labels = data.labels.to(device)
+    sample = torch.randperm(len(data), generator=generator)[: rows or len(data)]
+    features = body_features(net, data.images[sample], REFIT_FEATURE_BATCH, sgd.device)
+    labels = data.labels[sample].to(sgd.device)
     optimizer = MomentumSGD(net.fc2.parameters(), lr=sgd.learning_rate, momentum=sgd.momentum)
     for _ in range(epochs):
-        order = torch.randperm(len(labels), generator=generator).to(device)
+        order = torch.randperm(len(labels), generator=generator).to(sgd.device)
         for batch in order.split(sgd.batch_size):
             loss = F.cross_entropy(net.fc2(features[batch]), labels[batch])
             optimizer.zero_grad()
@@ -162,16 +159,24 @@ def fit_head(net: Net, data: ImageSet, epochs: int, sgd: SGD, generator: torch.G
             optimizer.step()
 
 
-@torch.inference_mode()
-def test(net: nn.Module, data: ImageSet, batch_size: int, device: torch.device) -> tuple[float, float]:
-    """Return mean cross-entropy loss and accuracy of `net` on `data`."""
+@torch.no_grad()
+def body_features(net: Net, images: torch.Tensor, batch_size: int, device: torch.device) -> torch.Tensor:
+    """What `net`'s body makes of `images`, `batch_size` at a time: its head's input.
+    A client scores its global and its own model on the same features."""
     net.to(device).eval()
-    loss_sum = torch.zeros((), device=device)
-    correct = torch.zeros((), device=device, dtype=torch.long)
-    for images, labels in zip(data.images.split(batch_size), data.labels.split(batch_size), strict=True):
-        images, labels = images.to(device), labels.to(device)
-        logits = net(normalize(images))
-        loss_sum += F.cross_entropy(logits, labels, reduction="sum")
-        correct += (logits.argmax(1) == labels).sum()
-    count = max(len(data), 1)
-    return loss_sum.item() / count, correct.item() / count
+    return torch.cat([net.features(normalize(batch.to(device))) for batch in images.split(batch_size)])
+
+
+@torch.no_grad()
+def score(head: nn.Module, features: torch.Tensor, labels: torch.Tensor) -> tuple[float, float]:
+    """Return mean cross-entropy loss and accuracy of `head` on `features`."""
+    labels = labels.to(features.device)
+    logits = head(features)
+    loss = F.cross_entropy(logits, labels, reduction="sum").item() if len(labels) else 0.0
+    count = max(len(labels), 1)
+    return loss / count, (logits.argmax(1) == labels).sum().item() / count
+
+
+def test(net: Net, data: ImageSet, batch_size: int, device: torch.device) -> tuple[float, float]:
+    """Return mean cross-entropy loss and accuracy of `net` on `data`."""
+    return score(net.fc2, body_features(net, data.images, batch_size, device), data.labels)

@@ -98,7 +98,7 @@ def honest(server_round: int, message: Message) -> RecordDict:
 
 
 def config_for(**overrides) -> AppConfig:
-    """Test settings: 0.1 / round as the learning rate, a 5 s round timeout."""
+    """Test settings: 3 rounds, the learning rate halved at round 2, a 5 s round timeout."""
     settings = {"num_server_rounds": 3, "round_timeout": 5.0, "lr_decay_rounds": (2,), **overrides}
     return AppConfig(**settings)
 

@@ -215,9 +215,9 @@ def test_the_refit_learns_from_the_train_rows_never_the_validation_rows_it_is_sc
     refit_rows = []
     fit_head = task.fit_head
 
-    def recording_fit_head(net, data, **settings):
+    def recording_fit_head(net, data, *settings):
         refit_rows.append(data)
-        fit_head(net, data, **settings)
+        fit_head(net, data, *settings)
 
     monkeypatch.setattr(task, "fit_head", recording_fit_head)
     torch.manual_seed(1)  # over bodies from seeds 0..11: 0.01 to 0.15 scored, 0.52 to 0.71 had it read val

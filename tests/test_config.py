@@ -3,6 +3,8 @@
 import dataclasses
 import json
 import re
+import subprocess
+import sys
 import tomllib
 from pathlib import Path
 
@@ -14,11 +16,11 @@ from pytorch_example.config import DEFAULT_CACHE_DIR, AppConfig, ConfigError, pr
 from pytorch_example.data_cache import DataError
 
 
-def test_pyproject_defaults_are_valid_and_the_reference_ones():
+def test_pyproject_defaults_are_valid():
     config = AppConfig.from_run_config(default_run_config())
     assert config.num_server_rounds == 10
     assert (config.fraction_train, config.fraction_evaluate) == (0.25, 0.5)
-    assert (config.local_epochs, config.batch_size, config.learning_rate) == (1, 32, 0.1)
+    assert (config.local_epochs, config.batch_size, config.learning_rate) == (1, 32, 0.02)
     assert config.server_device == "cpu"
     assert config.dataset_path is None
     assert config.data_cache_dir == DEFAULT_CACHE_DIR
@@ -27,21 +29,21 @@ def test_pyproject_defaults_are_valid_and_the_reference_ones():
 
 def test_default_schedule_halves_the_learning_rate_at_round_5():
     config = AppConfig.from_run_config(default_run_config())
-    assert [config.learning_rate_at(r) for r in range(1, 8)] == [0.1] * 4 + [0.05] * 3
+    assert [config.learning_rate_at(r) for r in range(1, 8)] == [0.02] * 4 + [0.01] * 3
 
 
 def test_schedule_with_several_milestones():
     run_config = {**default_run_config(), "lr-decay-rounds": "8, 3", "lr-decay-factor": 0.1}
     config = AppConfig.from_run_config(run_config)
     assert config.lr_decay_rounds == (3, 8)
-    assert config.learning_rate_at(2) == pytest.approx(0.1)
-    assert config.learning_rate_at(3) == pytest.approx(0.01)
-    assert config.learning_rate_at(8) == pytest.approx(0.001)
+    assert config.learning_rate_at(2) == pytest.approx(0.02)
+    assert config.learning_rate_at(3) == pytest.approx(0.002)
+    assert config.learning_rate_at(8) == pytest.approx(0.0002)
 
 
 def test_empty_schedule_keeps_the_rate():
     config = AppConfig.from_run_config({**default_run_config(), "lr-decay-rounds": ""})
-    assert config.learning_rate_at(100) == 0.1
+    assert config.learning_rate_at(100) == 0.02
 
 
 @pytest.mark.parametrize(
@@ -279,3 +281,26 @@ def test_pyproject_the_typed_config_and_readme_agree_on_every_key_and_default():
     readme = readme_knobs()
     assert list(readme) == list(pyproject), "README's table lists other keys, or in another order"
     assert {key: tomllib.loads(f"default = {text}")["default"] for key, text in readme.items()} == pyproject
+
+
+@pytest.mark.parametrize(
+    ("pairs", "said"),
+    [
+        (
+            "num-server-rounds=3 learning_rate=0.05",
+            "error: run-config key 'learning_rate' is not one of this app's: did you mean 'learning-rate'?",
+        ),
+        (
+            "learning-rate=-0.1",
+            "error: run-config key 'learning-rate' = -0.1 is invalid: expected a number in (0.0, inf)",
+        ),
+        ("num-server-rounds=3 learning-rate=0.05", "run-config OK"),
+    ],
+)
+def test_the_config_check_says_in_one_line_what_a_run_would_refuse(pairs, said):
+    checked = subprocess.run(
+        [sys.executable, "-m", "pytorch_example.config", pairs], cwd=REPO, capture_output=True, text=True
+    )
+    assert (checked.stdout + checked.stderr).strip().startswith(said)
+    assert len((checked.stdout + checked.stderr).strip().splitlines()) == 1
+    assert checked.returncode == (0 if said == "run-config OK" else 1)

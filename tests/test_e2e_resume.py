@@ -57,7 +57,7 @@ def test_a_killed_run_resumes_with_every_round_exactly_once(idx_dataset, tmp_pat
     assert "Restored this client's head from" in log
     results = json.loads((run_dir / "results.json").read_text())
     assert [entry["round"] for entry in results] == [1, 2, 3, 4, 5]
-    assert [entry["learning_rate"] for entry in results] == [0.1, 0.1, 0.1, 0.05, 0.05]
+    assert [entry["learning_rate"] for entry in results] == [0.02, 0.02, 0.02, 0.01, 0.01]
     # The best-checkpoint logic kept its best across the crash: each one beats all before it.
     accuracies = [entry["evaluate_metrics_serverapp"]["accuracy"] for entry in results]
     best = [float(path.stem.split("_acc_")[1]) for path in sorted(run_dir.glob("best_model_round_*.pt"),

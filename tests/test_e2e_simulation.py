@@ -76,7 +76,7 @@ def test_simulation_writes_every_output(superlink, app_dir, idx_dataset, tmp_pat
         assert 0.0 <= entry["evaluate_metrics_serverapp"]["accuracy"] <= 1.0
     # The generated classes are learnable: the best of three rounds must beat chance (10%).
     assert max(entry["evaluate_metrics_serverapp"]["accuracy"] for entry in results) > 0.2
-    assert [entry["learning_rate"] for entry in results] == [0.1, 0.05, 0.05]
+    assert [entry["learning_rate"] for entry in results] == [0.02, 0.01, 0.01]
     for server_round in (1, 2, 3):
         assert re.search(
             rf"Round {server_round}/3: [\d.]+s, .* elapsed, ETA .* \| central accuracy 0\.\d{{4}}", log
@@ -87,7 +87,7 @@ def test_simulation_writes_every_output(superlink, app_dir, idx_dataset, tmp_pat
     config = json.loads((run_dir / "config.json").read_text())
     assert config["num-server-rounds"] == 3
     assert config["dataset-path"] == str(idx_dataset)
-    assert config["learning-rate"] == 0.1
+    assert config["learning-rate"] == 0.02
 
     best_accuracy = max(entry["evaluate_metrics_serverapp"]["accuracy"] for entry in results)
     checkpoints = sorted(
@@ -189,7 +189,6 @@ def test_a_scaled_update_sinks_fedavg_but_not_trimmed_mean(superlink, tmp_path, 
             "num-server-rounds": 3,
             "fraction-train": 1.0,
             "fraction-evaluate": 0.0,
-            "learning-rate": 0.02,  # learns in 3 rounds here (the default needs about 6)
             "aggregation": aggregation,
             "trim-fraction": 0.2,  # 1 of 5 replies cut at each end
             "attack": "scaled",
@@ -222,17 +221,10 @@ def test_a_dp_run_reports_epsilon_each_round_and_stops_at_its_budget(
 ):
     budget = (epsilon_after(2, 1.0, 1e-5) + epsilon_after(3, 1.0, 1e-5)) / 2  # fits 2 rounds, not 3
     output_dir = tmp_path / "outputs"
-    run_config = {
-        "num-server-rounds": 4,
-        "fraction-train": 1.0,
-        "fraction-evaluate": 0.5,
-        "dp-noise-multiplier": 1.0,
-        # Noise of 1 x clipping norm / 4 clients per weight: at a norm of 1 it wrecks the
-        # model in one round and the clients diverge; epsilon does not depend on the norm.
-        "dp-clipping-norm": 0.01,
-        "dp-max-epsilon": budget,
-        **base_run_config,
-    }
+    run_config = {**base_run_config, "num-server-rounds": 4, "fraction-train": 1.0, "fraction-evaluate": 0.5}
+    # Noise of 1 x clipping norm / 4 clients per weight: at a norm of 1 it wrecks the model
+    # in one round and the clients diverge; epsilon does not depend on the norm.
+    run_config |= {"dp-noise-multiplier": 1.0, "dp-clipping-norm": 0.01, "dp-max-epsilon": budget}
     log, record = superlink.run(app_dir, run_config, federation_config={"num-supernodes": 4})
     assert record["status"] == "finished:completed", log
     results = results_of(output_dir)

@@ -128,7 +128,30 @@ def test_no_legend_covers_a_panel(tmp_path):
             legends += 1
             extent = legend.get_window_extent()
             assert not any(extent.overlaps(panel) for panel in panels), name
-    assert legends == 3  # own vs global, gain, epsilon: each panel that has one
+    assert legends == 4  # central, own vs global, gain, epsilon: each panel that has one
+
+
+def test_every_accuracy_axis_shows_chance_level_from_0_to_1(tmp_path):
+    write_run(tmp_path, DP_RESULTS, DP_CONFIG)
+    figures = run_figures(tmp_path)
+    accuracy_axes = [
+        axes for figure in figures.values() for axes in figure.axes if axes.get_ylabel() == "accuracy"
+    ]
+    assert len(accuracy_axes) == 2  # central, and the clients' own vs global
+    for axes in accuracy_axes:
+        assert axes.get_ylim() == (0, 1)
+        chance = [line for line in axes.get_lines() if line.get_label().startswith("chance")]
+        assert [list(line.get_ydata()) for line in chance] == [[0.1, 0.1]]
+
+
+@pytest.mark.parametrize(
+    ("personalisation", "label"),
+    [("private-head", "global model (the initial model's head)"), ("refit-head", "global model")],
+)
+def test_a_private_head_figure_says_its_global_head_is_the_initial_one(tmp_path, personalisation, label):
+    write_run(tmp_path, DP_RESULTS, {**DP_CONFIG, "personalisation": personalisation})
+    axes = run_figures(tmp_path)["personalisation.png"].axes[0]
+    assert label in [line.get_label() for line in axes.get_lines()]
 
 
 @pytest.mark.parametrize(

@@ -36,9 +36,9 @@ def test_every_round_is_recorded_with_its_learning_rate(tmp_path):
     run_rounds(tmp_path, config_for(fraction_train=0.5), grid)
     results = results_of(tmp_path)
     assert [entry["round"] for entry in results] == [1, 2, 3]
-    assert [entry["learning_rate"] for entry in results] == [0.1, 0.05, 0.05]
+    assert [entry["learning_rate"] for entry in results] == [0.02, 0.01, 0.01]
     train_configs = [config for kind, config in grid.sent if kind.startswith("train")]
-    assert [config["lr"] for config in train_configs] == [0.1, 0.1, 0.05, 0.05, 0.05, 0.05]
+    assert [config["lr"] for config in train_configs] == [0.02, 0.02, 0.01, 0.01, 0.01, 0.01]
     assert (tmp_path / "final_model.pt").exists()
 
 
@@ -122,7 +122,7 @@ def test_one_progress_line_per_round_with_time_left(tmp_path, caplog):
     assert len(lines) == 3
     assert re.fullmatch(
         r"Round 2/3: [\d.]+s, \d+:\d\d elapsed, ETA \d+:\d\d \| central accuracy - \| "
-        r"personalised accuracy 0\.\d{4}",
+        r"own-model accuracy 0\.\d{4}",
         lines[1],
     )
 

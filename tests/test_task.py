@@ -84,7 +84,7 @@ def test_fit_head_moves_the_head_alone_and_repeats_under_a_seed():
     for seed in (5, 5, 6):
         net = task.Net()
         net.load_state_dict(start.state_dict())
-        task.fit_head(net, data, 3, SGD, torch.Generator().manual_seed(seed))
+        task.fit_head(net, data, 0, 3, SGD, torch.Generator().manual_seed(seed))
         for name, value in net.state_dict().items():
             if name not in task.HEAD_KEYS:
                 assert torch.equal(value, start.state_dict()[name]), name
@@ -92,6 +92,25 @@ def test_fit_head_moves_the_head_alone_and_repeats_under_a_seed():
         assert task.test(net, data, 64, CPU)[0] < task.test(start, data, 64, CPU)[0]
     assert all(torch.equal(heads[0][key], heads[1][key]) for key in heads[0])
     assert not torch.equal(heads[0]["weight"], heads[2]["weight"])
+
+
+def test_fit_head_runs_the_body_over_its_sample_of_rows_only(monkeypatch):
+    data = image_set(300, seed=3)
+    seen = []
+    body_features = task.body_features
+
+    def recording_body_features(net, images, batch_size, device):
+        seen.append(images)
+        return body_features(net, images, batch_size, device)
+
+    monkeypatch.setattr(task, "body_features", recording_body_features)
+    for rows in (64, 0, 1000):
+        task.fit_head(task.Net(), data, rows, 1, SGD, torch.Generator().manual_seed(0))
+    assert [len(images) for images in seen] == [64, 300, 300]
+    rows_of_data = {image.numpy().tobytes() for image in data.images}
+    sampled = [image.numpy().tobytes() for image in seen[0]]
+    assert len(set(sampled)) == 64 and set(sampled) <= rows_of_data  # distinct rows of `data`
+    assert not torch.equal(seen[0], data.images[:64])  # drawn at random, not the first rows
 
 
 def test_a_frozen_head_stays_put_in_training():
