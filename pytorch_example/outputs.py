@@ -706,8 +706,8 @@ def start_wandb(project: str | None, run_dir: Path, run_config: dict, run_id: st
     mode = os.environ.get("WANDB_MODE")
     if mode is None and not wandb.login(prompt=False, verify=False):
         mode = "offline"
-        log(
-            WARNING,
+        log(  # what use-wandb=true is documented to do without credentials: no warning
+            INFO,
             "No W&B credentials (`wandb login` or WANDB_API_KEY): logging offline "
             "under %s; upload it later with `wandb sync`",
             run_dir / "wandb",
