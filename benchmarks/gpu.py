@@ -17,7 +17,7 @@ through `dataset-path`), with the default run-config otherwise:
 
 Each run's seconds per round (steady state: rounds 2 on; and the first round), peak
 host memory, GPU utilisation and memory (`nvidia-smi` every 0.5 s), and the last
-round's central and personalised accuracy go to DIR/gpu.json and DIR/gpu.md.
+round's central and own-model accuracy go to DIR/gpu.json and DIR/gpu.md.
 """
 
 import argparse
@@ -92,7 +92,7 @@ def measure(name: str, work: Path, run_config: dict, federation: dict, sample_gp
         "gpu_utilisation_max_pct": max(utilisation) if utilisation else None,
         "gpu_memory_max_mib": max(memory) if memory else None,
         "central_accuracy": final["evaluate_metrics_serverapp"].get("accuracy"),
-        "personalised_accuracy": final["evaluate_metrics_clientapp"].get("eval_acc"),
+        "own_model_accuracy": final["evaluate_metrics_clientapp"].get("eval_acc"),
     }
     print(json.dumps(result), flush=True)
     return result
@@ -106,7 +106,7 @@ def markdown(machine: dict, results: list[dict], speedup: float | None) -> str:
         f"Measured {machine['date']} on {machine['gpu']}, {machine['cpus']} CPUs, torch {machine['torch']}.",
         "",
         "| run | federation | s/round (steady) | first round | GPU util. mean / max | GPU memory max "
-        "| peak host memory | central acc. | personalised acc. |",
+        "| peak host memory | central acc. | own-model acc. |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for result in results:
@@ -116,7 +116,7 @@ def markdown(machine: dict, results: list[dict], speedup: float | None) -> str:
             f"| {cell(result['gpu_utilisation_mean_pct'], '.0f')} / "
             f"{cell(result['gpu_utilisation_max_pct'], '.0f')} % "
             f"| {cell(result['gpu_memory_max_mib'], '.0f')} MiB | {result['peak_host_gib']:.1f} GiB "
-            f"| {cell(result['central_accuracy'], '.4f')} | {cell(result['personalised_accuracy'], '.4f')} |"
+            f"| {cell(result['central_accuracy'], '.4f')} | {cell(result['own_model_accuracy'], '.4f')} |"
         )
     if speedup is not None:
         lines += ["", f"Speed-up of `gpu` over `cpu` on this machine: {speedup:.2f}x (steady s/round)."]

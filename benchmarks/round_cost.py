@@ -309,8 +309,8 @@ def main() -> None:
                     "client-resources-num-cpus": SIMULATION_CPUS_PER_CLIENT,
                 },
             )
-            floors = [
-                compute_floor(
+            floors = {
+                refit: compute_floor(
                     config,
                     num_partitions=50,
                     train_per_round=int(50 * config.fraction_train),
@@ -319,9 +319,9 @@ def main() -> None:
                     rounds=args.rounds,
                     refit=refit,
                 )
-                for refit in (False, config.personalisation != STORED_HEAD)
-            ]
-            simulation_runs.append((*floors, app))
+                for refit in {False, config.personalisation != STORED_HEAD}
+            }
+            simulation_runs.append((floors[False], floors[config.personalisation != STORED_HEAD], app))
         if simulation_runs:
             report("simulation, 50 SuperNodes", simulation_runs)
 
@@ -334,10 +334,11 @@ def main() -> None:
             }
             nodes = [{"partition-id": i, "num-partitions": 2} for i in range(2)]
             config = AppConfig.from_run_config(deployment_config)
-            floors = [
-                compute_floor(config, 2, 2, 2, workers=2, rounds=3, refit=refit)
-                for refit in (False, config.personalisation != STORED_HEAD)
-            ]
+            floors = {
+                refit: compute_floor(config, 2, 2, 2, workers=2, rounds=3, refit=refit)
+                for refit in {False, config.personalisation != STORED_HEAD}
+            }
+            floors = [floors[False], floors[config.personalisation != STORED_HEAD]]
             for poll in args.superexec_polls.split(","):
                 run_config = {**deployment_config, "output-dir": str(work / f"out-deploy-{poll}")}
                 app = run_app(work / f"deployment-{poll}", run_config, nodes, None, float(poll))

@@ -1,4 +1,4 @@
-"""Why FedAvg stays at chance on very unlike data with the default learning rate.
+"""Why FedAvg stayed at chance on very unlike data with learning rate 0.1 (the old default).
 
     python -m benchmarks.skew [--alpha 0.1] [--rounds 6] [--settings "0.1,0.9 0.02,0.9 0.1,0.0"]
 

@@ -451,20 +451,28 @@ def resolve_path(value: str) -> Path:
     return path if path.is_absolute() else project_dir() / path
 
 
+# What Flower reads from a `--run-config` string as `key=value` (flwr.common.config).
+RUN_CONFIG_PAIR = re.compile(r"(\S+?)=(\'[^\']*\'|\"[^\"]*\"|\S+)")
+
+
 def main() -> None:
     """Check a `--run-config` against this project's keys and values in a second or two,
-    as a run checks them before round 1, without starting one."""
+    without starting a run: what Flower would not read, a key the app does not have, and
+    each value, as a run's first check does. The data, a `resume-from` folder and the
+    partitioner are checked by the run itself, before round 1."""
     parser = argparse.ArgumentParser(prog="python -m pytorch_example.config", description=main.__doc__)
     parser.add_argument("run_config", nargs="?", default="", help='what --run-config gets, e.g. "seed=1"')
     args = parser.parse_args()
     try:
         defaults = flatten_dict(get_project_config(Path.cwd())["tool"]["flwr"]["app"]["config"])
+        if unread := RUN_CONFIG_PAIR.sub("", args.run_config).split():
+            raise ConfigError(f"{' '.join(unread)!r} is not key=value: Flower would skip it")
         overrides = parse_config_args([args.run_config])
         for key in overrides.keys() - defaults.keys():
             close = difflib.get_close_matches(key, defaults, n=1)
             hint = f": did you mean '{close[0]}'?" if close else " (pyproject.toml, [tool.flwr.app.config])"
             raise ConfigError(f"run-config key '{key}' is not one of this app's{hint}")
-        AppConfig.from_run_config({**defaults, **overrides})
+        check_server_device(AppConfig.from_run_config({**defaults, **overrides}).server_device)
     except (ConfigError, click.ClickException, OSError, ValueError) as err:
         message = err.format_message() if isinstance(err, click.ClickException) else str(err)
         sys.exit(f"error: {message}")

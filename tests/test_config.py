@@ -294,6 +294,7 @@ def test_pyproject_the_typed_config_and_readme_agree_on_every_key_and_default():
             "learning-rate=-0.1",
             "error: run-config key 'learning-rate' = -0.1 is invalid: expected a number in (0.0, inf)",
         ),
+        ("seed=3 learning-rate 0.05", "error: 'learning-rate 0.05' is not key=value: Flower would skip it"),
         ("num-server-rounds=3 learning-rate=0.05", "run-config OK"),
     ],
 )

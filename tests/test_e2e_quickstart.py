@@ -1,11 +1,13 @@
 """README's quick start, run as written: offline, from a fresh Flower home, on the local
 SuperLink `flwr run .` starts by itself, stopped with README's own commands."""
 
+import contextlib
 import json
 import re
 import shutil
 import subprocess
 import threading
+from pathlib import Path
 
 import psutil
 import pytest
@@ -15,7 +17,8 @@ from pytorch_example.config import project_dir
 
 SECTION = "## Quick start"
 INSTALL_CPU_TORCH = "pip install torch torchvision --index-url https://download.pytorch.org/whl/cpu"
-# The warnings README says Flower 1.42 (and its Ray) print on every run, unavoidably.
+# The warnings README says Flower 1.42 (and its Ray) print on a run, unavoidably: the
+# first two on every run, Ray's as it starts and stops its actors.
 EXPECTED_WARNINGS = (
     "`options.` fields in the SuperLink connection configuration are deprecated",
     "default simulated SuperNodes changed from 10 to 2",
@@ -30,6 +33,11 @@ def quick_start_commands() -> list[str]:
     section = (REPO / "README.md").read_text().split(SECTION, 1)[1].split("\n## ", 1)[0]
     lines = [line for block in re.findall(r"```bash\n(.*?)```", section, re.S) for line in block.splitlines()]
     return [line.split("  #")[0].strip() for line in lines if line.strip()]
+
+
+def run_folders(log: str) -> list[Path]:
+    """The run folders a run's log says it writes into."""
+    return [Path(folder) for folder in re.findall(r"Outputs of this run go to (\S+)", log)]
 
 
 def local_superlinks(flwr_home) -> list[psutil.Process]:
@@ -56,14 +64,18 @@ def test_the_quick_start_runs_stops_and_cleans_up_as_written(tmp_path):
     shutil.copytree(REPO / "harness", project / "harness", ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copytree(REPO / "deploy", project / "deploy", ignore=shutil.ignore_patterns("__pycache__", "*.md"))
     env = isolated_env(tmp_path)  # a fresh Flower home and HOME, the Hub out of reach
+    env.pop("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION")  # README's command sets it
     env.update(
         FLWR_LOCAL_SUPERLINK_HTTP_API_PORT=str(free_port()),
         FLWR_LOCAL_CONTROL_API_PORT=str(free_port()),
     )
     flwr_home = env["FLWR_HOME"]
-    # Runs write where `pip install -e .` was run; these two runs' folders are removed.
+    # Runs write where `pip install -e .` was run: the folders these two runs name in
+    # their logs are removed at the end, and nothing else there.
     outputs = project_dir() / "outputs"
-    before = set(outputs.glob("*")) | set(outputs.glob("*/*"))
+    dates_before = set(outputs.glob("*"))
+    logs: list[str] = []
+    started = None
 
     def shell(command: str, **kwargs) -> subprocess.CompletedProcess:
         return subprocess.run(
@@ -75,13 +87,15 @@ def test_the_quick_start_runs_stops_and_cleans_up_as_written(tmp_path):
 
         finished = shell(run, timeout=900)
         log = finished.stdout + finished.stderr
+        logs.append(log)
         assert finished.returncode == 0, log[-3000:]
         assert [int(n) for n in re.findall(r"Round (\d+)/10:", log)] == list(range(1, 11)), log[-3000:]
         warnings = [line for line in log.splitlines() if "warning" in line.lower()]
         unexpected = [line for line in warnings if not any(known in line for known in EXPECTED_WARNINGS)]
         assert not unexpected, "\n".join(unexpected)
-        assert all(any(known in line for line in warnings) for known in EXPECTED_WARNINGS), warnings
-        [run_dir] = set(outputs.glob("*/*")) - before
+        assert all(any(known in line for line in warnings) for known in EXPECTED_WARNINGS[:2]), warnings
+        [run_dir] = run_folders(log)
+        assert run_dir.parent.parent == outputs
         rounds = json.loads((run_dir / "results.json").read_text())
         assert [entry["round"] for entry in rounds] == list(range(1, 11))
         assert rounds[-1]["evaluate_metrics_serverapp"]["accuracy"] > 0.5  # it learns
@@ -100,11 +114,15 @@ def test_the_quick_start_runs_stops_and_cleans_up_as_written(tmp_path):
         reader = threading.Thread(target=lambda: streamed.extend(started.stdout), daemon=True)
         reader.start()
         wait_until(lambda: re.search(r"Round 1/10:", "".join(streamed)) or started.poll() is not None, 600)
-        run_id = re.search(r"Successfully started run (\d+)", "".join(streamed)).group(1)
+        logs.append("".join(streamed))
+        run_started = re.search(r"Successfully started run (\d+)", logs[-1])
+        assert run_started and "Round 1/10:" in logs[-1], logs[-1][-3000:]
+        run_id = run_started.group(1)
         stopped = shell(stop_run.replace("<run-id>", run_id), timeout=120)
         assert stopped.returncode == 0, stopped.stdout + stopped.stderr
         started.wait(timeout=120)
         reader.join(timeout=10)
+        logs[-1] = "".join(streamed)
         listing = json.loads(shell("flwr ls --format json", timeout=120).stdout)
         [record] = [entry for entry in listing["runs"] if str(entry["run-id"]) == run_id]
         assert record["status"] == "finished:stopped"
@@ -115,7 +133,16 @@ def test_the_quick_start_runs_stops_and_cleans_up_as_written(tmp_path):
         psutil.wait_procs(superlinks, timeout=30)
         assert not local_superlinks(flwr_home)
     finally:
-        for process in local_superlinks(flwr_home):  # ours alone: the path holds tmp_path
-            process.kill()
-        for made in sorted(set(outputs.glob("*/*")) - before) + sorted(set(outputs.glob("*")) - before):
-            shutil.rmtree(made)
+        if started is not None and started.poll() is None:
+            started.kill()
+            started.wait()
+        # Ours alone (their command line holds tmp_path), the runs they started with them.
+        for superlink in local_superlinks(flwr_home):
+            for process in [*superlink.children(recursive=True), superlink]:
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    process.kill()
+        for run_dir in {folder for log in logs for folder in run_folders(log)}:
+            shutil.rmtree(run_dir, ignore_errors=True)
+        for date_dir in set(outputs.glob("*")) - dates_before:
+            with contextlib.suppress(OSError):
+                date_dir.rmdir()  # only if empty: another run's folder stays

@@ -78,7 +78,7 @@ def test_a_round_whose_clients_all_fail_keeps_the_previous_model_bit_for_bit(tmp
     assert all(torch.equal(saved["arrays"][key], initial[key]) for key in initial)
 
 
-def test_evaluation_reports_the_spread_of_personalised_accuracy(tmp_path):
+def test_evaluation_reports_the_spread_of_own_model_accuracy(tmp_path):
     run_rounds(tmp_path, config_for(num_server_rounds=1, fraction_evaluate=1.0), ScriptedGrid(4, honest))
     metrics = results_of(tmp_path)[0]["evaluate_metrics_clientapp"]
     # Four clients at 0.1..0.4: weighted by their 5..20 rows for the mean, once each for the spread.
