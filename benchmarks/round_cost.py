@@ -126,6 +126,15 @@ def compute_floor(
     return float(np.mean(times[1:] if len(times) > 1 else times))
 
 
+def both_floors(config: AppConfig, *shape, **named_shape) -> tuple[float, float]:
+    """`compute_floor` without the refit, then with it: the same floor, measured once,
+    when `config` refits nothing."""
+    bare = compute_floor(config, *shape, **named_shape, refit=False)
+    if config.personalisation == STORED_HEAD:
+        return bare, bare
+    return bare, compute_floor(config, *shape, **named_shape, refit=True)
+
+
 def _worker_init_probe(_: int) -> int:
     return os.getpid()
 
@@ -309,19 +318,15 @@ def main() -> None:
                     "client-resources-num-cpus": SIMULATION_CPUS_PER_CLIENT,
                 },
             )
-            floors = {
-                refit: compute_floor(
-                    config,
-                    num_partitions=50,
-                    train_per_round=int(50 * config.fraction_train),
-                    evaluate_per_round=int(50 * config.fraction_evaluate),
-                    workers=max(1, cores // SIMULATION_CPUS_PER_CLIENT),
-                    rounds=args.rounds,
-                    refit=refit,
-                )
-                for refit in {False, config.personalisation != STORED_HEAD}
-            }
-            simulation_runs.append((floors[False], floors[config.personalisation != STORED_HEAD], app))
+            floors = both_floors(
+                config,
+                num_partitions=50,
+                train_per_round=int(50 * config.fraction_train),
+                evaluate_per_round=int(50 * config.fraction_evaluate),
+                workers=max(1, cores // SIMULATION_CPUS_PER_CLIENT),
+                rounds=args.rounds,
+            )
+            simulation_runs.append((*floors, app))
         if simulation_runs:
             report("simulation, 50 SuperNodes", simulation_runs)
 
@@ -334,11 +339,7 @@ def main() -> None:
             }
             nodes = [{"partition-id": i, "num-partitions": 2} for i in range(2)]
             config = AppConfig.from_run_config(deployment_config)
-            floors = {
-                refit: compute_floor(config, 2, 2, 2, workers=2, rounds=3, refit=refit)
-                for refit in {False, config.personalisation != STORED_HEAD}
-            }
-            floors = [floors[False], floors[config.personalisation != STORED_HEAD]]
+            floors = both_floors(config, 2, 2, 2, workers=2, rounds=3)
             for poll in args.superexec_polls.split(","):
                 run_config = {**deployment_config, "output-dir": str(work / f"out-deploy-{poll}")}
                 app = run_app(work / f"deployment-{poll}", run_config, nodes, None, float(poll))
