@@ -13,7 +13,8 @@ read through `dataset-path`, the path real data takes) it measures, on this mach
 
 For each it prints two compute floors (the same work as a plain PyTorch loop on tensors
 already in memory, with the same parallelism and no Flower): the round without the
-head refit (train, score the global and the own head, central evaluation) and with it.
+head refit (train, score the global and the own head, central evaluation) and with it,
+timed in the same rounds; in simulation, just before and just after each app run, averaged.
 Then the app's steady-state seconds per round (first round excluded: it starts workers
 and fills the data cache), its ratio to each floor, and the peak memory of all
 processes involved. For deployment it also prints how long each fresh ClientApp process
@@ -21,6 +22,7 @@ lives, watched from outside through /proc, once per SuperExec poll interval aske
 """
 
 import argparse
+import functools
 import os
 import tempfile
 import threading
@@ -67,40 +69,49 @@ def _floor_train(job) -> tuple[dict, int]:
 
 
 def _floor_evaluate(job) -> None:
-    config, num_partitions, partition_id, state, refit = job
+    """One evaluating client without the refit: one body pass over its validation rows,
+    scored by the global and by its own head (the same head here: the arithmetic is)."""
+    config, num_partitions, partition_id, state = job
     partition = load_partition(config.data_source, config.partitioning(num_partitions), partition_id)
     net = task.Net()
     net.load_state_dict(state)
-    cpu = torch.device("cpu")
-    # One body pass over the validation rows; the global and the own head score it.
-    features = task.body_features(net, partition.val.images, config.eval_batch_size, cpu)
+    features = task.body_features(net, partition.val.images, config.eval_batch_size, torch.device("cpu"))
     task.score(net.fc2, features, partition.val.labels)
-    if refit:
-        generator = torch.Generator().manual_seed(partition_id)
-        sgd = task.SGD(config.learning_rate, config.momentum, config.batch_size, cpu)
-        task.fit_head(net, partition.train, config.head_refit_rows, config.head_refit_epochs, sgd, generator)
     task.score(net.fc2, features, partition.val.labels)
 
 
-def compute_floor(
+def _floor_refit(job) -> None:
+    """What the refit adds to an evaluating client: `task.fit_head`, as the app calls it."""
+    config, num_partitions, partition_id, state = job
+    partition = load_partition(config.data_source, config.partitioning(num_partitions), partition_id)
+    net = task.Net()
+    net.load_state_dict(state)
+    sgd = task.SGD(config.learning_rate, config.momentum, config.batch_size, torch.device("cpu"))
+    generator = torch.Generator().manual_seed(partition_id)
+    task.fit_head(net, partition.train, config.head_refit_rows, config.head_refit_epochs, sgd, generator)
+
+
+def compute_floors(
     config: AppConfig,
     num_partitions: int,
     train_per_round: int,
     evaluate_per_round: int,
     workers: int,
     rounds: int,
-    refit: bool,
-) -> float:
-    """Seconds per round of the same training, evaluation and averaging, without Flower;
-    with `refit`, each evaluating client also refits its head as the app does.
+) -> tuple[float, float]:
+    """Seconds per round of the same training, evaluation and averaging without Flower,
+    and the same with each evaluating client's head refit too (when `config` refits).
 
     Clients run on `workers` single-threaded processes, as the federation runs them;
-    loading a partition from the warm cache is timed too (it is milliseconds).
+    loading a partition from the warm cache is timed too (it is milliseconds). The refit
+    is timed in the same rounds, as a pass of its own over the evaluating clients, so
+    both floors see the machine at the same moments.
     """
     test_set = load_test_set(config.data_source)
+    refits = config.personalisation != STORED_HEAD
     rng = np.random.default_rng(0)
     net = task.Net()
-    times = []
+    bare, refit = [], []
     with ProcessPoolExecutor(workers, initializer=_worker_init) as pool:
         list(pool.map(_worker_init_probe, range(workers)))  # workers up before timing
         for _ in range(rounds):
@@ -115,28 +126,29 @@ def compute_floor(
                 {name: sum(s[name] * (count / total) for s, count in replies) for name in state}
             )
             evaluate_ids = rng.choice(num_partitions, evaluate_per_round, replace=False)
-            list(
-                pool.map(
-                    _floor_evaluate,
-                    [(config, num_partitions, int(p), net.state_dict(), refit) for p in evaluate_ids],
-                )
-            )
+            evaluate_jobs = [(config, num_partitions, int(p), net.state_dict()) for p in evaluate_ids]
+            list(pool.map(_floor_evaluate, evaluate_jobs))
             task.test(net, test_set, config.eval_batch_size, torch.device("cpu"))
-            times.append(time.perf_counter() - started)
-    return float(np.mean(times[1:] if len(times) > 1 else times))
-
-
-def both_floors(config: AppConfig, *shape, **named_shape) -> tuple[float, float]:
-    """`compute_floor` without the refit, then with it: the same floor, measured once,
-    when `config` refits nothing."""
-    bare = compute_floor(config, *shape, **named_shape, refit=False)
-    if config.personalisation == STORED_HEAD:
-        return bare, bare
-    return bare, compute_floor(config, *shape, **named_shape, refit=True)
+            bare.append(time.perf_counter() - started)
+            started = time.perf_counter()
+            if refits:
+                list(pool.map(_floor_refit, evaluate_jobs))
+            refit.append(bare[-1] + time.perf_counter() - started)
+    steady = slice(1, None) if rounds > 1 else slice(None)
+    return float(np.mean(bare[steady])), float(np.mean(refit[steady]))
 
 
 def _worker_init_probe(_: int) -> int:
     return os.getpid()
+
+
+def floors_around(run, *shape, **named_shape) -> tuple[tuple[float, float], dict]:
+    """`compute_floors` just before and just after `run()`, averaged (the machine's speed
+    drifts by several percent over minutes), and what `run()` returned."""
+    before = compute_floors(*shape, **named_shape)
+    result = run()
+    after = compute_floors(*shape, **named_shape)
+    return ((before[0] + after[0]) / 2, (before[1] + after[1]) / 2), result
 
 
 # --- The app: real `flwr run` -----------------------------------------------------------
@@ -309,7 +321,8 @@ def main() -> None:
                 "output-dir": str(work / f"out-sim-{repeat}"),
             }
             config = AppConfig.from_run_config(simulation_config)
-            app = run_app(
+            app_run = functools.partial(
+                run_app,
                 work / f"simulation-{repeat}",
                 simulation_config,
                 node_configs=None,
@@ -318,7 +331,8 @@ def main() -> None:
                     "client-resources-num-cpus": SIMULATION_CPUS_PER_CLIENT,
                 },
             )
-            floors = both_floors(
+            floors, app = floors_around(
+                app_run,
                 config,
                 num_partitions=50,
                 train_per_round=int(50 * config.fraction_train),
@@ -339,7 +353,7 @@ def main() -> None:
             }
             nodes = [{"partition-id": i, "num-partitions": 2} for i in range(2)]
             config = AppConfig.from_run_config(deployment_config)
-            floors = both_floors(config, 2, 2, 2, workers=2, rounds=3)
+            floors = compute_floors(config, 2, 2, 2, workers=2, rounds=3)
             for poll in args.superexec_polls.split(","):
                 run_config = {**deployment_config, "output-dir": str(work / f"out-deploy-{poll}")}
                 app = run_app(work / f"deployment-{poll}", run_config, nodes, None, float(poll))

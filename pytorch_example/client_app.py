@@ -3,18 +3,14 @@
 A client's own model is the global body under its own classification head (`fc2`). It
 keeps that head in `context.state`, which Flower carries from one message to the next
 while its SuperNode lives (and on its disk, heads.py, for a restart or a resumed run).
-The run-config's `personalisation` decides how the head is made and what leaves:
+`personalisation` decides how the head is made and what leaves (docs/personalisation.md):
+`refit-head` (default) trains and sends the whole model, and refits its own head to the
+current body at each evaluation; `private-head` does the same but trains and sends the
+body only (FedBABU); `stored-head`, the published example, trains its own head with the
+body and sends both.
 
-- `refit-head` (default): train the global model as received and send it back whole.
-  At each evaluation, refit the own head to the current body: head-only SGD on a sample
-  of this client's train rows, from the head it kept. The own head never leaves the client.
-- `private-head`: the same, but train and send the body only, under the global head,
-  which stays the initial model's (FedBABU).
-- `stored-head`: the published example. Swap the kept head into the global model, train
-  the whole, send the whole, keep the trained head, and evaluate with it as it is.
-
-A train reply carries the arrays, `train_loss` and `num-examples`; an evaluate reply
-scores and a row count. The server takes a reply only when it is exactly that (rounds.py).
+Replies carry exactly what the server's reply gate expects (rounds.py): train, the
+arrays, `train_loss` and `num-examples`; evaluate, four scores and `num-examples`.
 """
 
 from dataclasses import dataclass

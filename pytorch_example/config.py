@@ -108,7 +108,7 @@ class AppConfig:
     momentum: float = 0.9
     personalisation: str = REFIT_HEAD
     head_refit_epochs: int = 5
-    head_refit_rows: int = 256
+    head_refit_rows: int = 128
     aggregation: str = FEDAVG
     trim_fraction: float = 0.2
     num_malicious: int = 1

@@ -5,15 +5,14 @@ Data arrives as uint8 tensors (see `data.py`); augmentation and normalisation ru
 whole tensors on the training device, so no Python code runs per image.
 """
 
-from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.optim.sgd import sgd
 
 from pytorch_example.data import ImageSet
+from pytorch_example.momentum_sgd import MomentumSGD
 
 # The reference example's normalisation constants, kept so accuracies stay comparable.
 NORMALIZE_MEAN = 0.1307
@@ -67,44 +66,6 @@ def augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     return torch.where(flip, cropped.flip(-1), cropped)
 
 
-class MomentumSGD:
-    """`torch.optim.SGD(params, lr, momentum)`, run through PyTorch's functional `sgd`.
-
-    A speed-up: the same update and the same numbers (a test compares them), but the
-    class form imports `torch._dynamo` on its first step: 2.4 s that every fresh
-    ClientApp process of a deployment would pay before its first batch
-    (benchmarks/README.md#one-message-python--m-benchmarksmessage_cost).
-    """
-
-    def __init__(self, params: Iterable[torch.Tensor], lr: float, momentum: float) -> None:
-        self.params = list(params)
-        self.lr = lr
-        self.momentum = momentum
-        self.momentum_buffers: list[torch.Tensor | None] = [None] * len(self.params)
-
-    def zero_grad(self) -> None:
-        for param in self.params:
-            param.grad = None
-
-    @torch.no_grad()
-    def step(self) -> None:
-        with_grad = [index for index, param in enumerate(self.params) if param.grad is not None]
-        buffers = [self.momentum_buffers[index] for index in with_grad]
-        sgd(
-            [self.params[index] for index in with_grad],
-            [self.params[index].grad for index in with_grad],
-            buffers,  # filled in on the first step, as torch.optim.SGD does
-            weight_decay=0.0,
-            momentum=self.momentum,
-            lr=self.lr,
-            dampening=0.0,
-            nesterov=False,
-            maximize=False,
-        )
-        for index, buffer in zip(with_grad, buffers, strict=True):
-            self.momentum_buffers[index] = buffer
-
-
 @dataclass(frozen=True)
 class SGD:
     """How a client takes its steps: SGD with momentum, in batches, on a device."""
@@ -138,6 +99,7 @@ def train(net: nn.Module, data: ImageSet, epochs: int, sgd: SGD, generator: torc
     return (loss_sum / max(num_batches, 1)).item()
 
 
+@torch.no_grad()
 def fit_head(net: Net, data: ImageSet, rows: int, epochs: int, sgd: SGD, generator: torch.Generator) -> None:
     """Train only `net.fc2` with `sgd` on a sample of `rows` of `data` drawn with
     `generator` (all of them when `rows` is 0), the body fixed; `net` stays on `sgd.device`.
@@ -145,18 +107,24 @@ def fit_head(net: Net, data: ImageSet, rows: int, epochs: int, sgd: SGD, generat
     The body runs once over the sample (no augmentation), and the epochs run on the head
     alone, a linear layer on 128 features: that one forward pass is most of the cost, so
     the sample bounds it (benchmarks/README.md#round-cost-python--m-benchmarksround_cost).
+    The head's gradient is written out (softmax minus one-hot): autograd's bookkeeping
+    would cost more than this layer's arithmetic. Same steps as `torch.optim.SGD` (tested).
     """
     sample = torch.randperm(len(data), generator=generator)[: rows or len(data)]
     features = body_features(net, data.images[sample], REFIT_FEATURE_BATCH, sgd.device)
     labels = data.labels[sample].to(sgd.device)
-    optimizer = MomentumSGD(net.fc2.parameters(), lr=sgd.learning_rate, momentum=sgd.momentum)
+    head = net.fc2
+    velocity = [torch.zeros_like(head.weight), torch.zeros_like(head.bias)]
     for _ in range(epochs):
         order = torch.randperm(len(labels), generator=generator).to(sgd.device)
         for batch in order.split(sgd.batch_size):
-            loss = F.cross_entropy(net.fc2(features[batch]), labels[batch])
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
+            inputs = features[batch]
+            error = torch.softmax(head(inputs), 1)  # d(mean cross-entropy)/d(logits), x batch size
+            error[torch.arange(len(batch), device=sgd.device), labels[batch]] -= 1
+            error /= len(batch)
+            gradients = (error.T @ inputs, error.sum(0))
+            for param, gradient, step in zip((head.weight, head.bias), gradients, velocity, strict=True):
+                param.sub_(step.mul_(sgd.momentum).add_(gradient), alpha=sgd.learning_rate)
 
 
 @torch.no_grad()

@@ -94,6 +94,30 @@ def test_fit_head_moves_the_head_alone_and_repeats_under_a_seed():
     assert not torch.equal(heads[0]["weight"], heads[2]["weight"])
 
 
+def test_fit_head_takes_the_steps_of_torch_optim_sgd_on_the_head():
+    """Its written-out gradient against autograd and `torch.optim.SGD`, on the same sample
+    in the same order: 2 epochs of 6 batches, so the momentum carries across steps."""
+    data, start = image_set(300, seed=3), task.Net()
+    initial_head = start.fc2.weight.detach().clone()
+    ours = task.Net()
+    ours.load_state_dict(start.state_dict())
+    task.fit_head(ours, data, 96, 2, task.SGD(0.05, 0.9, 16, CPU), torch.Generator().manual_seed(7))
+
+    generator = torch.Generator().manual_seed(7)
+    sample = torch.randperm(len(data), generator=generator)[:96]
+    features = task.body_features(start, data.images[sample], 256, CPU)
+    labels = data.labels[sample]
+    optimizer = torch.optim.SGD(start.fc2.parameters(), lr=0.05, momentum=0.9)
+    for _ in range(2):
+        for batch in torch.randperm(96, generator=generator).split(16):
+            optimizer.zero_grad()
+            F.cross_entropy(start.fc2(features[batch]), labels[batch]).backward()
+            optimizer.step()
+    for key, value in start.state_dict().items():
+        torch.testing.assert_close(ours.state_dict()[key], value, rtol=0, atol=1e-6, msg=key)
+    assert not torch.equal(ours.fc2.weight, initial_head)
+
+
 def test_fit_head_runs_the_body_over_its_sample_of_rows_only(monkeypatch):
     data = image_set(300, seed=3)
     seen = []
@@ -166,7 +190,9 @@ def test_training_never_imports_torch_dynamo():
         "images, labels = make_split(64, 0)\n"
         "data = task.ImageSet(torch.from_numpy(images), torch.from_numpy(labels.astype('int64')))\n"
         "generator = torch.Generator().manual_seed(0)\n"
-        "task.train(task.Net(), data, 1, task.SGD(0.1, 0.9, 32, torch.device('cpu')), generator)\n"
+        "sgd = task.SGD(0.1, 0.9, 32, torch.device('cpu'))\n"
+        "task.train(task.Net(), data, 1, sgd, generator)\n"
+        "task.fit_head(task.Net(), data, 32, 1, sgd, generator)\n"
         "print('torch._dynamo' in sys.modules)\n"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=REPO)
