@@ -87,11 +87,11 @@ def measure(kind: str, run_config: dict, num_partitions: int, calls: int, optimi
     class TimedOptimizer(optimizer_class):
         def step(self, *args, **kwargs):
             result = super().step(*args, **kwargs)
-            if not first_step and kind == "train":  # the refit's steps are not training's
+            if not first_step and kind == "train":  # train messages only
                 first_step.append(now())
             return result
 
-    task.MomentumSGD = TimedOptimizer
+    task.MomentumSGD = TimedOptimizer  # where `task.train` looks it up
 
     # What a SuperNode hands the ClientApp: a message from the ServerApp, and a context.
     for name, value in (("_run_id", 1), ("_node_id", 0), ("_task_id", 1)):
