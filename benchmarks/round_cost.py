@@ -39,7 +39,7 @@ from harness.flower_processes import LocalFederation, RoundLandings, copy_app, d
 from harness.synthetic_fmnist import write_idx_dataset
 from pytorch_example import task
 from pytorch_example.config import STORED_HEAD, AppConfig
-from pytorch_example.data import load_partition, load_test_set
+from pytorch_example.data import Partition, load_partition, load_test_set
 
 # The simulation federation's per-ClientApp CPUs (pyproject.toml, local-simulation).
 SIMULATION_CPUS_PER_CLIENT = 1
@@ -52,11 +52,18 @@ def _worker_init() -> None:
     torch.set_num_threads(1)
 
 
-def _floor_train(job) -> tuple[dict, int]:
+def _client(job) -> tuple[AppConfig, int, Partition, task.Net]:
+    """A floor job's settings and partition id, that partition's rows (from the warm
+    cache), and the model the client was sent."""
     config, num_partitions, partition_id, state = job
     partition = load_partition(config.data_source, config.partitioning(num_partitions), partition_id)
     net = task.Net()
     net.load_state_dict(state)
+    return config, partition_id, partition, net
+
+
+def _floor_train(job) -> tuple[dict, int]:
+    config, _, partition, net = _client(job)
     optimizer = torch.optim.SGD(net.parameters(), lr=config.learning_rate, momentum=config.momentum)
     inputs, labels = task.normalize(partition.train.images), partition.train.labels
     for _ in range(config.local_epochs):
@@ -71,10 +78,7 @@ def _floor_train(job) -> tuple[dict, int]:
 def _floor_evaluate(job) -> None:
     """One evaluating client without the refit: one body pass over its validation rows,
     scored by the global and by its own head (the same head here: the arithmetic is)."""
-    config, num_partitions, partition_id, state = job
-    partition = load_partition(config.data_source, config.partitioning(num_partitions), partition_id)
-    net = task.Net()
-    net.load_state_dict(state)
+    config, _, partition, net = _client(job)
     features = task.body_features(net, partition.val.images, config.eval_batch_size, torch.device("cpu"))
     task.score(net.fc2, features, partition.val.labels)
     task.score(net.fc2, features, partition.val.labels)
@@ -82,10 +86,7 @@ def _floor_evaluate(job) -> None:
 
 def _floor_refit(job) -> None:
     """What the refit adds to an evaluating client: `task.fit_head`, as the app calls it."""
-    config, num_partitions, partition_id, state = job
-    partition = load_partition(config.data_source, config.partitioning(num_partitions), partition_id)
-    net = task.Net()
-    net.load_state_dict(state)
+    config, partition_id, partition, net = _client(job)
     sgd = task.SGD(config.learning_rate, config.momentum, config.batch_size, torch.device("cpu"))
     generator = torch.Generator().manual_seed(partition_id)
     task.fit_head(net, partition.train, config.head_refit_rows, config.head_refit_epochs, sgd, generator)

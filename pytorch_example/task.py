@@ -123,6 +123,8 @@ def fit_head(net: Net, data: ImageSet, rows: int, epochs: int, sgd: SGD, generat
             error[torch.arange(len(batch), device=sgd.device), labels[batch]] -= 1
             error /= len(batch)
             gradients = (error.T @ inputs, error.sum(0))
+            # SGD with momentum in place, as `MomentumSGD` steps: its per-step bookkeeping
+            # would cost more than these two small updates.
             for param, gradient, step in zip((head.weight, head.bias), gradients, velocity, strict=True):
                 param.sub_(step.mul_(sgd.momentum).add_(gradient), alpha=sgd.learning_rate)
 
