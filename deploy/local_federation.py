@@ -675,11 +675,14 @@ def start_supernode(
     # SuperNodes sharing this machine share its cores: more torch threads than cores
     # made every ClientApp 20x slower on 2 cores.
     threads = str(max(1, (os.cpu_count() or 1) // args.nodes))
+    # Through supernode.py: a SuperNode started again soon after it died (a crashed
+    # federation brought `up` again) is refused by the SuperLink for up to 60 s.
+    supernode = [sys.executable, str(Path(__file__).with_name("supernode.py")), *security]
+    flower_command("flower-supernode")  # there, or a one-line error now
     record = start_process(
         folder,
         f"supernode-{index}",
-        [flower_command("flower-supernode"), *security, "--superlink", address]
-        + ["--port", str(free_port()), "--node-config", node_config],
+        [*supernode, "--superlink", address, "--port", str(free_port()), "--node-config", node_config],
         # SuperExec checks for work every second by default; a round pays it twice.
         env={"OMP_NUM_THREADS": threads, "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.1"},
     )

@@ -6,6 +6,7 @@ context manager deletes them all.
 """
 
 import contextlib
+import json
 import os
 import shutil
 import subprocess
@@ -66,3 +67,14 @@ def hosts(names: list[str], subnet: str = "10.77.0") -> Iterator[dict[str, tuple
 def in_namespace(namespace: str, command: list[str]) -> list[str]:
     """`command` run on host `namespace` (`ip netns exec` execs it: the PID stays its own)."""
     return ["ip", "netns", "exec", namespace, *command]
+
+
+def set_network(namespace: str, up: bool) -> None:
+    """Take host `namespace` off the network (its links down, as a pulled cable), or put it
+    back; its own loopback stays up."""
+    listed = subprocess.run(
+        ["ip", "-n", namespace, "-j", "link", "show"], check=True, capture_output=True, text=True
+    )
+    for link in json.loads(listed.stdout):
+        if link["ifname"] != "lo":
+            ip("-n", namespace, "link", "set", link["ifname"], "up" if up else "down")

@@ -24,18 +24,16 @@ from flwr.cli.supernode.register import try_load_public_key
 
 from deploy import local_federation
 from harness import burst, netns
+from harness.deployment import Deployment
 from harness.flower_processes import (
     REPO,
     VENV_BIN,
     copy_app,
-    descendants,
     free_port,
     isolated_env,
     pairs,
     started_run_id,
 )
-
-SCRIPT = REPO / "deploy" / "local_federation.py"
 
 
 def mode(path: Path) -> int:
@@ -113,6 +111,18 @@ def test_stop_processes_ends_only_the_process_it_recorded(tmp_path):
         sleeper.wait()
 
 
+def test_supernode_py_ends_as_flower_supernode_does_on_anything_but_a_refused_key():
+    done = subprocess.run(
+        [sys.executable, str(REPO / "deploy" / "supernode.py"), "--no-such-option"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 2  # argparse's, passed on at once: no retry
+    assert "unrecognized arguments: --no-such-option" in done.stdout
+    assert "starting it again" not in done.stdout + done.stderr
+
+
 def test_a_missing_nginx_is_refused_in_one_line_naming_the_package(tmp_path):
     with pytest.raises(local_federation.FederationError) as refused:
         local_federation.find_nginx(search_path=str(tmp_path))
@@ -144,129 +154,6 @@ def test_the_flower_internals_the_script_writes_connections_with_still_work(tmp_
 
 
 # -- The script, run for real -------------------------------------------------------
-
-
-class Deployment:
-    """The script with its own folder and Flower Config; `close()` brings down what it
-    brought up, and fails the test if anything it started is still running."""
-
-    def __init__(self, root: Path, namespace: str | None = None) -> None:
-        self.root = root
-        self.folder = root / "federation"
-        self.env = isolated_env(root)
-        self.namespace = namespace  # the host it runs on (see harness/netns.py); None: this one
-        self.strangers: list[subprocess.Popen] = []
-        self.seen: dict[int, str | None] = {}  # PID: start time, of every process `up` started
-
-    def on_host(self, command: list[str], namespace: str | None = None) -> list[str]:
-        namespace = namespace or self.namespace
-        return netns.in_namespace(namespace, command) if namespace else command
-
-    def script(self, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-        command, *options = args
-        done = subprocess.run(
-            self.on_host([sys.executable, str(SCRIPT), command, "--dir", str(self.folder), *options]),
-            env=self.env,
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            stdin=subprocess.DEVNULL,
-        )
-        if command == "up" and (self.folder / "federation.json").exists():
-            self.seen.update({pid: local_federation.start_time(pid) for pid in self.pids()})
-        return done
-
-    def up(self, *options: str) -> str:
-        done = self.script("up", *options)
-        assert done.returncode == 0, done.stdout + done.stderr
-        return done.stdout
-
-    def state(self) -> dict:
-        return json.loads((self.folder / "federation.json").read_text())
-
-    def pids(self) -> list[int]:
-        """What `up` started and everything below it, now."""
-        return descendants([record["pid"] for record in self.state()["processes"]])
-
-    def connection(self, name: str = "local-deployment") -> dict:
-        with open(self.root / "flwr-home" / "config.toml", "rb") as file:
-            return tomllib.load(file)["superlink"][name]
-
-    def flwr(
-        self,
-        *args: str,
-        cwd: Path | None = None,
-        timeout: float = 600,
-        env: dict | None = None,
-        namespace: str | None = None,
-    ) -> subprocess.CompletedProcess:
-        """`flwr *args` as the SuperLink's operator, or as whoever `env` (their Flower
-        Config and home) and `namespace` (their host) make it."""
-        return subprocess.run(
-            self.on_host([str(VENV_BIN / "flwr"), *args], namespace),
-            cwd=cwd or self.root,
-            env=env or self.env,
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            stdin=subprocess.DEVNULL,
-        )
-
-    def supernodes(self) -> list[dict]:
-        listing = self.flwr("supernode", "list", "local-deployment", "--format", "json", timeout=60)
-        return json.loads(listing.stdout)["nodes"]
-
-    def start_stranger(
-        self,
-        name: str,
-        *security: str,
-        superlink: str | None = None,
-        node_config: str = "partition-id=0 num-partitions=2",
-        namespace: str | None = None,
-    ) -> subprocess.Popen:
-        """A SuperNode started by the test, not by the script."""
-        command = [
-            str(VENV_BIN / "flower-supernode"),
-            *security,
-            "--superlink",
-            superlink or self.state()["address"],
-        ]
-        with open(self.root / f"{name}.log", "wb") as log:
-            process = subprocess.Popen(
-                self.on_host([*command, "--port", str(free_port()), "--node-config", node_config], namespace),
-                env=self.env,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        self.strangers.append(process)
-        return process
-
-    def wait_until_online(self, count: int, timeout_s: float = 120) -> None:
-        deadline = time.monotonic() + timeout_s
-        while [node["status"] for node in self.supernodes()].count("online") < count:
-            assert time.monotonic() < deadline, f"fewer than {count} SuperNodes online: {self.supernodes()}"
-            time.sleep(0.5)
-
-    def close(self) -> None:
-        try:
-            for stranger in self.strangers:
-                for pid in descendants([stranger.pid]):
-                    with contextlib.suppress(ProcessLookupError):
-                        os.kill(pid, signal.SIGKILL)
-                stranger.wait()
-            if (self.folder / "federation.json").exists():
-                self.script("down")
-        finally:
-            left = [
-                pid
-                for pid, started in self.seen.items()
-                if started and local_federation.start_time(pid) == started
-            ]
-            for pid in left:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
-        assert not left, f"processes left running after `down`: {left}"
 
 
 def two_rounds(idx_dataset: Path, tmp_path: Path) -> str:
@@ -435,6 +322,15 @@ def test_up_run_down_then_a_restart_still_lists_the_run(deployment, idx_dataset,
     [listed] = json.loads(deployment.flwr("ls", "local-deployment", "--format", "json").stdout)["runs"]
     assert (listed["run-id"], listed["status"]) == (run["run-id"], "finished:completed")
     assert len(deployment.supernodes()) == 2
+
+    # The machine dies, and `up` runs again at once: the SuperLink still counts both
+    # SuperNodes online (up to 60 s) and refuses them; up's SuperNodes wait that out.
+    deployment.crash()
+    printed = deployment.up()
+    assert "2 SuperNode(s) connected" in printed
+    log = (deployment.folder / "logs" / "supernode-0.log").read_text()
+    assert "the SuperLink refused this SuperNode" in log
+    assert [node["status"] for node in deployment.supernodes()] == ["online", "online"]
 
 
 @pytest.mark.e2e
@@ -844,6 +740,7 @@ def test_readme_recipe_for_several_machines(tmp_path, idx_dataset):
                     superlink=public_address,
                     node_config=f"partition-id={index} num-partitions=2",
                     namespace=network[host][0],
+                    supervised=True,
                 )
             deployment.wait_until_online(2)
 
