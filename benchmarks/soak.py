@@ -290,11 +290,12 @@ class Chaos:
         return not self._stop.wait(self.rng.uniform(*low_high))
 
     def _plan(self) -> list[str]:
-        """The required faults in a seeded order, the SuperLink's kill a third of the way in."""
+        """The required faults in a seeded order, the SuperLink's kills a third and two thirds in."""
         if self.quick:  # each kind once, the SuperLink's kill first
             return ["SuperLink killed", "two nodes killed", "node paused", "network down", "node killed"]
         plan = ["node killed"] * 6 + ["two nodes killed"] * 2 + ["node paused", "network down"]
         self.rng.shuffle(plan)
+        plan.insert(len(plan) * 2 // 3, "SuperLink killed")
         plan.insert(len(plan) // 3, "SuperLink killed")
         return plan
 
