@@ -31,6 +31,7 @@ import shutil
 import signal
 import statistics
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -98,10 +99,9 @@ class Federation:
         )  # fmt: skip
         self.num_partitions = num_partitions
         self.nodes = [Node(i, network[f"node-{i}"][0], work / f"node-{i}") for i in range(num_nodes)]
-        self.seen: dict[int, float] = {}  # PID: start time, of every process seen started here
+        self.seen: set[tuple[int, float]] = set()  # (PID, start time) of each process started here
         self.runs: list[subprocess.Popen] = []  # `flwr run`s
         self.exits: dict[str, int] = {}  # the log of each SuperNode that ended on its own: its exit code
-        self.lock = threading.Lock()
 
     def up(self) -> None:
         self.deployment.up(*self.up_options)
@@ -148,6 +148,9 @@ class Federation:
 
     def kill_node(self, node: Node) -> None:
         self.note_exit(node)
+        # Stopped first, so that supernode.py starts nothing new while its tree is killed.
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(node.process.pid, signal.SIGSTOP)
         for pid in self.node_pids(node):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
@@ -186,29 +189,31 @@ class Federation:
             roots += [record["pid"] for record in self.deployment.state()["processes"]]
         for pid in descendants(roots):
             with contextlib.suppress(psutil.NoSuchProcess):
-                self.seen.setdefault(pid, psutil.Process(pid).create_time())
+                self.seen.add((pid, psutil.Process(pid).create_time()))
 
     def close(self) -> None:
         """Undo every fault left standing, then stop everything started here."""
-        for node in self.nodes:
-            self.note_exit(node)
-            with contextlib.suppress(subprocess.CalledProcessError):
-                netns.set_network(node.namespace, up=True)
-            self.signal_node(node, signal.SIGCONT)
-        for run in self.runs:
-            if run.poll() is None:
-                run.terminate()
-                try:
-                    run.wait(timeout=20)
-                except subprocess.TimeoutExpired:
-                    run.kill()
-                    run.wait()
-        self.note_processes()
-        self.deployment.close()
+        try:
+            for node in self.nodes:
+                self.note_exit(node)
+                with contextlib.suppress(subprocess.CalledProcessError):
+                    netns.set_network(node.namespace, up=True)
+                self.signal_node(node, signal.SIGCONT)
+            for run in self.runs:
+                if run.poll() is None:
+                    run.terminate()
+                    try:
+                        run.wait(timeout=20)
+                    except subprocess.TimeoutExpired:
+                        run.kill()
+                        run.wait()
+            self.note_processes()
+        finally:
+            self.deployment.close()
 
     def left_running(self) -> list[str]:
         left = []
-        for pid, started in self.seen.items():
+        for pid, started in self.seen:
             with contextlib.suppress(psutil.NoSuchProcess):
                 process = psutil.Process(pid)
                 if process.create_time() == started and process.status() != psutil.STATUS_ZOMBIE:
@@ -241,7 +246,9 @@ class Watch:
                         if landed != entry:
                             self.repeated.add(entry["round"])
             if time.monotonic() - last_noted > 2:
-                self.federation.note_processes()
+                # Processes come and go as it looks: what it misses now, it sees next time.
+                with contextlib.suppress(OSError, ValueError, psutil.Error):
+                    self.federation.note_processes()
                 last_noted = time.monotonic()
 
     @property
@@ -274,7 +281,10 @@ class Chaos:
         self.faults: list[Fault] = []
         self.errors: list[str] = []
         self.superlink_down = threading.Event()  # from its kill until the run is resumed
-        self.releases_at_kills: list[tuple[int, int]] = []  # (DP releases, rounds recorded)
+        self.lock = threading.Lock()  # held to set or clear it, and to read it with the run's state
+        # Per SuperLink kill: the DP releases made since the last recorded round (1 if the
+        # killed round had released), and the rounds recorded then.
+        self.extra_releases: list[tuple[int, int]] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._drive, daemon=True)
 
@@ -284,6 +294,8 @@ class Chaos:
     def stop(self) -> None:
         self._stop.set()
         self._thread.join()
+        for fault in self.faults:  # one the driver was still holding
+            fault.end = fault.end or time.monotonic()
 
     def _sleep(self, low_high: tuple[float, float]) -> bool:
         """Sleep a random while in `low_high`; False if asked to stop meanwhile."""
@@ -330,13 +342,11 @@ class Chaos:
         victims = self.rng.sample(self.federation.nodes, count)
         faults = []
         for node in victims:
-            with self.federation.lock:
-                self.federation.kill_node(node)
+            self.federation.kill_node(node)
             faults.append(self._fault("node killed", f"node {node.index}"))
         self._stop.wait(self.rng.uniform(*RESTART_AFTER_S))
         for node, fault in zip(victims, faults, strict=True):
-            with self.federation.lock:
-                self.federation.start_node(node, self.watch.rounds)
+            self.federation.start_node(node, self.watch.rounds)
             fault.end = time.monotonic()
 
     def _pause(self) -> None:
@@ -359,34 +369,41 @@ class Chaos:
         """Mid-round: the SuperLink's machine dies; a SuperNode restarts meanwhile; the
         operator runs `up` again and resumes the run as README says."""
         rounds = self.watch.rounds
-        if not self.watch.wait_for_round(rounds + 1, timeout_s=600):
-            raise RuntimeError("no round landed in 600 s, so no SuperLink kill mid-round")
-        self._stop.wait(self.rng.uniform(2, 10))
+        while self.watch.rounds <= rounds:  # a round has just begun
+            if self._stop.wait(0.2):
+                return
+        if self._stop.wait(self.rng.uniform(2, 10)):
+            return
+        with self.lock:
+            self.superlink_down.set()
         fault = self._fault("SuperLink killed", "SuperLink, ServerApp and nginx SIGKILLed")
-        self.superlink_down.set()
-        with self.federation.lock:
-            self.federation.deployment.crash()
-            node = self.rng.choice(self.federation.nodes)
-            self.federation.kill_node(node)
+        # From here on to the resume, whatever happens: the federation must come back.
+        self.federation.deployment.crash()
+        node = self.rng.choice(self.federation.nodes)
+        self.federation.kill_node(node)
         # Whether the killed round had released its noisy model (DP): then that release
         # is a real one, and the resumed run counts it on top of its rounds.
         saved = torch.load(self.watch.run_dir() / "resume.pt", weights_only=False)
-        self.releases_at_kills.append((saved["privacy_releases"], len(saved["round_results"])))
-        self._stop.wait(self.rng.uniform(5, 15))
-        with self.federation.lock:
-            self.federation.start_node(node, self.watch.rounds)
+        recorded = saved["round_results"]
+        released_before = recorded[-1]["privacy"]["releases"] if recorded else 0
+        self.extra_releases.append((saved["privacy_releases"] - released_before, len(recorded)))
+        time.sleep(self.rng.uniform(5, 15))
+        self.federation.start_node(node, self.watch.rounds)
         print(
             f"  {time.strftime('%H:%M:%S')} node {node.index} restarted while the SuperLink is down",
             flush=True,
         )
-        self._stop.wait(self.rng.uniform(10, 30))
+        time.sleep(self.rng.uniform(10, 30))
         self.federation.deployment.up(*self.federation.up_options)
         # As deploy/README.md says: resume once `status` shows the SuperNodes back (the
         # resumed run sizes its rounds, and DP its noise, to those connected then).
-        with contextlib.suppress(AssertionError):
+        try:
             self.federation.deployment.wait_until_online(len(self.federation.nodes), timeout_s=180)
-        self.resume(self.watch.run_dir())
-        self.superlink_down.clear()
+        except AssertionError as err:
+            fault.detail += f"; resumed with fewer SuperNodes: {str(err)[:200]}"
+        with self.lock:
+            self.resume(self.watch.run_dir())
+            self.superlink_down.clear()
         fault.end = time.monotonic()
 
 
@@ -435,8 +452,9 @@ def run_once(
                 break
             # A `flwr run --stream` ends with its SuperLink too: only the newest one counts,
             # once the SuperLink is back.
-            if not (chaos and chaos.superlink_down.is_set()) and runs[-1].poll() is not None:
-                break
+            with chaos.lock if chaos else contextlib.nullcontext():
+                if not (chaos and chaos.superlink_down.is_set()) and runs[-1].poll() is not None:
+                    break
     finally:
         if chaos:
             chaos.stop()
@@ -468,7 +486,9 @@ def fault_costs(spans: dict, faults: list[Fault], clean_round_s: float) -> dict[
     """Seconds over a clean round, of the rounds each fault overlapped, per kind; a round
     that several faults overlap shares its extra among them."""
     costs = {kind: 0.0 for kind in dict.fromkeys(fault.kind for fault in faults)}
-    for start, end in spans.values():
+    for server_round, (start, end) in spans.items():
+        if server_round == 1:
+            continue  # it holds the run's start-up, which the clean round leaves out
         touching = [fault for fault in faults if fault.start < end and (fault.end or end) > start]
         for fault in touching:
             costs[fault.kind] += max(0.0, (end - start) - clean_round_s) / len(touching)
@@ -504,9 +524,7 @@ def privacy_problems(
     that had released before its kill; its epsilon is the accountant's for that count."""
     problems, expected = [], 0
     for entry in results:
-        expected += sum(
-            1 for releases, recorded in kills if recorded == entry["round"] - 1 and releases > recorded
-        )
+        expected += sum(extra for extra, recorded in kills if recorded == entry["round"] - 1)
         expected += 1 if entry.get("train_metrics") else 0
         privacy = entry.get("privacy") or {}
         if privacy.get("releases") != expected:
@@ -603,6 +621,9 @@ def main() -> None:
     parser.add_argument("--dp-clipping-norm", type=float, default=1.0)
     parser.add_argument("--keep", type=Path, help="work in this folder (new) and keep it: logs, run folders")
     args = parser.parse_args()
+    # Stopped (Ctrl-C, or SIGTERM), it still undoes its faults and stops what it started.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     args.rounds = args.rounds or (8 if args.quick else 30)
     if not netns.available() or not shutil.which("ssh-keygen"):
         raise SystemExit("soak: needs root, iproute2 and ssh-keygen (network hosts, SuperNode keys)")
@@ -688,7 +709,7 @@ def soak(args: argparse.Namespace, work: Path) -> bool:
     check(f"each restarted client went on with its own head ({restored} restored)", heads, checks)
     check(
         "each DP release counted once",
-        privacy_problems(results, config, args.nodes, chaos.releases_at_kills),
+        privacy_problems(results, config, args.nodes, chaos.extra_releases),
         checks,
     )
     counts = {kind: sum(fault.kind == kind for fault in chaos.faults) for kind in REQUIRED}

@@ -292,6 +292,13 @@ def stop_processes(records: list[dict]) -> list[str]:
         deadline = time.monotonic() + STOP_TIMEOUT_S
         while any(alive(record) for record in running_now) and time.monotonic() < deadline:
             time.sleep(0.2)
+        # And what they started meanwhile (supernode.py starting a SuperNode again).
+        below += [
+            {"pid": pid, "started": start_time(pid)}
+            for record in running_now
+            if alive(record)
+            for pid in descendants(record["pid"])
+        ]
         for process in [*running_now, *below]:
             if alive(process):
                 with contextlib.suppress(ProcessLookupError):
@@ -589,7 +596,10 @@ def read_state(folder: Path) -> dict:
 
 
 def write_state(folder: Path, state: dict) -> None:
-    (folder / STATE_FILE).write_text(json.dumps(state, indent=2))
+    # Whole or not at all: `status`, and anyone reading it meanwhile, never sees half of it.
+    partial = folder / f"{STATE_FILE}.partial"
+    partial.write_text(json.dumps(state, indent=2))
+    partial.replace(folder / STATE_FILE)
 
 
 def running(state: dict) -> list[dict]:

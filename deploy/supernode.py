@@ -15,6 +15,7 @@ with flower-supernode's exit status.
 
 import contextlib
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -22,19 +23,25 @@ import threading
 import time
 from pathlib import Path
 
-# What flower-supernode prints when the SuperLink refuses its key (exit status 1 then).
+# What flower-supernode prints when the SuperLink refuses its key ("Exit Code: 305"
+# above it; its exit status is then 1).
 ACTIVATION_REFUSED = b"Failed to activate SuperNode."
 RETRY_EVERY_S = 10.0
 RETRY_FOR_S = 120.0  # Flower: a SuperNode is online until 2 x its 30 s heartbeat interval
+GRACE_S = 5.0
 
 
 def main(argv: list[str]) -> int:
-    command = [str(Path(sys.executable).parent / "flower-supernode"), *argv]
-    stop = threading.Event()
+    beside_python = Path(sys.executable).parent / "flower-supernode"
+    command = [str(beside_python) if beside_python.exists() else shutil.which("flower-supernode"), *argv]
+    if command[0] is None:
+        print("supernode: flower-supernode not found: install the app (pip install -e .)", file=sys.stderr)
+        return 1
+    asked_to_stop: list[int] = []  # the signal, once one came (a handler only notes it)
     supernode: subprocess.Popen | None = None
 
     def pass_on(signum: int, _frame) -> None:
-        stop.set()
+        asked_to_stop.append(signum)
         if supernode is not None and supernode.poll() is None:
             supernode.send_signal(signum)
 
@@ -47,16 +54,17 @@ def main(argv: list[str]) -> int:
         supernode = subprocess.Popen(
             command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True
         )
+        if asked_to_stop:  # a stop that came while it was being started
+            supernode.send_signal(asked_to_stop[0])
         refused = threading.Event()
-        printer = threading.Thread(target=pass_output, args=(supernode.stdout, refused))
+        printer = threading.Thread(target=pass_output, args=(supernode.stdout, refused), daemon=True)
         printer.start()
         code = supernode.wait()
         # A refused flower-supernode leaves its SuperExec running, retrying for good.
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(supernode.pid, signal.SIGTERM)
-        printer.join(timeout=10)
-        if stop.is_set() or not refused.is_set():
-            return code
+        end_session(supernode.pid)
+        printer.join(timeout=GRACE_S)
+        if asked_to_stop or not refused.is_set():
+            return code if code >= 0 else 128 - code  # as a shell reports a signal
         give_up_at = give_up_at or time.monotonic() + RETRY_FOR_S
         if time.monotonic() > give_up_at:
             print(
@@ -72,8 +80,22 @@ def main(argv: list[str]) -> int:
             file=sys.stderr,
             flush=True,
         )
-        if stop.wait(RETRY_EVERY_S):
+        retry_at = time.monotonic() + RETRY_EVERY_S
+        while time.monotonic() < retry_at and not asked_to_stop:
+            time.sleep(0.1)
+        if asked_to_stop:
             return code
+
+
+def end_session(session: int) -> None:
+    """SIGTERM what is left of flower-supernode's session, then SIGKILL it after a grace."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(session, signal.SIGTERM)
+        deadline = time.monotonic() + GRACE_S
+        while time.monotonic() < deadline:
+            os.killpg(session, 0)  # ProcessLookupError once none is left
+            time.sleep(0.1)
+        os.killpg(session, signal.SIGKILL)
 
 
 def pass_output(output, refused: threading.Event) -> None:
