@@ -1,7 +1,7 @@
 """A bad night for a federation: this app on the Deployment Engine across network hosts,
 while a seeded driver kills, pauses and cuts off its machines. Does it lose anything?
 
-    sudo python -m benchmarks.soak [--seed 0] [--rounds 30] [--nodes 4] [--keep DIR] [--quick]
+    sudo python -m benchmarks.soak [--seed 0] [--rounds 40] [--nodes 4] [--keep DIR] [--quick]
 
 Needs root, iproute2, nginx and ssh-keygen (as the several-machines test). One network
 host (harness/netns.py) runs the SuperLink, brought up as deploy/README.md says
@@ -50,6 +50,7 @@ from harness.flower_processes import (
     descendants,
     pairs,
     started_run_id,
+    terminate,
 )
 from harness.synthetic_fmnist import write_idx_dataset
 from pytorch_example import task
@@ -200,13 +201,7 @@ class Federation:
                     netns.set_network(node.namespace, up=True)
                 self.signal_node(node, signal.SIGCONT)
             for run in self.runs:
-                if run.poll() is None:
-                    run.terminate()
-                    try:
-                        run.wait(timeout=20)
-                    except subprocess.TimeoutExpired:
-                        run.kill()
-                        run.wait()
+                terminate(run)
             self.note_processes()
         finally:
             self.deployment.close()
@@ -609,7 +604,7 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--seed", type=int, default=0, help="the faults' and the run's (run-config seed)")
-    parser.add_argument("--rounds", type=int, help="num-server-rounds (default 30; 8 with --quick)")
+    parser.add_argument("--rounds", type=int, help="num-server-rounds (default 40; 8 with --quick)")
     parser.add_argument(
         "--quick", action="store_true", help="a trial: each kind of fault once, no minimum count or length"
     )
@@ -624,7 +619,7 @@ def main() -> None:
     # Stopped (Ctrl-C, or SIGTERM), it still undoes its faults and stops what it started.
     signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    args.rounds = args.rounds or (8 if args.quick else 30)
+    args.rounds = args.rounds or (8 if args.quick else 40)
     if not netns.available() or not shutil.which("ssh-keygen"):
         raise SystemExit("soak: needs root, iproute2 and ssh-keygen (network hosts, SuperNode keys)")
     if args.nodes * 2 > args.num_partitions + args.nodes or args.nodes < 2:

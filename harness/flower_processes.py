@@ -305,13 +305,7 @@ class LocalFederation:
         # Found first: once their parent is gone, Ray's agents are nobody's children.
         started_below = descendants(self.pids())
         for process in reversed(self.processes):
-            if process.poll() is None:
-                process.terminate()
-                try:
-                    process.wait(timeout=20)
-                except subprocess.TimeoutExpired:
-                    process.kill()
-                    process.wait()
+            terminate(process)
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(process.pid, signal.SIGKILL)
         for pid in started_below:
@@ -319,6 +313,17 @@ class LocalFederation:
                 os.kill(pid, signal.SIGKILL)
         for log in self.logs:
             log.close()
+
+
+def terminate(process: subprocess.Popen, grace_s: float = 20) -> None:
+    """SIGTERM `process` if it still runs, and SIGKILL it if it is not gone within `grace_s`."""
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout=grace_s)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
 
 
 def wait_until(condition, timeout_s: float = 600) -> None:
