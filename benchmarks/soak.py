@@ -107,16 +107,7 @@ class Federation:
     def up(self) -> None:
         self.deployment.up(*self.up_options)
         for node in self.nodes:
-            node.machine.mkdir()
-            key = node.machine / "supernode-key"
-            subprocess.run(
-                ["ssh-keygen", "-q", "-t", "ecdsa", "-b", "384", "-N", "", "-f", str(key)], check=True
-            )
-            public_key = shutil.copy(key.with_suffix(".pub"), self.deployment.root / f"node-{node.index}.pub")
-            registered = self.deployment.flwr("supernode", "register", public_key, "local-deployment")
-            if registered.returncode:
-                raise RuntimeError(registered.stdout + registered.stderr)
-            shutil.copy(self.deployment.folder / "ca.pem", node.machine / "ca.pem")
+            self.deployment.enrol(node.machine, f"node-{node.index}")
             self.start_node(node, None)
         self.deployment.wait_until_online(len(self.nodes))
 
@@ -152,9 +143,7 @@ class Federation:
         # Stopped first, so that supernode.py starts nothing new while its tree is killed.
         with contextlib.suppress(ProcessLookupError):
             os.kill(node.process.pid, signal.SIGSTOP)
-        for pid in self.node_pids(node):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
+        self.signal_node(node, signal.SIGKILL)
         node.process.wait()
 
     def note_exit(self, node: Node) -> None:
@@ -249,14 +238,6 @@ class Watch:
     @property
     def rounds(self) -> int:
         return len(self.landed)
-
-    def wait_for_round(self, count: int, timeout_s: float) -> bool:
-        deadline = time.monotonic() + timeout_s
-        while self.rounds < count:
-            if time.monotonic() > deadline:
-                return False
-            time.sleep(0.2)
-        return True
 
     def stop(self) -> None:
         self._stop.set()

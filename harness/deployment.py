@@ -6,6 +6,7 @@ up and fails if anything it started is still running."""
 import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -118,6 +119,20 @@ class Deployment:
             )
         self.strangers.append(process)
         return process
+
+    def enrol(self, machine: Path, name: str) -> Path:
+        """README's steps for a SuperNode on machine folder `machine` (made here): its key
+        pair made there, the public key registered here as `name`, `ca.pem` copied there.
+        Returns the private key's path."""
+        machine.mkdir()
+        # The key pair is made on the SuperNode's machine; only the public key leaves it.
+        key = machine / "supernode-key"
+        subprocess.run(["ssh-keygen", "-q", "-t", "ecdsa", "-b", "384", "-N", "", "-f", str(key)], check=True)
+        shutil.copy(key.with_suffix(".pub"), self.root / f"{name}.pub")
+        registered = self.flwr("supernode", "register", f"{name}.pub", "local-deployment")
+        assert registered.returncode == 0, registered.stdout + registered.stderr
+        shutil.copy(self.folder / "ca.pem", machine / "ca.pem")
+        return key
 
     def wait_until_online(self, count: int, timeout_s: float = 120) -> None:
         deadline = time.monotonic() + timeout_s

@@ -718,17 +718,7 @@ def test_readme_recipe_for_several_machines(tmp_path, idx_dataset):
             keys = {}
             for index, host in enumerate(["node-a", "node-b"]):
                 machine = tmp_path / host
-                machine.mkdir()
-                # The key pair is made on the SuperNode's machine; only the public key leaves it.
-                keys[host] = machine / "supernode-key"
-                subprocess.run(
-                    ["ssh-keygen", "-q", "-t", "ecdsa", "-b", "384", "-N", "", "-f", str(keys[host])],
-                    check=True,
-                )
-                shutil.copy(keys[host].with_suffix(".pub"), deployment.root / f"{host}.pub")
-                registered = deployment.flwr("supernode", "register", f"{host}.pub", "local-deployment")
-                assert registered.returncode == 0, registered.stdout + registered.stderr
-                shutil.copy(deployment.folder / "ca.pem", machine / "ca.pem")
+                keys[host] = deployment.enrol(machine, host)
                 deployment.start_stranger(
                     host,
                     *(
