@@ -45,6 +45,7 @@ from harness import netns
 from harness.deployment import Deployment
 from harness.flower_processes import (
     VENV_BIN,
+    RoundLandings,
     copy_app,
     default_run_config,
     descendants,
@@ -72,7 +73,7 @@ RUN_TIMEOUT_S = 4 * 3600
 @dataclass
 class Fault:
     kind: str
-    start: float  # time.monotonic()
+    start: float  # time.perf_counter()
     end: float = 0.0  # when the driver undid it (restarted, resumed, SIGCONT, link up)
     detail: str = ""
     round_at_start: int = 0
@@ -109,7 +110,7 @@ class Federation:
         for node in self.nodes:
             self.deployment.enrol(node.machine, f"node-{node.index}")
             self.start_node(node, None)
-        self.deployment.wait_until_online(len(self.nodes))
+        self.deployment.wait_until_connected(len(self.nodes))
 
     def start_node(self, node: Node, rounds_landed: int | None) -> None:
         name = f"node-{node.index}-start-{len(node.starts)}"
@@ -205,43 +206,26 @@ class Federation:
         return left
 
 
-class Watch:
-    """results.json under `output_dir`, read every 0.2 s: when each round first landed,
-    and any round whose entry changed once landed (a round run twice)."""
+class Watch(RoundLandings):
+    """The rounds as they land (looked for every 0.2 s), and, every 2 s, the processes
+    running."""
 
     def __init__(self, output_dir: Path, federation: Federation) -> None:
-        self.output_dir = output_dir
         self.federation = federation
-        self.landed: dict[int, float] = {}
-        self.entries: dict[int, dict] = {}
-        self.repeated: set[int] = set()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._poll, daemon=True)
-        self._thread.start()
+        self.last_noted = 0.0
+        super().__init__(output_dir, every_s=0.2)
 
-    def _poll(self) -> None:
-        last_noted = 0.0
-        while not self._stop.wait(0.2):
-            for results_file in self.output_dir.glob("*/*/results.json"):
-                with contextlib.suppress(OSError, ValueError):
-                    for entry in json.loads(results_file.read_text()):
-                        landed = self.entries.setdefault(entry["round"], entry)
-                        self.landed.setdefault(entry["round"], time.monotonic())
-                        if landed != entry:
-                            self.repeated.add(entry["round"])
-            if time.monotonic() - last_noted > 2:
-                # Processes come and go as it looks: what it misses now, it sees next time.
-                with contextlib.suppress(OSError, ValueError, psutil.Error):
-                    self.federation.note_processes()
-                last_noted = time.monotonic()
+    def look(self) -> None:
+        super().look()
+        if time.perf_counter() - self.last_noted > 2:
+            # Processes come and go as it looks: what it misses now, it sees next time.
+            with contextlib.suppress(OSError, ValueError, psutil.Error):
+                self.federation.note_processes()
+            self.last_noted = time.perf_counter()
 
     @property
     def rounds(self) -> int:
         return len(self.landed)
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join()
 
     def run_dir(self) -> Path:
         [results_file] = self.output_dir.glob("*/*/results.json")
@@ -271,7 +255,7 @@ class Chaos:
         self._stop.set()
         self._thread.join()
         for fault in self.faults:  # one the driver was still holding
-            fault.end = fault.end or time.monotonic()
+            fault.end = fault.end or time.perf_counter()
 
     def _sleep(self, low_high: tuple[float, float]) -> bool:
         """Sleep a random while in `low_high`; False if asked to stop meanwhile."""
@@ -309,7 +293,7 @@ class Chaos:
             self.errors.append(f"the chaos driver stopped: {err!r}")
 
     def _fault(self, kind: str, detail: str) -> Fault:
-        fault = Fault(kind, time.monotonic(), detail=detail, round_at_start=self.watch.rounds)
+        fault = Fault(kind, time.perf_counter(), detail=detail, round_at_start=self.watch.rounds)
         self.faults.append(fault)
         print(f"  {time.strftime('%H:%M:%S')} round {fault.round_at_start + 1}: {kind}, {detail}", flush=True)
         return fault
@@ -323,7 +307,7 @@ class Chaos:
         self._stop.wait(self.rng.uniform(*RESTART_AFTER_S))
         for node, fault in zip(victims, faults, strict=True):
             self.federation.start_node(node, self.watch.rounds)
-            fault.end = time.monotonic()
+            fault.end = time.perf_counter()
 
     def _pause(self) -> None:
         node = self.rng.choice(self.federation.nodes)
@@ -331,7 +315,7 @@ class Chaos:
         self.federation.signal_node(node, signal.SIGSTOP)
         self._stop.wait(self.rng.uniform(*PAUSE_S))
         self.federation.signal_node(node, signal.SIGCONT)
-        fault.end = time.monotonic()
+        fault.end = time.perf_counter()
 
     def _network_down(self) -> None:
         node = self.rng.choice(self.federation.nodes)
@@ -339,7 +323,7 @@ class Chaos:
         netns.set_network(node.namespace, up=False)
         self._stop.wait(self.rng.uniform(*NETWORK_DOWN_S))
         netns.set_network(node.namespace, up=True)
-        fault.end = time.monotonic()
+        fault.end = time.perf_counter()
 
     def _kill_superlink(self) -> None:
         """Mid-round: the SuperLink's machine dies; a SuperNode restarts meanwhile; the
@@ -371,16 +355,16 @@ class Chaos:
         )
         time.sleep(self.rng.uniform(10, 30))
         self.federation.deployment.up(*self.federation.up_options)
-        # As deploy/README.md says: resume once `status` shows the SuperNodes back (the
-        # resumed run sizes its rounds, and DP its noise, to those connected then).
+        # As deploy/README.md says: resume once `status` shows the SuperNodes connected
+        # (the resumed run sizes its rounds, and DP its noise, to those connected then).
         try:
-            self.federation.deployment.wait_until_online(len(self.federation.nodes), timeout_s=180)
+            self.federation.deployment.wait_until_connected(len(self.federation.nodes), timeout_s=180)
         except AssertionError as err:
             fault.detail += f"; resumed with fewer SuperNodes: {str(err)[:200]}"
         with self.lock:
             self.resume(self.watch.run_dir())
             self.superlink_down.clear()
-        fault.end = time.monotonic()
+        fault.end = time.perf_counter()
 
 
 def run_config(args: argparse.Namespace, dataset: Path, work: Path, name: str) -> dict:
@@ -417,12 +401,12 @@ def run_once(
         submit({"resume-from": str(run_dir)})
 
     chaos = Chaos(federation, watch, rng, resume, quick) if rng else None
-    started = time.monotonic()
+    started = time.perf_counter()
     submit(config)
     try:
         if chaos:
             chaos.start()
-        while time.monotonic() - started < RUN_TIMEOUT_S:
+        while time.perf_counter() - started < RUN_TIMEOUT_S:
             time.sleep(1)
             if chaos and chaos.errors:
                 break
@@ -435,7 +419,7 @@ def run_once(
         if chaos:
             chaos.stop()
         watch.stop()
-    seconds = time.monotonic() - started
+    seconds = time.perf_counter() - started
     run_id = started_run_id(logs[-1].read_text())
     listing = federation.deployment.flwr("ls", "local-deployment", "--format", "json", timeout=60)
     [run] = [run for run in json.loads(listing.stdout)["runs"] if run["run-id"] == run_id]
@@ -643,7 +627,7 @@ def soak(args: argparse.Namespace, work: Path) -> bool:
 
             soaked = run_config(args, dataset, work, "soaked")
             print(f"The same run under faults (seed {args.seed}) ...", flush=True)
-            chaos_started = time.monotonic()
+            chaos_started = time.perf_counter()
             watch, chaos, status, soak_s = run_once(
                 federation, app_dir, soaked, work, "soaked", random.Random(args.seed), args.quick
             )

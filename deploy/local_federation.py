@@ -40,6 +40,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from flwr.cli.flower_config import write_superlink_connection
 from flwr.cli.typing import SuperLinkConnection
+from flwr.common.constant import HEARTBEAT_DEFAULT_INTERVAL, HEARTBEAT_PATIENCE
 from flwr.supercore.utils import get_flwr_home
 
 CONNECTION = "local-deployment"
@@ -549,18 +550,33 @@ def supernodes(folder: Path) -> list[dict]:
         return []
 
 
-def connected_since(folder: Path, since: str) -> list[dict]:
-    """The SuperNodes that came online after `since` (ISO time): the database keeps the
-    statuses from before a restart, which say nothing about now."""
-    start = datetime.datetime.fromisoformat(since).replace(microsecond=0)
-    return [
-        node
-        for node in supernodes(folder)
-        if node["status"] == "online"
-        and node["online-at"] != "N/A"
-        and datetime.datetime.strptime(node["online-at"], "%Y-%m-%d %H:%M:%SZ").replace(tzinfo=datetime.UTC)
-        >= start
-    ]
+# A SuperLink counts a SuperNode online until two of its heartbeats (30 s apart, by
+# default) are overdue. Started again, it finds in its database the SuperNodes online
+# before, dead or alive: a living one keeps its session by its heartbeats, a dead one's
+# runs out within this long.
+SESSION_OUTLIVES_S = HEARTBEAT_PATIENCE * HEARTBEAT_DEFAULT_INTERVAL
+
+
+def online_at(node: dict) -> datetime.datetime | None:
+    if node["status"] != "online" or node["online-at"] == "N/A":
+        return None
+    return datetime.datetime.strptime(node["online-at"], "%Y-%m-%d %H:%M:%SZ").replace(tzinfo=datetime.UTC)
+
+
+def came_online(nodes: list[dict], since: str) -> list[dict]:
+    """The SuperNodes of `nodes` (as `supernodes` lists them) online from `since` (ISO time) on."""
+    start = datetime.datetime.fromisoformat(since).replace(microsecond=0)  # Flower's are to the second
+    return [node for node in nodes if (at := online_at(node)) is not None and at >= start]
+
+
+def connected(nodes: list[dict], since: str, now: datetime.datetime | None = None) -> list[dict]:
+    """The SuperNodes of `nodes` there now, the SuperLink up since `since` (ISO time):
+    those that came online since then; and, once a session from before then would have
+    run out, every one online."""
+    now = now or datetime.datetime.now(datetime.UTC)
+    if now - datetime.datetime.fromisoformat(since) < datetime.timedelta(seconds=SESSION_OUTLIVES_S):
+        return came_online(nodes, since)
+    return [node for node in nodes if online_at(node)]
 
 
 def register(folder: Path, public_key: Path) -> None:
@@ -771,7 +787,8 @@ def up(args: argparse.Namespace) -> None:
                 state["processes"].append(start_supernode(folder, args, index, fleet_address, private_key))
                 write_state(folder, state)
             wait_for(
-                lambda: len(connected_since(folder, since)) >= args.nodes,
+                # Its own SuperNodes start now: each is there once it comes online.
+                lambda: len(came_online(supernodes(folder), since)) >= args.nodes,
                 f"waiting for {args.nodes} SuperNodes to connect",
                 state["processes"],
             )
@@ -812,8 +829,18 @@ def status(args: argparse.Namespace) -> None:
         node_config = record.get("node_config", "")
         print(f"  {record['name']:<13} PID {record['pid']:<8} {process_state:<8} {node_config}")
         print(f"  {'':<13} log {record['log']}")
-    connected = connected_since(folder, state["since"])
-    print(f"SuperNodes connected: {len(connected)} ({', '.join(node['node-id'] for node in connected)})")
+    nodes = supernodes(folder)
+    there = connected(nodes, state["since"])
+    print(f"SuperNodes connected: {len(there)} ({', '.join(node['node-id'] for node in there)})")
+    unsure = [node for node in nodes if online_at(node) and node not in there]
+    if unsure:
+        # Sessions from before the SuperLink (re)started: alive or dead, it cannot yet tell.
+        since = datetime.datetime.fromisoformat(state["since"])
+        known_at = since + datetime.timedelta(seconds=SESSION_OUTLIVES_S)
+        print(
+            f"  and {len(unsure)} online from before this `up`, counted at "
+            f"{known_at.astimezone():%H:%M:%S} if still there (Flower's heartbeat)"
+        )
 
 
 def down(args: argparse.Namespace) -> None:

@@ -134,10 +134,11 @@ class Deployment:
         shutil.copy(self.folder / "ca.pem", machine / "ca.pem")
         return key
 
-    def wait_until_online(self, count: int, timeout_s: float = 120) -> None:
+    def wait_until_connected(self, count: int, timeout_s: float = 120) -> None:
+        """Until `status` counts `count` SuperNodes connected."""
         deadline = time.monotonic() + timeout_s
-        while [node["status"] for node in self.supernodes()].count("online") < count:
-            assert time.monotonic() < deadline, f"fewer than {count} SuperNodes online: {self.supernodes()}"
+        while len(local_federation.connected(nodes := self.supernodes(), self.state()["since"])) < count:
+            assert time.monotonic() < deadline, f"fewer than {count} SuperNodes connected: {nodes}"
             time.sleep(0.5)
 
     def crash(self) -> list[int]:

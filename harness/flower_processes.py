@@ -97,25 +97,35 @@ def isolated_env(root: Path) -> dict:
 
 
 class RoundLandings:
-    """When each round's results.json entry appears under `output_dir` (checked every
-    50 ms from a thread, by `time.perf_counter()`), until `stop()`."""
+    """When each round's results.json entry first appeared under `output_dir` (by
+    `time.perf_counter()`, looked for every `every_s` from a thread, until `stop()`), the
+    entry as it landed, and any round whose entry changed after (a round run twice)."""
 
-    def __init__(self, output_dir: Path) -> None:
+    def __init__(self, output_dir: Path, every_s: float = 0.05) -> None:
         self.output_dir = output_dir
+        self.every_s = every_s
         self.landed: dict[int, float] = {}
+        self.entries: dict[int, dict] = {}
+        self.repeated: set[int] = set()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._poll, daemon=True)
         self._thread.start()
 
     def _poll(self) -> None:
-        while not self._stop.wait(0.05):
-            for results in self.output_dir.glob("*/*/results.json"):
-                try:
-                    entries = json.loads(results.read_text())
-                except (OSError, ValueError):
-                    continue
-                for entry in entries:
-                    self.landed.setdefault(entry["round"], time.perf_counter())
+        while not self._stop.wait(self.every_s):
+            self.look()
+
+    def look(self) -> None:
+        for results in self.output_dir.glob("*/*/results.json"):
+            try:
+                entries = json.loads(results.read_text())
+            except (OSError, ValueError):
+                continue
+            for entry in entries:
+                first = self.entries.setdefault(entry["round"], entry)
+                self.landed.setdefault(entry["round"], time.perf_counter())
+                if first != entry:
+                    self.repeated.add(entry["round"])
 
     def stop(self) -> dict[int, float]:
         self._stop.set()

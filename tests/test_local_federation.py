@@ -2,6 +2,7 @@
 loopback brought up, used, refused to strangers, restarted and brought down."""
 
 import contextlib
+import datetime
 import http.client
 import json
 import math
@@ -121,6 +122,27 @@ def test_supernode_py_ends_as_flower_supernode_does_on_anything_but_a_refused_ke
     assert done.returncode == 2  # argparse's, passed on at once: no retry
     assert "unrecognized arguments: --no-such-option" in done.stdout
     assert "starting it again" not in done.stdout + done.stderr
+
+
+def test_status_counts_a_supernode_from_before_a_restart_once_a_dead_ones_session_is_over():
+    since = "2026-11-30T12:00:00.600000+00:00"  # `up` began; Flower's times are to the second
+    nodes = [
+        {"node-id": "came-online", "status": "online", "online-at": "2026-11-30 12:00:00Z"},
+        {"node-id": "from-before", "status": "online", "online-at": "2026-11-30 11:00:00Z"},
+        {"node-id": "gone", "status": "offline", "online-at": "2026-11-30 11:00:00Z"},
+        {"node-id": "never-came", "status": "registered", "online-at": "N/A"},
+    ]
+    start = datetime.datetime.fromisoformat(since)
+
+    def connected_at(seconds: float) -> list[str]:
+        now = start + datetime.timedelta(seconds=seconds)
+        return [node["node-id"] for node in local_federation.connected(nodes, since, now)]
+
+    # "from-before" may be a dead SuperNode whose session has not run out yet: not until
+    # it would have has Flower's heartbeat shown it alive.
+    assert connected_at(59.9) == ["came-online"]
+    assert connected_at(60) == ["came-online", "from-before"]
+    assert local_federation.came_online(nodes, since) == nodes[:1]
 
 
 def test_a_missing_nginx_is_refused_in_one_line_naming_the_package(tmp_path):
@@ -318,19 +340,39 @@ def test_up_run_down_then_a_restart_still_lists_the_run(deployment, idx_dataset,
     assert done.stdout.strip() == "Stopped supernode-0, supernode-1, superlink."
     assert not [pid for pid in running if local_federation.start_time(pid)]  # gone, or a zombie
 
-    deployment.up()  # the same folder: the same database, keys already registered
+    # The same folder: the same database, keys already registered. A fixed port, as a
+    # SuperNode of another machine's needs.
+    port = str(free_port())
+    deployment.up("--port", port)
     [listed] = json.loads(deployment.flwr("ls", "local-deployment", "--format", "json").stdout)["runs"]
     assert (listed["run-id"], listed["status"]) == (run["run-id"], "finished:completed")
     assert len(deployment.supernodes()) == 2
+    # And one SuperNode of another machine's, that lives through what follows.
+    machine = tmp_path / "other-machine"
+    key = deployment.enrol(machine, "other-machine")
+    deployment.start_stranger(
+        "other-machine",
+        *("--root-certificates", str(machine / "ca.pem"), "--auth-supernode-private-key", str(key)),
+        supervised=True,
+    )
+    deployment.wait_until_connected(3)
 
     # The machine dies, and `up` runs again at once: the SuperLink still counts both
     # SuperNodes online (up to 60 s) and refuses them; up's SuperNodes wait that out.
     deployment.crash()
-    printed = deployment.up()
+    printed = deployment.up("--port", port)
     assert "2 SuperNode(s) connected" in printed
     log = (deployment.folder / "logs" / "supernode-0.log").read_text()
     assert "the SuperLink refused this SuperNode" in log
-    assert [node["status"] for node in deployment.supernodes()] == ["online", "online"]
+    assert [node["status"] for node in deployment.supernodes()] == ["online"] * 3
+    # The other machine's kept its session: `status` counts it once a dead one's would
+    # have run out (it has not come online since `up`, as up's own have).
+    deadline = time.monotonic() + 90
+    while "SuperNodes connected: 3 (" not in (status := deployment.script("status").stdout):
+        assert "SuperNodes connected: 2 (" in status
+        assert "and 1 online from before this `up`, counted at " in status
+        assert time.monotonic() < deadline, status
+        time.sleep(2)
 
 
 @pytest.mark.e2e
@@ -732,7 +774,7 @@ def test_readme_recipe_for_several_machines(tmp_path, idx_dataset):
                     namespace=network[host][0],
                     supervised=True,
                 )
-            deployment.wait_until_online(2)
+            deployment.wait_until_connected(2)
 
             # A SuperNode's operator, holding ca.pem and a registered key, trains and
             # nothing else; nor does the laptop from the public address.
