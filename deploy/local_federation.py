@@ -550,10 +550,11 @@ def supernodes(folder: Path) -> list[dict]:
         return []
 
 
-# A SuperLink counts a SuperNode online until two of its heartbeats (30 s apart, by
-# default) are overdue. Started again, it finds in its database the SuperNodes online
-# before, dead or alive: a living one keeps its session by its heartbeats, a dead one's
-# runs out within this long.
+# A SuperLink keeps a SuperNode's session for 2 heartbeat intervals after its last
+# heartbeat; Flower's SuperNode declares 30 s (fixed in 1.42; one declaring a longer
+# interval stays counted when dead for longer). Started again, the SuperLink finds in
+# its database the sessions from before, dead or alive: a living SuperNode keeps its
+# own by its heartbeats, a dead one's runs out within this long.
 SESSION_OUTLIVES_S = HEARTBEAT_PATIENCE * HEARTBEAT_DEFAULT_INTERVAL
 
 
@@ -787,7 +788,8 @@ def up(args: argparse.Namespace) -> None:
                 state["processes"].append(start_supernode(folder, args, index, fleet_address, private_key))
                 write_state(folder, state)
             wait_for(
-                # Its own SuperNodes start now: each is there once it comes online.
+                # Its own SuperNodes start now: each is there once it comes online (as is
+                # any other that comes back meanwhile, which this counts too).
                 lambda: len(came_online(supernodes(folder), since)) >= args.nodes,
                 f"waiting for {args.nodes} SuperNodes to connect",
                 state["processes"],
@@ -829,18 +831,22 @@ def status(args: argparse.Namespace) -> None:
         node_config = record.get("node_config", "")
         print(f"  {record['name']:<13} PID {record['pid']:<8} {process_state:<8} {node_config}")
         print(f"  {'':<13} log {record['log']}")
-    nodes = supernodes(folder)
-    there = connected(nodes, state["since"])
-    print(f"SuperNodes connected: {len(there)} ({', '.join(node['node-id'] for node in there)})")
+    print("\n".join(connected_lines(supernodes(folder), state["since"])))
+
+
+def connected_lines(nodes: list[dict], since: str, now: datetime.datetime | None = None) -> list[str]:
+    """What `status` says of the SuperNodes `nodes`, the SuperLink up since `since`."""
+    there = connected(nodes, since, now)
+    lines = [f"SuperNodes connected: {len(there)} ({', '.join(node['node-id'] for node in there)})"]
     unsure = [node for node in nodes if online_at(node) and node not in there]
     if unsure:
         # Sessions from before the SuperLink (re)started: alive or dead, it cannot yet tell.
-        since = datetime.datetime.fromisoformat(state["since"])
-        known_at = since + datetime.timedelta(seconds=SESSION_OUTLIVES_S)
-        print(
+        known_at = datetime.datetime.fromisoformat(since) + datetime.timedelta(seconds=SESSION_OUTLIVES_S)
+        lines.append(
             f"  and {len(unsure)} online from before this `up`, counted at "
             f"{known_at.astimezone():%H:%M:%S} if still there (Flower's heartbeat)"
         )
+    return lines
 
 
 def down(args: argparse.Namespace) -> None:

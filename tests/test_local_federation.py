@@ -133,15 +133,18 @@ def test_status_counts_a_supernode_from_before_a_restart_once_a_dead_ones_sessio
         {"node-id": "never-came", "status": "registered", "online-at": "N/A"},
     ]
     start = datetime.datetime.fromisoformat(since)
+    session_over = start + datetime.timedelta(seconds=local_federation.SESSION_OUTLIVES_S)
 
-    def connected_at(seconds: float) -> list[str]:
-        now = start + datetime.timedelta(seconds=seconds)
-        return [node["node-id"] for node in local_federation.connected(nodes, since, now)]
-
-    # "from-before" may be a dead SuperNode whose session has not run out yet: not until
-    # it would have has Flower's heartbeat shown it alive.
-    assert connected_at(59.9) == ["came-online"]
-    assert connected_at(60) == ["came-online", "from-before"]
+    # "from-before" may be a dead SuperNode whose session has not run out yet: only
+    # once it would have does its staying online show it alive.
+    before = local_federation.connected_lines(nodes, since, session_over - datetime.timedelta(seconds=0.1))
+    assert before == [
+        "SuperNodes connected: 1 (came-online)",
+        f"  and 1 online from before this `up`, counted at {session_over.astimezone():%H:%M:%S} "
+        "if still there (Flower's heartbeat)",
+    ]
+    after = local_federation.connected_lines(nodes, since, session_over)
+    assert after == ["SuperNodes connected: 2 (came-online, from-before)"]
     assert local_federation.came_online(nodes, since) == nodes[:1]
 
 
@@ -341,7 +344,8 @@ def test_up_run_down_then_a_restart_still_lists_the_run(deployment, idx_dataset,
     assert not [pid for pid in running if local_federation.start_time(pid)]  # gone, or a zombie
 
     # The same folder: the same database, keys already registered. A fixed port, as a
-    # SuperNode of another machine's needs.
+    # SuperNode of another machine's needs (free again at once after a kill: the
+    # SuperLink binds it with SO_REUSEADDR).
     port = str(free_port())
     deployment.up("--port", port)
     [listed] = json.loads(deployment.flwr("ls", "local-deployment", "--format", "json").stdout)["runs"]
