@@ -457,9 +457,10 @@ def fault_costs(spans: dict, faults: list[Fault], clean_round_s: float) -> dict[
 
 def head_problems(federation: Federation) -> tuple[list[str], int]:
     """Each SuperNode restarted after round 1 must have restored its own head from its
-    head-dir by the first message its ClientApp served (one that Flower did not fail, as
-    it does a message in hand when its SuperNode is paused past its heartbeat); returns
-    the problems and how many restored theirs."""
+    head-dir by the first message its ClientApp served: one it sent a reply to, that
+    Flower did not fail (as it does a message in hand when its SuperNode is paused past
+    its heartbeat). A start killed before any reply is not judged. Returns the problems
+    and how many restored theirs."""
     problems, restored = [], 0
     for node in federation.nodes:
         for log, rounds_landed in node.starts:
@@ -467,7 +468,8 @@ def head_problems(federation: Federation) -> tuple[list[str], int]:
                 continue  # its first start, or before any head was saved
             text = log.read_text(errors="replace")
             messages = text.split("Receiving: ")[1:]
-            served = next((i for i, message in enumerate(messages) if "ERROR" not in message), None)
+            replied = [i for i, message in enumerate(messages) if "Sent successfully" in message]
+            served = next((i for i in replied if "ERROR" not in messages[i]), None)
             if served is None:
                 continue
             if "Restored this client's head" in "".join(messages[: served + 1]):
