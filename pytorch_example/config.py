@@ -63,6 +63,8 @@ LEGACY_SETTINGS = {
     "head-refit-epochs": 5,
     "head-refit-rows": 0,
     "aggregation": FEDAVG,
+    "update-norm-bound": 0.0,
+    "update-weight-bound": 0.0,
     "trim-fraction": 0.2,
     "num-malicious": 1,
     "multi-krum-keep": 0,
@@ -110,6 +112,8 @@ class AppConfig:
     head_refit_epochs: int = 5
     head_refit_rows: int = 128
     aggregation: str = FEDAVG
+    update_norm_bound: float = 2.0
+    update_weight_bound: float = 3.0
     trim_fraction: float = 0.2
     num_malicious: int = 1
     multi_krum_keep: int = 0
@@ -151,6 +155,8 @@ class AppConfig:
             head_refit_epochs=reader.integer("head-refit-epochs", minimum=1),
             head_refit_rows=reader.integer("head-refit-rows", minimum=0),
             aggregation=reader.choice("aggregation", AGGREGATIONS),
+            update_norm_bound=reader.multiple("update-norm-bound"),
+            update_weight_bound=reader.multiple("update-weight-bound"),
             trim_fraction=reader.number("trim-fraction", low=0.0, high=0.5, low_open=True, high_open=True),
             num_malicious=reader.integer("num-malicious", minimum=0),
             multi_krum_keep=reader.integer("multi-krum-keep", minimum=0),
@@ -215,42 +221,6 @@ class AppConfig:
     def train_sample_size(self, num_supernodes: int) -> int:
         """How many SuperNodes FedAvg samples to train: `fraction-train` of them, at least 2."""
         return max(int(num_supernodes * self.fraction_train), 2)
-
-    def check_sample(self, num_supernodes: int) -> None:
-        """Refuse an `aggregation` that cannot work on the replies a round of a federation
-        of `num_supernodes` gets."""
-        num_sampled, f = self.train_sample_size(num_supernodes), self.num_malicious
-        if self.aggregation == "trimmed-mean" and int(self.trim_fraction * num_sampled) == 0:
-            smallest = math.ceil(1000 / num_sampled) / 1000  # cuts one reply: int(smallest * n) >= 1
-            fix = f"raise it to {smallest:g}" if smallest < 0.5 else "sample 3 or more (fraction-train)"
-            raise ConfigError(
-                f"run-config key 'trim-fraction' = {self.trim_fraction:g} trims nothing from the "
-                f"{num_sampled} replies a round gets: {fix}"
-            )
-        needed = self.min_replies
-        if num_sampled < needed:
-            fraction = next(
-                (step / 100 for step in range(1, 101) if int(num_supernodes * step / 100) >= needed), None
-            )
-            fix = f"fraction-train={fraction:g}" if fraction else f"at least {needed} SuperNodes"
-            raise ConfigError(
-                f"run-config key 'aggregation' = '{self.aggregation}' with num-malicious={f} needs at "
-                f"least {needed} replies a round, but a round samples {num_sampled} of {num_supernodes} "
-                f"SuperNodes: lower num-malicious, or use {fix}"
-            )
-        if self.aggregation == "multi-krum" and self.multi_krum_keep > num_sampled - f:
-            raise ConfigError(
-                f"run-config key 'multi-krum-keep' = {self.multi_krum_keep} exceeds the {num_sampled - f} "
-                f"replies Multi-Krum may keep ({num_sampled} sampled minus num-malicious={f}): lower it, "
-                "or 0 for all of them"
-            )
-
-    @property
-    def min_replies(self) -> int:
-        """The replies a round needs for `aggregation` with f = `num-malicious`: Krum's and
-        Multi-Krum's 2f + 3, Bulyan's 4f + 3; 0 for the others."""
-        f = self.num_malicious
-        return {"krum": 2 * f + 3, "multi-krum": 2 * f + 3, "bulyan": 4 * f + 3}.get(self.aggregation, 0)
 
     def resume_settings(self) -> dict:
         """The run-config values a resumed run must share with the run it continues (the
@@ -359,6 +329,17 @@ class _Reader:
         if not in_range:
             interval = f"{'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
             raise self._fail(key, value, f"a number in {interval}")
+        return float(value)
+
+    def multiple(self, key: str) -> float:
+        """A factor of at least 1, or 0 for none."""
+        value = self._get(key)
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, int | float)
+            or not (value == 0 or 1 <= value < math.inf)
+        ):
+            raise self._fail(key, value, "0 (no bound) or a number >= 1")
         return float(value)
 
     def fraction(self, key: str, allow_zero: bool = False) -> float:

@@ -1,155 +1,39 @@
 """The round loop: train, evaluate, record, for as many rounds as the run has.
 
-Every reply passes one gate before Flower's aggregation or the app's metrics see it: a
-reply is used only when it is exactly what this app's ClientApp sends (its records,
-keys, types and ranges). A SuperNode runs whatever code its operator gives it, so
-anything else is left out with a warning naming the node, counted, and never raises.
-The loop also waits a bounded time for SuperNodes, overlaps central with federated
-evaluation, counts DP's releases, and fails a run whose clients stop training.
+Every reply passes the gate (gate.py) before Flower's aggregation or the app's metrics
+see it. The loop also waits a bounded time for SuperNodes, overlaps central with
+federated evaluation, counts DP's releases, and fails a run whose clients stop training.
 """
 
-import math
 import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from logging import DEBUG, INFO, WARNING
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result, Strategy
 
-from pytorch_example.client_app import EVALUATE_METRIC_KEYS, ROWS_KEY, TRAIN_METRIC_KEYS
-from pytorch_example.config import PRIVATE_HEAD, AppConfig
+from pytorch_example.config import AppConfig
+from pytorch_example.gate import Bounded, ReplyGate
 from pytorch_example.outputs import RunOutputs
-from pytorch_example.task import HEAD_KEYS
-from pytorch_example.trust import EQUAL_WEIGHT_KEY, PrivacyLedger, too_few_replies, weighs_replies_equally
+from pytorch_example.trust import PrivacyLedger, too_few_replies
 
 # A speed-up: how often the ServerApp asks for replies. Flower's own `send_and_receive`
 # waits 3 s between asks in a deployment (100 ms in simulation), which a round pays twice
 # (benchmarks/README.md#round-cost-python--m-benchmarksround_cost).
 REPLY_POLL_INTERVAL_S = 0.05
 NODE_POLL_INTERVAL_S = 1.0
-# The largest loss a reply may report: no cross-entropy this model reaches, and small
-# enough that means over any number of replies stay finite (results.json is JSON).
-MAX_LOSS = 1e30
 
 CentralEvaluation = Callable[[int, ArrayRecord], MetricRecord | None]
-Counts = dict[str, dict[str, int]]  # per phase: messages sent, replies received, failed, dropped
+# Per phase: messages sent, replies received, failed, dropped; train replies bounded too.
+Counts = dict[str, dict[str, int]]
 
 
 class RunFailed(RuntimeError):
     """The run cannot go on; the message is one line for the user."""
-
-
-@dataclass(frozen=True)
-class ReplyGate:
-    """What a reply must be to be used, for this run's settings.
-
-    `arrays`: the entries a train reply carries, in the global model's order, with
-    their shapes and dtypes. `max_train_rows`,
-    `max_val_rows`: the most rows any client holds, which bound the row counts a reply
-    may claim (and so, under FedAvg, its weight). `equal_weights`: stamp every used
-    train reply to weigh 1 (`EQUAL_WEIGHT_KEY`), as the robust rules and DP need.
-    """
-
-    arrays: dict[str, tuple[tuple[int, ...], str]]
-    max_train_rows: int
-    max_val_rows: int
-    equal_weights: bool = False
-
-    @classmethod
-    def for_run(cls, config: AppConfig, model: ArrayRecord, max_train_rows: int, max_val_rows: int):
-        sent = {
-            key: (tuple(array.shape), array.dtype)
-            for key, array in model.items()
-            if not (config.personalisation == PRIVATE_HEAD and key in HEAD_KEYS)
-        }
-        return cls(sent, max_train_rows, max_val_rows, weighs_replies_equally(config))
-
-    def screen(self, phase: str, replies: list[Message], server_round: int) -> list[Message]:
-        """The replies of `phase` ("train" or "evaluate") fit to use; the rest are
-        logged (errors are Flower's failures, counted apart)."""
-        usable = []
-        for reply in replies:
-            if reply.has_error():
-                continue
-            try:
-                problem = self.train_problem(reply) if phase == "train" else self.evaluate_problem(reply)
-            except Exception as err:  # noqa: BLE001 (whatever a reply holds, it must not end the run)
-                problem = f"it cannot be read ({type(err).__name__})"
-            if problem is None:
-                usable.append(reply)
-            else:
-                log(WARNING, "Round %s: left out the %s reply of node %s: %s",
-                    server_round, phase, reply.metadata.src_node_id, problem)  # fmt: skip
-        if phase == "train" and self.equal_weights:
-            for reply in usable:
-                reply.content["metrics"][EQUAL_WEIGHT_KEY] = 1
-        return usable
-
-    def train_problem(self, reply: Message) -> str | None:
-        """Why a train reply must not be used, or None."""
-        if (problem := records_problem(reply, {"arrays": ArrayRecord, "metrics": MetricRecord})) is not None:
-            return problem
-        arrays = reply.content["arrays"]
-        if list(arrays.keys()) != list(self.arrays):
-            return f"its arrays {list(arrays.keys())[:8]} are not the expected {list(self.arrays)}, in order"
-        decoded = {}
-        for key, array in arrays.items():
-            shape, dtype = self.arrays[key]
-            # An Array says its shape and dtype beside its bytes: check what the bytes hold.
-            values = array.numpy() if array.stype == "numpy.ndarray" else None
-            if values is None or values.shape != shape or values.dtype != np.dtype(dtype):
-                held = "other bytes" if values is None else f"{values.dtype} {values.shape}"
-                return f"'{key}' holds {held}, not the model's {dtype} {shape}"
-            if not np.isfinite(values).all():
-                return f"'{key}' holds NaN or Inf"
-            decoded[key] = values
-        if problem := metrics_problem(reply.content["metrics"], TRAIN_METRIC_KEYS, self.max_train_rows):
-            return problem
-        # From here on the reply holds what was checked, whatever its Arrays declared.
-        reply.content["arrays"] = ArrayRecord({key: Array(values) for key, values in decoded.items()})
-        return None
-
-    def evaluate_problem(self, reply: Message) -> str | None:
-        """Why an evaluate reply must not be used, or None."""
-        if (problem := records_problem(reply, {"metrics": MetricRecord})) is not None:
-            return problem
-        return metrics_problem(reply.content["metrics"], EVALUATE_METRIC_KEYS, self.max_val_rows)
-
-
-def records_problem(reply: Message, expected: dict[str, type]) -> str | None:
-    """Why a reply's records are not exactly `expected` (names and kinds), or None."""
-    if not reply.has_content() or sorted(reply.content.keys()) != sorted(expected):
-        names = sorted(reply.content.keys()) if reply.has_content() else []
-        return f"it holds the records {names[:8]}, not {sorted(expected)}"
-    for name, kind in expected.items():
-        if not isinstance(reply.content[name], kind):
-            return f"its '{name}' record is not a {kind.__name__}"
-    return None
-
-
-def metrics_problem(metrics: MetricRecord, keys: tuple[str, ...], max_rows: int) -> str | None:
-    """Why a reply's metrics are not exactly `keys`, each a number in its range, or None:
-    scores (`*_acc*`) in [0, 1], losses from 0 to `MAX_LOSS`, the row count an integer
-    in 1..`max_rows`."""
-    if sorted(metrics.keys()) != sorted(keys):
-        return f"its metrics {sorted(metrics.keys())[:8]} are not {sorted(keys)}"
-    for key in keys:
-        value = metrics[key]
-        if key == ROWS_KEY:
-            if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= max_rows:
-                return f"{key} = {value!r} is not an integer from 1 to {max_rows} (the most a client holds)"
-        elif isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-            return f"{key} = {value!r} is not a finite number"
-        elif "_acc" in key and not 0 <= value <= 1:
-            return f"{key} = {value!r} is not a score in [0, 1]"
-        elif not 0 <= value <= MAX_LOSS:
-            return f"{key} = {value!r} is not a loss (0 to {MAX_LOSS:g})"
-    return None
 
 
 class RoundLoop:
@@ -299,7 +183,8 @@ class RoundLoop:
         self, phase: str, server_round: int, arrays: ArrayRecord, client_config: ConfigRecord, counts: Counts
     ) -> tuple[list[Message], list[Message], list[Message]]:
         """One phase's messages ("train" or "evaluate"), sent once enough SuperNodes are
-        there; its replies, and those the gate lets through (counted into `counts`)."""
+        there; its replies, and those the gate lets through, train replies bounded
+        (counted into `counts`)."""
         flower = flower_strategy(self.strategy)
         if getattr(flower, f"fraction_{phase}") > 0:
             self._wait_for_nodes(max(flower.min_available_nodes, getattr(flower, f"min_{phase}_nodes")))
@@ -308,7 +193,8 @@ class RoundLoop:
         messages = list(configure(server_round, arrays, ConfigRecord(dict(client_config)), self.grid))
         replies = send_and_receive(self.grid, messages, self.config.round_timeout)
         usable = self.gate.screen(phase, replies, server_round)
-        counts[phase] = reply_counts(messages, replies, usable)
+        bounded = self.gate.bound(usable, arrays, server_round) if phase == "train" else None
+        counts[phase] = reply_counts(messages, replies, usable, bounded)
         return messages, replies, usable
 
     def _wait_for_nodes(self, needed: int) -> None:
@@ -336,15 +222,21 @@ def flower_strategy(strategy: Strategy) -> Strategy:
     return getattr(strategy, "strategy", strategy)
 
 
-def reply_counts(messages: list[Message], replies: list[Message], usable: list[Message]) -> dict[str, int]:
-    """Messages sent, replies received, error replies, and replies left out by the gate."""
+def reply_counts(
+    messages: list[Message], replies: list[Message], usable: list[Message], bounded: Bounded | None = None
+) -> dict[str, int]:
+    """Messages sent, replies received, error replies, replies left out by the gate and,
+    for train replies, those whose update norm or weight the gate cut."""
     failed = sum(1 for reply in replies if reply.has_error())
-    return {
+    counts = {
         "expected": len(messages),
         "received": len(replies),
         "failed": failed,
         "dropped": len(replies) - failed - len(usable),
     }
+    if bounded is not None:
+        counts |= {"clipped": bounded.clipped, "capped": bounded.capped}
+    return counts
 
 
 def log_progress(

@@ -13,8 +13,9 @@ from pytorch_example import task
 from pytorch_example.client_app import LINEAGE_KEY
 from pytorch_example.config import AppConfig, ConfigError, check_server_device, project_dir
 from pytorch_example.data import ImageSet, load_test_set, prepare_partitions
+from pytorch_example.gate import ReplyGate
 from pytorch_example.outputs import RunOutputs, continued_run_config
-from pytorch_example.rounds import ReplyGate, RoundLoop, RunFailed
+from pytorch_example.rounds import RoundLoop, RunFailed
 from pytorch_example.trust import build_strategy, check_federation, privacy_ledger
 
 app = ServerApp()

@@ -1,5 +1,5 @@
-"""Trusting the clients less: the robust rules, client-level DP with its epsilon, and
-what a round's replies must number for each.
+"""Trusting the clients less: the robust rules, client-level DP with its epsilon, what a
+round's replies must number for each, and how far the gate lets one reply move the model.
 
 `aggregation` swaps `CustomFedAvg`'s weighted mean for one of Flower's robust rules:
 each class below is `CustomFedAvg` composed with Flower's. `dp-noise-multiplier` wraps
@@ -7,6 +7,7 @@ the strategy in Flower's server-side fixed clipping, and `PrivacyLedger` account
 the mechanism as the app runs it (docs/trust.md).
 """
 
+import math
 import random
 from collections.abc import Iterable
 from logging import INFO
@@ -134,7 +135,14 @@ def build_strategy(config: AppConfig, num_supernodes: int) -> Strategy:
     equal_weights = weighs_replies_equally(config)
     if equal_weights:
         common["weighted_by_key"] = EQUAL_WEIGHT_KEY
+    norm_bound, weight_bound = influence_bounds(config)
     weights = "every reply weighs the same" if equal_weights else "replies weigh their rows"
+    if weight_bound:
+        weights += f", at most {weight_bound:g} x the round's median (update-weight-bound)"
+    if norm_bound:
+        weights += f"; each update's norm at most {norm_bound:g} x the round's median (update-norm-bound)"
+    elif not config.dp_on:
+        weights += "; update norms unbounded (update-norm-bound=0)"
     privacy = (
         f"DP on (noise multiplier {config.dp_noise_multiplier:g}, clipping norm {config.dp_clipping_norm:g}, "
         f"{num_sampled} clients a round, delta {config.dp_delta:g})"
@@ -170,26 +178,91 @@ def weighs_replies_equally(config: AppConfig) -> bool:
     return config.dp_on or config.aggregation != FEDAVG
 
 
+def influence_bounds(config: AppConfig) -> tuple[float, float]:
+    """The multiples of the round's median update norm and median row count that the
+    gate cuts each train reply's update and weight to (0: not cut). No norm bound under
+    DP, which clips to its own fixed norm: a bound taken from the other clients' updates
+    would let one client's data change another's share, past DP's sensitivity. No weight
+    bound where every reply weighs the same."""
+    norm_bound = 0.0 if config.dp_on else config.update_norm_bound
+    weight_bound = 0.0 if weighs_replies_equally(config) else config.update_weight_bound
+    return norm_bound, weight_bound
+
+
+def min_replies(config: AppConfig) -> int:
+    """The replies that passed the gate a round needs for `aggregation` with f =
+    `num-malicious`: a majority honest for the per-weight rules (`median`,
+    `trimmed-mean`: 2f + 1), Krum's and Multi-Krum's 2f + 3, Bulyan's 4f + 3; FedAvg's, 1."""
+    f = config.num_malicious
+    return {
+        "median": 2 * f + 1,
+        "trimmed-mean": 2 * f + 1,
+        "krum": 2 * f + 3,
+        "multi-krum": 2 * f + 3,
+        "bulyan": 4 * f + 3,
+    }.get(config.aggregation, 1)
+
+
+def min_trimmed(config: AppConfig) -> int:
+    """The replies `trimmed-mean` must cut at each end: f = `num-malicious`, at least one."""
+    return max(config.num_malicious, 1)
+
+
 def too_few_replies(config: AppConfig, num_usable: int) -> str | None:
     """Why `num_usable` replies that passed the gate cannot serve this round's rule, or
     None. Checked every round: a rule sized for the sample can fail on the replies that
     came. (DP needs no floor: a missing reply adds a zero update, see `ClippedNoisyMean`.)"""
-    f = config.num_malicious
-    needed = config.min_replies
+    needed = min_replies(config)
     if config.aggregation == "multi-krum" and config.multi_krum_keep:
-        needed = max(needed, config.multi_krum_keep + f)
+        needed = max(needed, config.multi_krum_keep + config.num_malicious)
     if num_usable < needed:
-        rule = f"'{config.aggregation}' with num-malicious={f}"
+        rule = f"'{config.aggregation}' with num-malicious={config.num_malicious}"
         return f"{rule} needs {needed} replies, {num_usable} were usable"
-    if config.aggregation == "trimmed-mean" and num_usable and int(config.trim_fraction * num_usable) == 0:
-        return f"trim-fraction={config.trim_fraction:g} trims none of {num_usable} usable replies"
+    trimmed = int(config.trim_fraction * num_usable)
+    if config.aggregation == "trimmed-mean" and trimmed < min_trimmed(config):
+        return (
+            f"trim-fraction={config.trim_fraction:g} cuts {trimmed} of {num_usable} usable replies at each "
+            f"end, fewer than num-malicious={config.num_malicious}"
+        )
     return None
+
+
+def check_sample(config: AppConfig, num_supernodes: int) -> None:
+    """Refuse an `aggregation` that can never work on the replies a round of a federation
+    of `num_supernodes` samples."""
+    num_sampled, f = config.train_sample_size(num_supernodes), config.num_malicious
+    needed = min_replies(config)
+    if num_sampled < needed:
+        fraction = next(
+            (step / 100 for step in range(1, 101) if int(num_supernodes * step / 100) >= needed), None
+        )
+        fix = f"fraction-train={fraction:g}" if fraction else f"at least {needed} SuperNodes"
+        raise ConfigError(
+            f"run-config key 'aggregation' = '{config.aggregation}' with num-malicious={f} needs at "
+            f"least {needed} replies a round, but a round samples {num_sampled} of {num_supernodes} "
+            f"SuperNodes: lower num-malicious, or use {fix}"
+        )
+    if config.aggregation == "trimmed-mean" and int(config.trim_fraction * num_sampled) < min_trimmed(config):
+        cut = min_trimmed(config)
+        smallest = math.ceil(1000 * cut / num_sampled) / 1000  # int(smallest * n) >= cut
+        fix = f"raise it to {smallest:g}" if smallest < 0.5 else "sample more (fraction-train)"
+        raise ConfigError(
+            f"run-config key 'trim-fraction' = {config.trim_fraction:g} cuts "
+            f"{int(config.trim_fraction * num_sampled)} of the {num_sampled} replies a round gets at each "
+            f"end, fewer than num-malicious={f}: {fix}"
+        )
+    if config.aggregation == "multi-krum" and config.multi_krum_keep > num_sampled - f:
+        raise ConfigError(
+            f"run-config key 'multi-krum-keep' = {config.multi_krum_keep} exceeds the {num_sampled - f} "
+            f"replies Multi-Krum may keep ({num_sampled} sampled minus num-malicious={f}): lower it, "
+            "or 0 for all of them"
+        )
 
 
 def check_federation(config: AppConfig, num_supernodes: int) -> None:
     """Refuse, in one line, settings that cannot work on a federation of this size."""
     if num_supernodes > 0:
-        config.check_sample(num_supernodes)
+        check_sample(config, num_supernodes)
     if config.dp_on:
         if num_supernodes < 2:
             raise ConfigError(

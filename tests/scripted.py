@@ -6,8 +6,9 @@ from pathlib import Path
 from flwr.app import ArrayRecord, Error, Message, MetricRecord, RecordDict
 
 from pytorch_example.config import AppConfig
+from pytorch_example.gate import ReplyGate
 from pytorch_example.outputs import RunOutputs
-from pytorch_example.rounds import ReplyGate, RoundLoop
+from pytorch_example.rounds import RoundLoop
 from pytorch_example.task import Net
 from pytorch_example.trust import build_strategy, privacy_ledger
 

@@ -1,13 +1,16 @@
-"""README's trust table: `aggregation="median"` holds against the four attacks it was
-measured with, where FedAvg under the same attack does not.
+"""Each of harness/attacks.py's attacks, in one round, with a control: a rule keeps the
+honest clients' round where FedAvg without the gate's bound loses it; with the bound,
+FedAvg moves no further than the bound allows; ALIE, built to look honest, passes it.
 
 Seven SuperNodes run harness/attacks.py's ClientApp (this app's ClientApp, misbehaving
-where the node config says `attack=<name>`) on generated data; their real train replies
-go through the real round loop, reply gate and strategy for one round.
+where the node config, or for the colluding attacks the run-config, says so) on
+generated data; their real train replies go through the real round loop, reply gate
+and strategy for one round.
 """
 
 import copy
 import hashlib
+import json
 
 import pytest
 import torch
@@ -41,6 +44,7 @@ def run_config(tmp_path_factory) -> dict:
     dataset = write_idx_dataset(folder / "data", num_train=2800, num_test=100)
     return {
         **default_run_config(),
+        **attacks.ATTACK_RUN_CONFIG,
         "dataset-path": str(dataset),
         "data-cache-dir": str(folder / "cache"),
         "dirichlet-alpha": 100.0,
@@ -83,13 +87,21 @@ def supernodes(run_config):
     def reply(message: Message, attack: str | None) -> RecordDict:
         node = message.metadata.dst_node_id
         node_config = {"partition-id": node - 1, "num-partitions": NUM_CLIENTS}
-        if attack and node <= NUM_ATTACKERS:
+        node_run_config = run_config
+        if attack in attacks.COLLUDING:  # a simulation's: the run-config names its attackers
+            colluders = ",".join(f"{partition}:{attack}" for partition in range(NUM_ATTACKERS))
+            node_run_config = {**run_config, "attack-partitions": colluders}
+        elif attack and node <= NUM_ATTACKERS:
             node_config["attack"] = attack
         model = hashlib.sha256(flat(message.content["arrays"]).numpy().tobytes()).hexdigest()
-        key = (model, int(message.content["config"]["server-round"]), *sorted(node_config.items()))
+        key = (model, int(message.content["config"]["server-round"]), attack, *sorted(node_config.items()))
         if key not in replies:
             context = Context(
-                run_id=1, node_id=node, node_config=node_config, state=RecordDict(), run_config=run_config
+                run_id=1,
+                node_id=node,
+                node_config=node_config,
+                state=RecordDict(),
+                run_config=node_run_config,
             )
             replies[key] = attacks.train(message, context).content
         return copy.deepcopy(replies[key])  # the gate and the strategy write into what they get
@@ -98,46 +110,114 @@ def supernodes(run_config):
 
 
 def one_round(run_dir, supernodes, start: ArrayRecord, aggregation: str, attack: str | None):
-    """One round of the seven SuperNodes: the global model after it, and the honest
-    nodes' replies (their arrays and rows)."""
+    """One round of the seven SuperNodes: the global model after it, the honest nodes'
+    replies (their arrays and rows), and every node's rows as its reply claimed them."""
     honest: list[tuple[torch.Tensor, int]] = []
 
     def answer(server_round: int, message: Message) -> RecordDict:
         reply = supernodes(message, attack)
+        rows[message.metadata.dst_node_id] = int(reply["metrics"][ROWS_KEY])
         if message.metadata.dst_node_id > NUM_ATTACKERS:
             honest.append((flat(reply["arrays"]), int(reply["metrics"][ROWS_KEY])))
         return reply
 
-    config = config_for(
-        aggregation=aggregation, num_server_rounds=1, fraction_train=1.0, fraction_evaluate=0.0
+    rows: dict[int, int] = {}
+    result = run_rounds(run_dir, rule_config(aggregation), ScriptedGrid(NUM_CLIENTS, answer), initial=start)
+    return flat(result.arrays), honest, rows
+
+
+def rule_config(aggregation: str):
+    """One round, every client training; "fedavg-unbounded": FedAvg without the gate's bound."""
+    unbounded = {"update_norm_bound": 0.0, "update_weight_bound": 0.0} if aggregation == UNBOUNDED else {}
+    rule = "fedavg" if aggregation == UNBOUNDED else aggregation
+    return config_for(
+        aggregation=rule, num_server_rounds=1, fraction_train=1.0, fraction_evaluate=0.0, **unbounded
     )
-    result = run_rounds(run_dir, config, ScriptedGrid(NUM_CLIENTS, answer), initial=start)
-    return flat(result.arrays), honest
 
 
 def kept_of_the_honest_round(run_dir, supernodes, start, aggregation, attack) -> tuple[float, float]:
     """How the round's update compares with h, the FedAvg update of the honest replies
     alone: its component along h, and its distance from h, both in units of |h|."""
-    after, honest = one_round(run_dir, supernodes, start, aggregation, attack)
-    before = flat(start)
-    rows = sum(count for _, count in honest)
-    h = sum(count * (arrays - before) for arrays, count in honest) / rows
-    update = after - before
+    after, honest, _ = one_round(run_dir, supernodes, start, aggregation, attack)
+    h = honest_update(start, honest)
+    update = after - flat(start)
     return float(update @ h / (h @ h)), float((update - h).norm() / h.norm())
 
 
-@pytest.mark.parametrize("attack", [None, "scaled", "sign-flip", "gaussian", "label-flip"])
-def test_median_keeps_the_honest_clients_round_where_fedavg_loses_it(
+def honest_update(start: ArrayRecord, honest) -> torch.Tensor:
+    rows = sum(count for _, count in honest)
+    return sum(count * (arrays - flat(start)) for arrays, count in honest) / rows
+
+
+UNBOUNDED = "fedavg-unbounded"
+
+
+@pytest.mark.parametrize(
+    "attack", [None, "scaled", "sign-flip", "gaussian", "label-flip", "huge-weights", "replacement", "ipm"]
+)
+def test_median_keeps_the_honest_clients_round_where_fedavg_without_the_bound_loses_it(
     tmp_path, supernodes, trained_start, attack
 ):
     torch.manual_seed(0)  # the gaussian attack's draws
     kept, measured = {}, {}
-    for aggregation in ("fedavg", "median"):
+    for aggregation in (UNBOUNDED, "median"):
         (tmp_path / aggregation).mkdir()
         progress, stray = kept_of_the_honest_round(
             tmp_path / aggregation, supernodes, trained_start, aggregation, attack
         )
         measured[aggregation] = f"progress {progress:.2f}, stray {stray:.2f}"
         kept[aggregation] = progress >= MIN_PROGRESS and stray <= MAX_STRAY
-    # The control: FedAvg keeps the honest round only when nobody attacks.
-    assert kept == {"fedavg": attack is None, "median": True}, measured
+    # The control: FedAvg without the bound keeps the honest round only when nobody attacks.
+    assert kept == {UNBOUNDED: attack is None, "median": True}, measured
+
+
+@pytest.mark.parametrize("attack", ["scaled", "gaussian", "huge-weights", "replacement"])
+def test_with_the_bound_fedavg_strays_no_further_than_the_bound_allows(
+    tmp_path, supernodes, trained_start, attack
+):
+    """2 attackers of 7, each update cut to 2 x the round's median norm m: the mean moves
+    from h, the honest clients' mean, by at most (their weight share) x (2m + |h|)."""
+    torch.manual_seed(0)
+    after, honest, rows = one_round(tmp_path, supernodes, trained_start, "fedavg", attack)
+    h = honest_update(trained_start, honest)
+    honest_norms = sorted(float((arrays - flat(trained_start)).norm()) for arrays, _ in honest)
+    # Of 7 norms, the 2 attackers' above every honest one: the lower median is the 4th,
+    # the honest clients' 2nd largest (each attacker's update is the largest here).
+    limit = 2 * honest_norms[-2]
+    honest_rows = sum(count for _, count in honest)
+    attacker_share = (NUM_ATTACKERS * honest_rows / len(honest)) / (
+        honest_rows * (1 + NUM_ATTACKERS / len(honest))
+    )
+    stray = float((after - flat(trained_start) - h).norm())
+    assert stray <= attacker_share * (limit + float(h.norm())) * 1.01, (stray, limit, float(h.norm()))
+    (tmp_path / "control").mkdir()
+    unbounded, _, _ = one_round(tmp_path / "control", supernodes, trained_start, UNBOUNDED, attack)
+    assert float((unbounded - flat(trained_start) - h).norm()) > 2 * stray
+
+
+def test_alie_looks_honest_enough_to_pass_the_bound_uncut(tmp_path, run_config, supernodes, trained_start):
+    """ALIE sends the colluders' mean update plus 1.5 of their standard deviations per
+    weight (byzfl's): no longer than an honest update, so the gate's bound, which cuts a
+    x100 update (the control), lets it through whole."""
+    for attack in ("alie", "scaled"):
+        (tmp_path / attack).mkdir()
+        one_round(tmp_path / attack, supernodes, trained_start, "fedavg", attack)
+        counts = json.loads((tmp_path / attack / "results.json").read_text())[0]["replies"]["train"]
+        assert counts["clipped"] == (0 if attack == "alie" else NUM_ATTACKERS), counts
+    # What it sent: from the two colluders' honest updates, as their own clients train them.
+    message = Message(
+        RecordDict({"arrays": trained_start, "config": ConfigRecord({"server-round": 1, LR_KEY: 0.02})}),
+        dst_node_id=1,
+        message_type="train",
+    )
+    honest = torch.stack(
+        [flat(supernodes(message, None)["arrays"]) - flat(trained_start) for _ in (0,)]
+        + [flat(supernodes(message_to(2, message), None)["arrays"]) - flat(trained_start)]
+    )
+    sent = flat(supernodes(message, "alie")["arrays"]) - flat(trained_start)
+    expected = honest.mean(0) + 1.5 * honest.std(0, correction=1)
+    torch.testing.assert_close(sent, expected, rtol=1e-4, atol=1e-6)
+
+
+def message_to(node: int, message: Message) -> Message:
+    return Message(message.content, dst_node_id=node, message_type="train")

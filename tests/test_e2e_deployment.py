@@ -115,7 +115,9 @@ def test_a_supernode_sending_nan_weights_is_left_out_and_dp_rounds_go_on(idx_dat
     [run_dir] = [path for path in (tmp_path / "outputs").glob("*/*") if path.is_dir()]
     results = json.loads((run_dir / "results.json").read_text())
     for entry in results:
-        assert entry["replies"]["train"] == {"expected": 2, "received": 2, "failed": 0, "dropped": 1}
+        assert entry["replies"]["train"] == {
+            "expected": 2, "received": 2, "failed": 0, "dropped": 1, "clipped": 0, "capped": 0
+        }  # fmt: skip
         assert entry["train_metrics"] and math.isfinite(entry["evaluate_metrics_serverapp"]["loss"])
     privacy = [entry["privacy"] for entry in results]
     assert [spent["releases"] for spent in privacy] == [1, 2]

@@ -23,6 +23,8 @@ from pytorch_example.task import HEAD_KEYS, Net
 
 pytestmark = pytest.mark.e2e
 
+# The train counts of replies the gate bounded, left out of comparisons that are not about them.
+BOUNDED_NONE = {"clipped": 0, "capped": 0}
 RESULT_KEYS = {
     "round",
     "learning_rate",
@@ -70,7 +72,9 @@ def test_simulation_writes_every_output(superlink, app_dir, idx_dataset, tmp_pat
             "eval_gain_points_max",
         }
         assert set(entry["evaluate_metrics_serverapp"]) == {"accuracy", "loss"}
-        assert entry["replies"]["train"] == {"expected": 2, "received": 2, "failed": 0, "dropped": 0}
+        assert entry["replies"]["train"] | BOUNDED_NONE == {
+            "expected": 2, "received": 2, "failed": 0, "dropped": 0, **BOUNDED_NONE
+        }  # fmt: skip
         for section in RESULT_KEYS - {"round", "learning_rate", "replies"}:
             assert all(math.isfinite(value) for value in entry[section].values())
         assert 0.0 <= entry["evaluate_metrics_serverapp"]["accuracy"] <= 1.0
@@ -103,7 +107,11 @@ def test_simulation_writes_every_output(superlink, app_dir, idx_dataset, tmp_pat
     assert logged.exit_code == 0 and len(logged.history) == 3
     assert not list(run_dir.rglob(".*.tmp"))
     assert "The federation has 4 SuperNodes connected" in log
-    assert "Aggregation 'fedavg' (replies weigh their rows), DP off" in log
+    assert (
+        "Aggregation 'fedavg' (replies weigh their rows, at most 3 x the round's median "
+        "(update-weight-bound); each update's norm at most 2 x the round's median "
+        "(update-norm-bound)), DP off"
+    ) in log
 
     # `flwr run .` moved both federations into the Flower Config as SuperLink connections.
     with open(superlink.flwr_home / "config.toml", "rb") as file:
@@ -179,31 +187,39 @@ def results_of(output_dir) -> list[dict]:
     return json.loads(results_file.read_text())
 
 
-def test_a_scaled_update_sinks_fedavg_but_not_trimmed_mean(superlink, tmp_path, base_run_config):
-    """5 SuperNodes all train; partition 0 sends its update x100 every round."""
+def test_one_supernode_cannot_end_or_set_the_default_run_by_what_it_sends(
+    superlink, tmp_path, base_run_config
+):
+    """6 SuperNodes all train under the default aggregation; partition 0 sends, every
+    round, its trained weights x 1e30 (finite: the gate's checks pass them) or a
+    replacement that a plain weighted mean turns into a zero model. The control is an
+    honest run of the same seed. Without the bound, measured: the first run fails (the
+    aggregate is huge, then every client trains to NaN) and the second ends at chance.
+    With it, the attacker delays learning (0.30 lower at round 4 in one seed of 5) but
+    cannot stop it: by round 6 every seed measured was within 0.01 of its honest run."""
     app = copy_app(tmp_path / "app", client_app=ATTACKS_CLIENT_APP, extra_config=ATTACK_RUN_CONFIG)
     final_accuracy = {}
-    for aggregation in ("fedavg", "trimmed-mean"):
-        output_dir = tmp_path / aggregation
+    for attack in ("honest", "huge-weights", "replacement"):
+        output_dir = tmp_path / attack
         run_config = {
-            "num-server-rounds": 3,
+            "num-server-rounds": 6,
             "fraction-train": 1.0,
             "fraction-evaluate": 0.0,
-            "aggregation": aggregation,
-            "trim-fraction": 0.2,  # 1 of 5 replies cut at each end
-            "attack": "scaled",
-            "attack-fraction": 0.2,
             **base_run_config,
             "output-dir": str(output_dir),
         }
-        log, record = superlink.run(app, run_config, federation_config={"num-supernodes": 5})
+        if attack != "honest":
+            run_config["attack-partitions"] = f"0:{attack}"
+        log, record = superlink.run(app, run_config, federation_config={"num-supernodes": 6})
         assert record["status"] == "finished:completed", log
         results = results_of(output_dir)
-        assert [entry["replies"]["train"]["received"] for entry in results] == [5, 5, 5]
-        final_accuracy[aggregation] = results[-1]["evaluate_metrics_serverapp"]["accuracy"]
-    # Measured here: FedAvg 0.08 (chance is 0.10), trimmed mean 0.85, a clean FedAvg 0.73.
-    assert final_accuracy["fedavg"] < 0.2, final_accuracy
-    assert final_accuracy["trimmed-mean"] > 0.5, final_accuracy
+        assert [entry["round"] for entry in results] == [1, 2, 3, 4, 5, 6]
+        if attack != "honest":  # every round, the attacker's update was cut to the bound
+            assert all(entry["replies"]["train"]["clipped"] >= 1 for entry in results), results
+            assert "each update's norm at most 2 x the round's median (update-norm-bound)" in log
+        final_accuracy[attack] = results[-1]["evaluate_metrics_serverapp"]["accuracy"]
+    for attack in ("huge-weights", "replacement"):
+        assert final_accuracy[attack] >= final_accuracy["honest"] - 0.10, final_accuracy
 
 
 def epsilon_after(releases: int, noise_multiplier: float, delta: float) -> float:
@@ -255,7 +271,9 @@ def test_replies_unlike_the_clientapps_are_left_out_and_the_run_completes(
     assert record["status"] == "finished:completed", log
     results = results_of(output_dir)
     for entry in results:
-        assert entry["replies"]["train"] == {"expected": 4, "received": 4, "failed": 0, "dropped": 1}
+        assert entry["replies"]["train"] | BOUNDED_NONE == {
+            "expected": 4, "received": 4, "failed": 0, "dropped": 1, **BOUNDED_NONE
+        }  # fmt: skip
         assert entry["replies"]["evaluate"] == {"expected": 4, "received": 4, "failed": 0, "dropped": 1}
         assert set(entry["train_metrics"]) == {"train_loss"}
         assert 0 <= entry["evaluate_metrics_clientapp"]["eval_acc"] <= 1

@@ -12,15 +12,16 @@ import math
 import numpy as np
 import pytest
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from pytorch_example.client_app import EVALUATE_METRIC_KEYS, ROWS_KEY, TRAIN_METRIC_KEYS
 from pytorch_example.config import AGGREGATIONS
+from pytorch_example.gate import Bounded, ReplyGate
 from pytorch_example.rounds import RunFailed
 from pytorch_example.task import Net
-from pytorch_example.trust import too_few_replies
+from pytorch_example.trust import build_strategy, too_few_replies
 from tests.scripted import MAX_TRAIN_ROWS, MAX_VAL_ROWS, ScriptedGrid, config_for, is_train, run_rounds
 
 NUM_NODES = 7  # enough for Bulyan with num-malicious=1 (4f + 3)
@@ -191,12 +192,10 @@ def test_no_reply_breaks_a_round_and_every_bad_one_is_counted(tmp_path_factory, 
     [entry] = json.loads((run_dir / "results.json").read_text())
     for phase in ("train", "evaluate"):
         bad = sum(1 for node in plan.values() if node[f"bad-{phase}"] is not None)
-        assert entry["replies"][phase] == {
-            "expected": NUM_NODES,
-            "received": NUM_NODES,
-            "failed": 0,
-            "dropped": bad,
-        }
+        counts = dict(entry["replies"][phase])
+        bounded = {key: counts.pop(key) for key in ("clipped", "capped") if key in counts}
+        assert counts == {"expected": NUM_NODES, "received": NUM_NODES, "failed": 0, "dropped": bad}
+        assert sum(bounded.values()) <= NUM_NODES - bad and len(bounded) == (2 if phase == "train" else 0)
     assert (entry["train_metrics"] != {}) == trainable
     saved = torch.load(run_dir / "resume.pt", weights_only=True)["arrays"]
     assert all(torch.isfinite(value).all() for value in saved.values())
@@ -252,3 +251,127 @@ def test_under_a_robust_rule_no_row_count_moves_the_aggregate(tmp_path_factory, 
         models.append(result.arrays.to_torch_state_dict())
     for key in models[0]:  # equal but for the order of the sums (Flower samples nodes in random order)
         torch.testing.assert_close(models[0][key], models[1][key], rtol=0, atol=1e-6)
+
+
+# The size bound: every train update cut to update-norm-bound x the round's median norm,
+# every FedAvg weight to update-weight-bound x the round's median rows.
+
+
+def sent_and_replies(updates: list[dict[str, torch.Tensor]], rows: list[int]):
+    """The model sent, and node n's train reply moving it by `updates[n - 1]` on
+    `rows[n - 1]` rows, as the gate receives them."""
+    torch.manual_seed(0)
+    sent = ArrayRecord(Net().state_dict())
+    model = sent.to_torch_state_dict()
+    replies = []
+    for node, (update, count) in enumerate(zip(updates, rows, strict=True), start=1):
+        message = Message(RecordDict({"arrays": sent, "config": ConfigRecord()}), dst_node_id=node,
+                          message_type="train")  # fmt: skip
+        message.metadata.__dict__["_message_id"] = f"message-{node}"
+        arrays = ArrayRecord({key: model[key] + update[key] for key in model})
+        metrics = MetricRecord({"train_loss": 1.0, ROWS_KEY: count})
+        replies.append(Message(RecordDict({"arrays": arrays, "metrics": metrics}), reply_to=message))
+    return sent, replies
+
+
+def random_update(norm: float, seed: int) -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    update = {key: torch.randn(value.shape, generator=generator) for key, value in Net().state_dict().items()}
+    length = torch.sqrt(sum(value.double().square().sum() for value in update.values()))
+    return {key: value * float(norm / length) for key, value in update.items()}
+
+
+def flat_update(arrays: ArrayRecord, sent: ArrayRecord) -> torch.Tensor:
+    after, before = arrays.to_torch_state_dict(), sent.to_torch_state_dict()
+    return torch.cat([(after[key].double() - before[key].double()).flatten() for key in before])
+
+
+def aggregate(config, sent, replies) -> torch.Tensor:
+    """The gate, then the rule: the global model's update."""
+    gate = ReplyGate.for_run(config, sent, MAX_TRAIN_ROWS, MAX_VAL_ROWS)
+    usable = gate.screen("train", replies, 1)
+    gate.bound(usable, sent, 1)
+    strategy = build_strategy(config, len(replies))
+    strategy.configure_train(1, sent, ConfigRecord(), ScriptedGrid(len(replies), None))
+    arrays, _ = strategy.aggregate_train(1, usable)
+    return flat_update(arrays, sent)
+
+
+HONEST_NORMS = (1.0, 1.2, 0.8, 1.5, 0.9)  # the lower median is 1.0
+HONEST_ROWS = (100, 120, 90, 200, 110)  # the lower median is 110
+
+
+def test_honest_replies_under_the_bound_pass_bit_for_bit():
+    sent, replies = sent_and_replies(
+        [random_update(norm, seed) for seed, norm in enumerate(HONEST_NORMS)], list(HONEST_ROWS)
+    )
+    before = [(dict(reply.content["arrays"]), dict(reply.content["metrics"])) for reply in replies]
+    gate = ReplyGate.for_run(config_for(), sent, MAX_TRAIN_ROWS, MAX_VAL_ROWS)
+    usable = gate.screen("train", replies, 1)
+    assert gate.bound(usable, sent, 1) == Bounded(clipped=0, capped=0)
+    for reply, (arrays, metrics) in zip(usable, before, strict=True):
+        assert dict(reply.content["metrics"]) == metrics
+        for key, array in reply.content["arrays"].items():
+            assert array.numpy().tobytes() == arrays[key].numpy().tobytes()
+
+
+def the_attack(attack: str, sent: ArrayRecord) -> dict[str, torch.Tensor]:
+    """Node 6's update: its trained model x 1e30 (finite), or a replacement that, after
+    a mean over 6 equal rows, would set the global model to zero."""
+    model = sent.to_torch_state_dict()
+    trained = {key: model[key] + update for key, update in random_update(1.0, 9).items()}
+    if attack == "huge":
+        return {key: 1e30 * trained[key] - model[key] for key in model}
+    return {key: -6 * model[key] for key in model}  # x = g + 6 (0 - g)
+
+
+@pytest.mark.parametrize("attack", ["huge", "replacement"])
+def test_one_reply_moves_fedavg_no_further_than_the_bound_allows(attack):
+    """5 honest replies and one attacker claiming the most rows: the attacker's share of
+    the weighted mean moves it by at most (its capped rows / all rows) x 2 x the median
+    update norm. Without the bound (the control) it moves it 10 or more times further."""
+    sent, _ = sent_and_replies([], [])
+    updates = [random_update(norm, seed) for seed, norm in enumerate(HONEST_NORMS)]
+    updates.append(the_attack(attack, sent))
+    rows = [*HONEST_ROWS, MAX_TRAIN_ROWS]
+    honest_sum = sum(count * torch.cat([u.double().flatten() for u in update.values()])
+                     for update, count in zip(updates[:5], HONEST_ROWS, strict=True))  # fmt: skip
+    capped_rows = 3 * 110
+    bounded = aggregate(config_for(), *sent_and_replies(updates, rows))
+    total = sum(HONEST_ROWS) + capped_rows
+    allowed = capped_rows / total * 2 * 1.0
+    assert (bounded - honest_sum / total).norm() <= allowed * (1 + 1e-5)
+
+    unbounded = aggregate(
+        config_for(update_norm_bound=0.0, update_weight_bound=0.0), *sent_and_replies(updates, rows)
+    )
+    total = sum(HONEST_ROWS) + MAX_TRAIN_ROWS
+    assert (unbounded - honest_sum / total).norm() > 10 * allowed
+
+
+def test_a_row_count_above_the_bound_weighs_the_bound():
+    sent, replies = sent_and_replies(
+        [random_update(1.0, seed) for seed in range(5)], [100, 120, 90, 200, 1000]
+    )
+    gate = ReplyGate.for_run(config_for(), sent, MAX_TRAIN_ROWS, MAX_VAL_ROWS)
+    assert gate.bound(gate.screen("train", replies, 1), sent, 1) == Bounded(clipped=0, capped=1)
+    assert [reply.content["metrics"][ROWS_KEY] for reply in replies] == [100, 120, 90, 200, 360]
+
+
+def test_of_two_replies_the_smaller_update_sets_the_bound():
+    """The lower median: of 2, the smaller norm, so one attacker of 2 cannot raise it."""
+    sent, replies = sent_and_replies([random_update(1.0, 0), random_update(50.0, 1)], [100, 100])
+    gate = ReplyGate.for_run(config_for(), sent, MAX_TRAIN_ROWS, MAX_VAL_ROWS)
+    assert gate.bound(gate.screen("train", replies, 1), sent, 1) == Bounded(clipped=1, capped=0)
+    norms = [float(flat_update(reply.content["arrays"], sent).norm()) for reply in replies]
+    assert norms == pytest.approx([1.0, 2.0], rel=1e-5)
+
+
+def test_under_dp_the_gate_leaves_the_clipping_to_dp():
+    """DP clips to its own fixed norm: a bound from other clients' updates would let one
+    client's data change another's share."""
+    config = config_for(dp_noise_multiplier=1.0, dp_clipping_norm=0.5)
+    gate = ReplyGate.for_run(config, ArrayRecord(Net().state_dict()), MAX_TRAIN_ROWS, MAX_VAL_ROWS)
+    assert (gate.norm_bound, gate.weight_bound) == (0.0, 0.0)
+    robust = ReplyGate.for_run(config_for(aggregation="median"), ArrayRecord(Net().state_dict()), 10, 10)
+    assert (robust.norm_bound, robust.weight_bound) == (2.0, 0.0)  # every reply weighs 1 there

@@ -11,8 +11,9 @@ import pytest
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
+from pytorch_example.gate import ReplyGate
 from pytorch_example.outputs import RunOutputs
-from pytorch_example.rounds import ReplyGate, RoundLoop, RunFailed, clock
+from pytorch_example.rounds import RoundLoop, RunFailed, clock
 from pytorch_example.task import HEAD_KEYS, Net
 from pytorch_example.trust import build_strategy
 from tests.scripted import ScriptedGrid, config_for, honest, is_train, run_rounds, shifted, trained
@@ -203,7 +204,7 @@ def test_a_train_reply_unlike_the_clientapps_is_left_out_and_counted(tmp_path, c
     assert all(torch.isfinite(value).all() for value in result.arrays.to_torch_state_dict().values())
     [entry] = results_of(tmp_path)
     assert entry["replies"] == {
-        "train": {"expected": 4, "received": 4, "failed": 0, "dropped": 1},
+        "train": {"expected": 4, "received": 4, "failed": 0, "dropped": 1, "clipped": 0, "capped": 0},
         "evaluate": {"expected": 4, "received": 4, "failed": 0, "dropped": 0},
     }
     assert entry["train_metrics"] == {"train_loss": 1.0}

@@ -2,6 +2,7 @@
 counts that cannot buy weight, the per-round reply floor, and DP (clipping, noise,
 epsilon, its budget)."""
 
+import dataclasses
 import json
 import logging
 import re
@@ -11,10 +12,11 @@ import torch
 from dp_accounting import dp_event, rdp
 from flwr.app import ArrayRecord, ConfigRecord
 
-from pytorch_example.config import ConfigError
+from harness.flower_processes import default_run_config
+from pytorch_example.config import AppConfig, ConfigError
 from pytorch_example.rounds import RunFailed
 from pytorch_example.task import Net
-from pytorch_example.trust import build_strategy, check_federation, privacy_ledger
+from pytorch_example.trust import build_strategy, check_federation, check_sample, privacy_ledger
 from tests.scripted import ScriptedGrid, config_for, is_train, run_rounds, shifted, trained
 
 
@@ -46,19 +48,113 @@ def honest_but_node_1(attack_shift: float, attack_rows: int = 10):
 ROBUST = ["trimmed-mean", "median", "krum", "multi-krum", "bulyan"]
 
 
-@pytest.mark.parametrize("aggregation", ["fedavg", *ROBUST])
+@pytest.mark.parametrize(
+    ("settings", "supernodes", "refusal", "fix"),
+    [
+        (
+            {"aggregation": "bulyan", "num-malicious": 3},
+            50,
+            r"needs at least 15 replies a round, but a round samples 12 of 50 SuperNodes: lower "
+            r"num-malicious, or use fraction-train=0.3",
+            {"fraction-train": 0.3},
+        ),
+        (
+            {"aggregation": "krum", "num-malicious": 5, "fraction-train": 1.0},
+            10,
+            r"needs at least 13 replies .* or use at least 13 SuperNodes",
+            None,
+        ),
+        (
+            {"aggregation": "multi-krum", "num-malicious": 5},
+            50,
+            r"needs at least 13 replies",
+            {"fraction-train": 0.26},
+        ),
+        (
+            {"aggregation": "trimmed-mean", "trim-fraction": 0.05},
+            50,
+            r"'trim-fraction' = 0.05 cuts 0 of the 12 replies a round gets at each end, fewer than "
+            r"num-malicious=1: raise it to 0.084",
+            {"trim-fraction": 0.084},
+        ),
+        (
+            {"aggregation": "trimmed-mean", "num-malicious": 3},
+            50,
+            r"'trim-fraction' = 0.2 cuts 2 of the 12 replies a round gets at each end, fewer than "
+            r"num-malicious=3: raise it to 0.25",
+            {"trim-fraction": 0.25},
+        ),
+        (
+            {"aggregation": "trimmed-mean", "trim-fraction": 0.4, "fraction-train": 0.1},
+            10,
+            r"'trimmed-mean' with num-malicious=1 needs at least 3 replies a round, but a round samples 2 "
+            r"of 10 SuperNodes: lower num-malicious, or use fraction-train=0.3",
+            {"fraction-train": 0.3},
+        ),
+        (
+            {"aggregation": "median", "fraction-train": 1.0},
+            2,
+            r"'median' with num-malicious=1 needs at least 3 replies a round, but a round samples 2 of 2 "
+            r"SuperNodes: lower num-malicious, or use at least 3 SuperNodes",
+            {"num-malicious": 0},
+        ),
+        (
+            {"aggregation": "median", "num-malicious": 6},
+            50,
+            r"'median' with num-malicious=6 needs at least 13 replies",
+            {"fraction-train": 0.26},
+        ),
+        (
+            {"aggregation": "multi-krum", "multi-krum-keep": 12},
+            50,
+            r"'multi-krum-keep' = 12 exceeds the 11",
+            {"multi-krum-keep": 11},
+        ),
+    ],
+)
+def test_a_rule_that_cannot_work_on_the_sample_is_refused_with_a_fix_that_works(
+    settings, supernodes, refusal, fix
+):
+    run_config = {**default_run_config(), **settings}
+    with pytest.raises(ConfigError, match=refusal):
+        check_sample(AppConfig.from_run_config(run_config), supernodes)
+    if fix is not None:
+        check_sample(AppConfig.from_run_config({**run_config, **fix}), supernodes)
+
+
+def test_each_rule_at_its_limit_is_accepted():
+    for settings in (
+        {"aggregation": "bulyan", "num-malicious": 2},  # 4 * 2 + 3 = 11 <= 12
+        {"aggregation": "krum", "num-malicious": 4},  # 2 * 4 + 3 = 11
+        {"aggregation": "multi-krum", "multi-krum-keep": 11},
+        {"aggregation": "trimmed-mean", "trim-fraction": 1 / 12},
+        {"aggregation": "trimmed-mean", "num-malicious": 2, "trim-fraction": 2 / 12},
+        {"aggregation": "median", "num-malicious": 5},  # 2 * 5 + 1 = 11
+    ):
+        check_sample(AppConfig.from_run_config({**default_run_config(), **settings}), 50)
+
+
+@pytest.mark.parametrize("aggregation", ["fedavg, unbounded", "fedavg", *ROBUST])
 def test_each_aggregation_against_one_update_scaled_a_hundredfold(tmp_path, aggregation):
     # 7 nodes all train: Bulyan with num-malicious=1 needs 4f + 3 = 7 replies.
-    config = config_for(aggregation=aggregation, num_server_rounds=1, fraction_train=1.0, trim_fraction=0.2)
+    rule, _, unbounded = aggregation.partition(", ")
+    config = config_for(
+        aggregation=rule,
+        update_norm_bound=0.0 if unbounded else 2.0,
+        num_server_rounds=1,
+        fraction_train=1.0,
+        trim_fraction=0.2,
+    )
     check_federation(config, 7)
     start = ArrayRecord(Net().state_dict())
     result = run_rounds(tmp_path, config, ScriptedGrid(7, honest_but_node_1(1.0)), initial=start)
     shift = mean_shift(start, result.arrays)
-    # FedAvg: (1.0 + six honest ~0.013) / 7 ~ 0.155; a robust rule stays among the honest 0.010..0.016.
-    if aggregation == "fedavg":
+    if unbounded:  # (1.0 + six honest ~0.013) / 7 ~ 0.155
         assert shift > 0.1
-    else:
-        assert 0.0099 < shift < 0.0161
+    elif rule == "fedavg":  # node 1's update cut to 2 x the median, 0.013: (0.075 + 0.026) / 7
+        assert shift == pytest.approx((0.075 + 2 * 0.013) / 7, rel=1e-4)
+    else:  # a robust rule stays among the honest 0.010..0.015
+        assert 0.0099 < shift < 0.0151
 
 
 def test_under_fedavg_a_row_count_weighs_no_more_than_the_largest_partition(tmp_path):
@@ -102,6 +198,51 @@ def test_a_round_with_too_few_usable_replies_for_its_rule_trains_nothing_and_say
     (tmp_path / "keep").mkdir()
     with pytest.raises(RunFailed, match=r"'multi-krum' with num-malicious=1 needs 6 replies, 5 were usable"):
         run_rounds(tmp_path / "keep", keep, ScriptedGrid(7, nodes_6_and_7_crash))
+
+
+@pytest.mark.parametrize("rule", ["median", "trimmed-mean"])
+def test_a_per_weight_rule_short_of_a_majority_honest_trains_nothing(tmp_path, caplog, rule):
+    """With num-malicious=2, median and trimmed-mean need 5 usable replies: of 2 left, the
+    median would be the mean, and one reply of 2t - h would set the model to t."""
+
+    def only_nodes_1_and_2_train(server_round, message):
+        if is_train(message) and message.metadata.dst_node_id >= 3:
+            return RuntimeError("gone")
+        return trained(message)
+
+    config = config_for(aggregation=rule, num_malicious=2, trim_fraction=0.4, num_server_rounds=1)
+    config = dataclasses.replace(config, fraction_train=1.0)
+    check_sample(config, 5)  # a round samples all 5: enough
+    start = ArrayRecord(Net().state_dict())
+    with caplog.at_level(logging.WARNING, logger="flwr"), pytest.raises(RunFailed):
+        run_rounds(tmp_path, config, ScriptedGrid(5, only_nodes_1_and_2_train), initial=start)
+    assert (
+        f"Round 1 trained nothing ('{rule}' with num-malicious=2 needs 5 replies, 2 were usable)"
+        in caplog.text
+    )
+    assert results_of(tmp_path)[0]["train_metrics"] == {}
+    saved = torch.load(tmp_path / "resume.pt", weights_only=True)["arrays"]
+    assert all(torch.equal(saved[key], value) for key, value in start.to_torch_state_dict().items())
+
+
+def test_trimmed_mean_that_cuts_fewer_than_num_malicious_in_a_round_trains_nothing(tmp_path, caplog):
+    def node_7_crashes(server_round, message):
+        return (
+            RuntimeError("gone")
+            if is_train(message) and message.metadata.dst_node_id == 7
+            else trained(message)
+        )
+
+    # 7 sampled: 0.3 x 7 cuts 2 = num-malicious; of the 6 that came it cuts 1.
+    config = config_for(aggregation="trimmed-mean", num_malicious=2, trim_fraction=0.3, fraction_train=1.0)
+    check_sample(config, 7)
+    with caplog.at_level(logging.WARNING, logger="flwr"), pytest.raises(RunFailed):
+        run_rounds(
+            tmp_path, dataclasses.replace(config, num_server_rounds=1), ScriptedGrid(7, node_7_crashes)
+        )
+    assert (
+        "trim-fraction=0.3 cuts 1 of 6 usable replies at each end, fewer than num-malicious=2" in caplog.text
+    )
 
 
 def dp_config(**overrides):

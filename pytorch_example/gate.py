@@ -1,0 +1,211 @@
+"""The gate every client reply passes before the server uses it: its shape, then its size.
+
+A SuperNode runs whatever code its operator gives it. So a reply is used only when it
+is exactly what this app's ClientApp sends (its records, keys, types and ranges);
+anything else is left out with a warning naming the node, and never raises. A train
+reply that passes is then bounded by the round itself, so that no one reply can move
+the global model far, however large the numbers it sends: its update (reply minus the
+model sent) is cut to `update-norm-bound` x the round's median update norm, and its
+weight under FedAvg to `update-weight-bound` x the round's median row count.
+"""
+
+import math
+from dataclasses import dataclass
+from logging import INFO, WARNING
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, Message, MetricRecord
+from flwr.common.logger import log
+
+from pytorch_example.client_app import EVALUATE_METRIC_KEYS, ROWS_KEY, TRAIN_METRIC_KEYS
+from pytorch_example.config import PRIVATE_HEAD, AppConfig
+from pytorch_example.task import HEAD_KEYS
+from pytorch_example.trust import EQUAL_WEIGHT_KEY, influence_bounds, weighs_replies_equally
+
+# The largest loss a reply may report: no cross-entropy this model reaches, and small
+# enough that means over any number of replies stay finite (results.json is JSON).
+MAX_LOSS = 1e30
+
+
+@dataclass(frozen=True)
+class Bounded:
+    """What bounding did to a round's train replies: updates whose norm was cut
+    (`clipped`), replies whose weight was cut (`capped`)."""
+
+    clipped: int = 0
+    capped: int = 0
+
+
+@dataclass(frozen=True)
+class ReplyGate:
+    """What a reply must be to be used, and how far it may move the model, for this
+    run's settings.
+
+    `arrays`: the entries a train reply carries, in the global model's order, with
+    their shapes and dtypes. `max_train_rows`, `max_val_rows`: the most rows any client
+    holds, which bound the row counts a reply may claim. `equal_weights`: stamp every
+    used train reply to weigh 1 (`EQUAL_WEIGHT_KEY`), as the robust rules and DP need.
+    `norm_bound`, `weight_bound`: the multiples of the round's median update norm and
+    row count that a reply's update and weight are cut to (0: not cut).
+    """
+
+    arrays: dict[str, tuple[tuple[int, ...], str]]
+    max_train_rows: int
+    max_val_rows: int
+    equal_weights: bool = False
+    norm_bound: float = 0.0
+    weight_bound: float = 0.0
+
+    @classmethod
+    def for_run(cls, config: AppConfig, model: ArrayRecord, max_train_rows: int, max_val_rows: int):
+        sent = {
+            key: (tuple(array.shape), array.dtype)
+            for key, array in model.items()
+            if not (config.personalisation == PRIVATE_HEAD and key in HEAD_KEYS)
+        }
+        norm_bound, weight_bound = influence_bounds(config)
+        return cls(
+            sent, max_train_rows, max_val_rows, weighs_replies_equally(config), norm_bound, weight_bound
+        )
+
+    def screen(self, phase: str, replies: list[Message], server_round: int) -> list[Message]:
+        """The replies of `phase` ("train" or "evaluate") fit to use; the rest are
+        logged (errors are Flower's failures, counted apart)."""
+        usable = []
+        for reply in replies:
+            if reply.has_error():
+                continue
+            try:
+                problem = self.train_problem(reply) if phase == "train" else self.evaluate_problem(reply)
+            except Exception as err:  # noqa: BLE001 (whatever a reply holds, it must not end the run)
+                problem = f"it cannot be read ({type(err).__name__})"
+            if problem is None:
+                usable.append(reply)
+            else:
+                log(WARNING, "Round %s: left out the %s reply of node %s: %s",
+                    server_round, phase, reply.metadata.src_node_id, problem)  # fmt: skip
+        if phase == "train" and self.equal_weights:
+            for reply in usable:
+                reply.content["metrics"][EQUAL_WEIGHT_KEY] = 1
+        return usable
+
+    def train_problem(self, reply: Message) -> str | None:
+        """Why a train reply must not be used, or None."""
+        if (problem := records_problem(reply, {"arrays": ArrayRecord, "metrics": MetricRecord})) is not None:
+            return problem
+        arrays = reply.content["arrays"]
+        if list(arrays.keys()) != list(self.arrays):
+            return f"its arrays {list(arrays.keys())[:8]} are not the expected {list(self.arrays)}, in order"
+        decoded = {}
+        for key, array in arrays.items():
+            shape, dtype = self.arrays[key]
+            # An Array says its shape and dtype beside its bytes: check what the bytes hold.
+            values = array.numpy() if array.stype == "numpy.ndarray" else None
+            if values is None or values.shape != shape or values.dtype != np.dtype(dtype):
+                held = "other bytes" if values is None else f"{values.dtype} {values.shape}"
+                return f"'{key}' holds {held}, not the model's {dtype} {shape}"
+            if not np.isfinite(values).all():
+                return f"'{key}' holds NaN or Inf"
+            decoded[key] = values
+        if problem := metrics_problem(reply.content["metrics"], TRAIN_METRIC_KEYS, self.max_train_rows):
+            return problem
+        # From here on the reply holds what was checked, whatever its Arrays declared.
+        reply.content["arrays"] = ArrayRecord({key: Array(values) for key, values in decoded.items()})
+        return None
+
+    def evaluate_problem(self, reply: Message) -> str | None:
+        """Why an evaluate reply must not be used, or None."""
+        if (problem := records_problem(reply, {"metrics": MetricRecord})) is not None:
+            return problem
+        return metrics_problem(reply.content["metrics"], EVALUATE_METRIC_KEYS, self.max_val_rows)
+
+    def bound(self, replies: list[Message], sent: ArrayRecord, server_round: int) -> Bounded:
+        """Cut, in place, the train replies that `screen` let through to the round's
+        bounds: an update longer than `norm_bound` x the median update norm is scaled
+        down to that length (its direction kept), and a row count above `weight_bound` x
+        the median row count is lowered to it. The rest pass bit for bit.
+
+        The median is the lower one (of 2 replies, the smaller), so attackers short of
+        half the replies cannot raise the bounds. One reply of n then moves a weighted
+        mean by at most about `weight_bound` x `norm_bound` / n median update norms.
+        """
+        if not replies:
+            return Bounded()
+        model = {key: sent[key].numpy().astype(np.float64) for key in self.arrays}
+        clipped = capped = 0
+        notes = []
+        if self.norm_bound > 0:
+            norms = [update_norm(reply.content["arrays"], model) for reply in replies]
+            limit = self.norm_bound * lower_median(norms)
+            for reply, norm in zip(replies, norms, strict=True):
+                if norm > limit:
+                    reply.content["arrays"] = scaled_update(reply.content["arrays"], model, limit / norm)
+                    clipped += 1
+                    notes.append(
+                        f"node {reply.metadata.src_node_id}'s update norm {norm:.3g} cut to {limit:.3g}"
+                    )
+        if self.weight_bound > 0:
+            rows = [reply.content["metrics"][ROWS_KEY] for reply in replies]
+            most = max(1, math.floor(self.weight_bound * lower_median(rows)))
+            for reply, count in zip(replies, rows, strict=True):
+                if count > most:
+                    reply.content["metrics"][ROWS_KEY] = most
+                    capped += 1
+                    notes.append(f"node {reply.metadata.src_node_id} weighs {most} of its {count} rows")
+        if notes:
+            log(INFO, "Round %s: bounded %d of %d train replies (update-norm-bound, update-weight-bound): %s",
+                server_round, clipped + capped, len(replies), "; ".join(notes[:6]))  # fmt: skip
+        return Bounded(clipped, capped)
+
+
+def update_norm(arrays: ArrayRecord, model: dict[str, np.ndarray]) -> float:
+    """The L2 norm of `arrays` minus `model`, in float64 (a float32 square overflows)."""
+    total = 0.0
+    for key, base in model.items():
+        total += float(np.square(arrays[key].numpy().astype(np.float64) - base).sum())
+    return math.sqrt(total)
+
+
+def scaled_update(arrays: ArrayRecord, model: dict[str, np.ndarray], scale: float) -> ArrayRecord:
+    """`model` plus `scale` x (`arrays` - `model`), in each entry's own dtype."""
+    scaled = {}
+    for key, base in model.items():
+        values = arrays[key].numpy()
+        scaled[key] = Array((base + scale * (values.astype(np.float64) - base)).astype(values.dtype))
+    return ArrayRecord(scaled)
+
+
+def lower_median(values: list[float]) -> float:
+    """The middle value, the lower of the two middle ones for an even count."""
+    return sorted(values)[(len(values) - 1) // 2]
+
+
+def records_problem(reply: Message, expected: dict[str, type]) -> str | None:
+    """Why a reply's records are not exactly `expected` (names and kinds), or None."""
+    if not reply.has_content() or sorted(reply.content.keys()) != sorted(expected):
+        names = sorted(reply.content.keys()) if reply.has_content() else []
+        return f"it holds the records {names[:8]}, not {sorted(expected)}"
+    for name, kind in expected.items():
+        if not isinstance(reply.content[name], kind):
+            return f"its '{name}' record is not a {kind.__name__}"
+    return None
+
+
+def metrics_problem(metrics: MetricRecord, keys: tuple[str, ...], max_rows: int) -> str | None:
+    """Why a reply's metrics are not exactly `keys`, each a number in its range, or None:
+    scores (`*_acc*`) in [0, 1], losses from 0 to `MAX_LOSS`, the row count an integer
+    in 1..`max_rows`."""
+    if sorted(metrics.keys()) != sorted(keys):
+        return f"its metrics {sorted(metrics.keys())[:8]} are not {sorted(keys)}"
+    for key in keys:
+        value = metrics[key]
+        if key == ROWS_KEY:
+            if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= max_rows:
+                return f"{key} = {value!r} is not an integer from 1 to {max_rows} (the most a client holds)"
+        elif isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+            return f"{key} = {value!r} is not a finite number"
+        elif "_acc" in key and not 0 <= value <= 1:
+            return f"{key} = {value!r} is not a score in [0, 1]"
+        elif not 0 <= value <= MAX_LOSS:
+            return f"{key} = {value!r} is not a loss (0 to {MAX_LOSS:g})"
+    return None
