@@ -3,7 +3,7 @@
     python -m benchmarks.trust robustness [--rules fedavg,median,...] [--attacks
         none,scaled,...] [--alphas 0.3,1.0] [--rounds 20] [--seeds 3] [--fraction 0.2]
         [--workers 2] [--out trust-robustness.json]
-    python -m benchmarks.trust bound [--seeds 3] [--rounds 10]
+    python -m benchmarks.trust bound [--seeds 3] [--rounds 10] [--alphas 1.0]
     python -m benchmarks.trust privacy [--noise 0,0.5,1,2] [--clipping-norms 1.0,0.1]
         [--rounds 30] [--report 10,30]
     python -m benchmarks.trust cost [--replies 12,125,500]
@@ -22,8 +22,9 @@
   seconds per aggregation. Cells
   land in `--out` as they finish; a rerun with the same `--out` skips them.
 - bound: real `flwr run`s of the default run-config (50 simulated SuperNodes) with the
-  gate's bound and without it (`update-norm-bound=0 update-weight-bound=0`), seed by
-  seed: final central accuracy, seconds a run, and how many train replies it cut.
+  gate's bound and without it (`update-norm-bound=0 update-weight-bound=0`), at each
+  `dirichlet-alpha`, seed by seed: final central accuracy, seconds a run, and how many
+  train replies it cut.
 - privacy: real `flwr run`s of the app without attackers (50 simulated SuperNodes), at
   each `dp-noise-multiplier` (0: DP off) and `dp-clipping-norm`, printing central
   accuracy and epsilon (at the default `dp-delta`, 1e-5) at the `--report` rounds, and
@@ -58,13 +59,13 @@ from harness.synthetic_fmnist import write_idx_dataset
 from pytorch_example import client_app
 from pytorch_example.config import AGGREGATIONS, AppConfig
 from pytorch_example.data import load_test_set, prepare_partitions
-from pytorch_example.gate import ReplyGate
+from pytorch_example.gate import EQUAL_WEIGHT_KEY, ReplyGate
 from pytorch_example.outputs import RunOutputs
 from pytorch_example.rounds import RoundLoop, RunFailed
 from pytorch_example.server_app import central_evaluation
 from pytorch_example.strategy import CustomFedAvg
 from pytorch_example.task import Net
-from pytorch_example.trust import EQUAL_WEIGHT_KEY, build_strategy
+from pytorch_example.trust import build_strategy
 
 FEDERATION = {"num-supernodes": 50, "client-resources-num-cpus": 1}
 # At most 2 of the 12 sampled replies may be malicious: Bulyan's limit (4f + 3 <= 12).
@@ -113,32 +114,36 @@ def central(rounds: list[dict], server_round: int) -> float:
 
 
 def bound(args, federation: LocalFederation, app_dir: Path, work: Path) -> dict:
-    """The default run-config with the gate's bound (its defaults) and without it, seed by
-    seed: final central accuracy, seconds a run, and the replies the bound cut."""
-    table: dict[str, list[dict]] = {"bounded": [], "unbounded": []}
-    for seed in range(args.seeds):
-        for arm in table:
-            settings = {
-                "seed": seed,
-                "num-server-rounds": args.rounds,
-                "fraction-evaluate": AppConfig().fraction_evaluate,
-            }
-            settings |= UNBOUNDED if arm == "unbounded" else {}
-            started = time.perf_counter()
-            rounds, _ = run_once(federation, app_dir, work, f"{arm}-{seed}", settings)
-            train = [entry["replies"]["train"] for entry in rounds]
-            table[arm].append(
-                {
-                    "accuracy": central(rounds, len(rounds)),
-                    "run_s": time.perf_counter() - started,
-                    "received": sum(counts["received"] for counts in train),
-                    "clipped": sum(counts.get("clipped", 0) for counts in train),
-                    "capped": sum(counts.get("capped", 0) for counts in train),
+    """The default run-config with the gate's bound (its defaults) and without it, at each
+    `dirichlet-alpha`, seed by seed: final central accuracy, seconds a run, and the train
+    replies the bound cut."""
+    alphas = [float(alpha) for alpha in args.alphas.split(",")]
+    table: dict[str, list[dict]] = {}
+    for alpha in alphas:
+        for seed in range(args.seeds):
+            for arm in ("bounded", "unbounded"):
+                settings = {
+                    "seed": seed,
+                    "dirichlet-alpha": alpha,
+                    "num-server-rounds": args.rounds,
+                    "fraction-evaluate": AppConfig().fraction_evaluate,
                 }
-            )
-            if args.out:
-                args.out.write_text(json.dumps(table, indent=1))
-    print(f"\nThe default run-config, {len(rounds)} rounds, with and without the bound, {args.seeds} seeds\n")
+                settings |= UNBOUNDED if arm == "unbounded" else {}
+                started = time.perf_counter()
+                rounds, _ = run_once(federation, app_dir, work, f"{arm}-{alpha:g}-{seed}", settings)
+                train = [entry["replies"]["train"] for entry in rounds]
+                table.setdefault(f"{arm}, alpha {alpha:g}", []).append(
+                    {
+                        "accuracy": central(rounds, len(rounds)),
+                        "run_s": time.perf_counter() - started,
+                        "received": sum(counts["received"] for counts in train),
+                        "clipped": sum(counts.get("clipped", 0) for counts in train),
+                        "capped": sum(counts.get("capped", 0) for counts in train),
+                    }
+                )
+                if args.out:
+                    args.out.write_text(json.dumps(table, indent=1))
+    print(f"\nThe default run-config, {args.rounds} rounds, with and without the bound, {args.seeds} seeds\n")
     print("| | central accuracy by seed | mean | seconds a run (mean) | train replies clipped, capped |")
     print("| --- | --- | ---: | ---: | ---: |")
     for arm, runs in table.items():
@@ -544,7 +549,7 @@ def main() -> None:
     parser.add_argument("part", choices=["robustness", "bound", "privacy", "cost"])
     parser.add_argument("--rules", default=",".join([*AGGREGATIONS, "fedavg-unbounded"]))
     parser.add_argument("--attacks", default=",".join(ATTACKS))
-    parser.add_argument("--alphas", default="0.3,1.0")
+    parser.add_argument("--alphas", help="robustness: 0.3,1.0; bound: the default run-config's")
     parser.add_argument("--fraction", type=float, default=0.2)
     parser.add_argument("--rounds", type=int)
     parser.add_argument("--seeds", type=int, default=3)
@@ -563,6 +568,8 @@ def main() -> None:
             args.out.write_text(json.dumps(result, indent=1))
         return
     args.rounds = args.rounds or {"robustness": 20, "bound": AppConfig().num_server_rounds}.get(args.part, 30)
+    default_alphas = "0.3,1.0" if args.part == "robustness" else f"{AppConfig().dirichlet_alpha:g}"
+    args.alphas = args.alphas or default_alphas
     if args.part == "robustness":
         robustness(args)
         return

@@ -16,8 +16,8 @@ The colluding attacks (`alie`, `ipm`) are computed from the honest updates of ev
 partition attacking in the run (in a simulation only: a deployment's attacker knows no
 other). Each attacker trains each of those partitions honestly on the model it
 received, as that partition's client would, and they share the results through a
-folder (`attack-pool-dir`, by default `<data-cache-dir>/attack-pool`), so each is
-trained once a round. That is perfect collusion, an upper bound on what separate
+folder (`attack-pool-dir`, by default `<data-cache-dir>/attack-pool/<run id>`), so
+each is trained once a round. That is perfect collusion, an upper bound on what separate
 attackers can coordinate; they do not see the honest clients' updates.
 """
 
@@ -41,7 +41,7 @@ from pytorch_example.files import save_atomically
 
 ATTACKS_CLIENT_APP = "harness.attacks:app"
 # Run-config keys `copy_app` adds for a simulation with attackers.
-# `attack-pool-dir`: where colluders share their updates ("": <data-cache-dir>/attack-pool).
+# `attack-pool-dir`: where colluders share their updates ("": <data-cache-dir>/attack-pool/<run id>).
 ATTACK_RUN_CONFIG = {"attack": "", "attack-fraction": 0.0, "attack-partitions": "", "attack-pool-dir": ""}
 
 SCALE = 100.0  # "scaled": the update sent 100 times longer
@@ -123,6 +123,8 @@ def ipm(seen: Seen) -> State:
 def from_pool(seen: Seen, attack: Callable[[np.ndarray], np.ndarray]) -> State:
     """The received model plus `attack` of the colluders' updates, stacked flat."""
     updates = seen.colluders()
+    if len(updates) < 2:  # one update has no spread: ALIE's would be NaN, and the gate would drop it
+        raise ValueError(f"{len(updates)} colluding partition(s): the colluding attacks need 2 or more")
     names = list(seen.trained)
     stacked = np.stack(
         [np.concatenate([update[name].flatten().numpy() for name in names]) for update in updates]
@@ -189,7 +191,8 @@ def colluders_of(msg: Message, context: Context, attack: str) -> Callable[[], li
             p for p, name in attackers(context.run_config, node.num_partitions).items() if name == attack
         ]
         config = AppConfig.from_run_config({**context.run_config, **msg.content["config"]})
-        pool = Path(context.run_config.get("attack-pool-dir") or config.data_cache_dir / "attack-pool")
+        default_pool = config.data_cache_dir / "attack-pool" / str(context.run_id)
+        pool = Path(context.run_config.get("attack-pool-dir") or default_pool)
         pool.mkdir(parents=True, exist_ok=True)
         received = msg.content["arrays"].to_torch_state_dict()
         return [
@@ -215,7 +218,13 @@ def honest_update(
         return torch.load(path, weights_only=True)
     except FileNotFoundError:
         pass  # not trained yet this round
-    node_config = {**context.node_config, "partition-id": partition, "num-partitions": num_partitions}
+    # Its own head folder: a stored-head colleague keeps its head, which must not be the real client's.
+    node_config = {
+        **context.node_config,
+        "partition-id": partition,
+        "num-partitions": num_partitions,
+        "head-dir": str(pool / "heads"),
+    }
     node_config.pop("attack", None)
     colleague = Context(
         run_id=context.run_id,

@@ -18,13 +18,33 @@ from flwr.app import Array, ArrayRecord, Message, MetricRecord
 from flwr.common.logger import log
 
 from pytorch_example.client_app import EVALUATE_METRIC_KEYS, ROWS_KEY, TRAIN_METRIC_KEYS
-from pytorch_example.config import PRIVATE_HEAD, AppConfig
+from pytorch_example.config import FEDAVG, PRIVATE_HEAD, AppConfig
 from pytorch_example.task import HEAD_KEYS
-from pytorch_example.trust import EQUAL_WEIGHT_KEY, influence_bounds, weighs_replies_equally
 
 # The largest loss a reply may report: no cross-entropy this model reaches, and small
 # enough that means over any number of replies stay finite (results.json is JSON).
 MAX_LOSS = 1e30
+# What the server weighs a reply by when the client's own word on its rows must not
+# count: under the robust rules and DP, every reply weighs 1 (the gate stamps it).
+EQUAL_WEIGHT_KEY = "equal-weight"
+
+
+def weighs_replies_equally(config: AppConfig) -> bool:
+    """Whether replies weigh 1 each instead of their rows: under a robust rule (a rule
+    the client's own row count must not sway) and under DP (whose noise is scaled to a
+    mean in which every client counts the same)."""
+    return config.dp_on or config.aggregation != FEDAVG
+
+
+def influence_bounds(config: AppConfig) -> tuple[float, float]:
+    """The multiples of the round's median update norm and median row count that the
+    gate cuts each train reply's update and weight to (0: not cut). No norm bound under
+    DP, which clips to its own fixed norm: a bound taken from the other clients' updates
+    would let one client's data change another's share, past DP's sensitivity. No weight
+    bound where every reply weighs the same."""
+    norm_bound = 0.0 if config.dp_on else config.update_norm_bound
+    weight_bound = 0.0 if weighs_replies_equally(config) else config.update_weight_bound
+    return norm_bound, weight_bound
 
 
 @dataclass(frozen=True)
@@ -57,7 +77,10 @@ class ReplyGate:
     weight_bound: float = 0.0
 
     @classmethod
-    def for_run(cls, config: AppConfig, model: ArrayRecord, max_train_rows: int, max_val_rows: int):
+    def for_run(
+        cls, config: AppConfig, model: ArrayRecord, max_train_rows: int, max_val_rows: int
+    ) -> "ReplyGate":
+        """The gate for a run of `config` whose global model is shaped as `model`."""
         sent = {
             key: (tuple(array.shape), array.dtype)
             for key, array in model.items()
@@ -125,36 +148,45 @@ class ReplyGate:
         down to that length (its direction kept), and a row count above `weight_bound` x
         the median row count is lowered to it. The rest pass bit for bit.
 
-        The median is the lower one (of 2 replies, the smaller), so attackers short of
-        half the replies cannot raise the bounds. One reply of n then moves a weighted
-        mean by at most about `weight_bound` x `norm_bound` / n median update norms.
+        The medians are the lower ones (of 2 replies, the smaller), so attackers short of
+        half the replies cannot raise the bounds. One reply then moves a weighted mean by
+        at most its weight share times (`norm_bound` median norms plus the honest mean's
+        step): with the others near the median row count, a share of at most
+        `weight_bound` / (n - 1 + `weight_bound`). Half the replies or more can lower the
+        norm bound, and so slow the round down; if they moved nothing at all (a bound of
+        0), no update is cut this round rather than every one.
         """
-        if not replies:
+        if not replies or not (self.norm_bound or self.weight_bound):
             return Bounded()
-        model = {key: sent[key].numpy().astype(np.float64) for key in self.arrays}
+        cut: dict[int, list[str]] = {}  # reply index -> what was cut
         clipped = capped = 0
-        notes = []
-        if self.norm_bound > 0:
+        if self.norm_bound:
+            model = {key: sent[key].numpy().astype(np.float64) for key in self.arrays}
             norms = [update_norm(reply.content["arrays"], model) for reply in replies]
-            limit = self.norm_bound * lower_median(norms)
-            for reply, norm in zip(replies, norms, strict=True):
-                if norm > limit:
-                    reply.content["arrays"] = scaled_update(reply.content["arrays"], model, limit / norm)
+            norm_limit = self.norm_bound * lower_median(norms)
+            if norm_limit == 0:
+                log(WARNING, "Round %s: half the train replies or more moved nothing, so no update norm is "
+                    "cut this round", server_round)  # fmt: skip
+            for index, (reply, norm) in enumerate(zip(replies, norms, strict=True)):
+                if norm > norm_limit > 0:
+                    reply.content["arrays"] = scaled_update(reply.content["arrays"], model, norm_limit / norm)
                     clipped += 1
-                    notes.append(
-                        f"node {reply.metadata.src_node_id}'s update norm {norm:.3g} cut to {limit:.3g}"
-                    )
-        if self.weight_bound > 0:
+                    cut.setdefault(index, []).append(f"update norm {norm:.3g} cut to {norm_limit:.3g}")
+        if self.weight_bound:
             rows = [reply.content["metrics"][ROWS_KEY] for reply in replies]
-            most = max(1, math.floor(self.weight_bound * lower_median(rows)))
-            for reply, count in zip(replies, rows, strict=True):
-                if count > most:
-                    reply.content["metrics"][ROWS_KEY] = most
+            row_cap = max(1, math.floor(self.weight_bound * lower_median(rows)))
+            for index, (reply, count) in enumerate(zip(replies, rows, strict=True)):
+                if count > row_cap:
+                    reply.content["metrics"][ROWS_KEY] = row_cap
                     capped += 1
-                    notes.append(f"node {reply.metadata.src_node_id} weighs {most} of its {count} rows")
-        if notes:
+                    cut.setdefault(index, []).append(f"weighs {row_cap} of its {count} rows")
+        if cut:
+            notes = [
+                f"node {replies[index].metadata.src_node_id}: {', '.join(what)}"
+                for index, what in cut.items()
+            ]
             log(INFO, "Round %s: bounded %d of %d train replies (update-norm-bound, update-weight-bound): %s",
-                server_round, clipped + capped, len(replies), "; ".join(notes[:6]))  # fmt: skip
+                server_round, len(cut), len(replies), "; ".join(notes[:6]))  # fmt: skip
         return Bounded(clipped, capped)
 
 

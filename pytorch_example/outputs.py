@@ -555,8 +555,9 @@ class RunOutputs:
         """Append the round to results.json, checkpoint a new best model, log to W&B.
 
         `replies` counts, per phase, the messages sent and the replies received, failed
-        and left out; `privacy` (with DP on) is epsilon so far, its delta, and the private
-        rounds it counts. Returns the round's results.json entry.
+        and left out (and for train, those the gate's bound cut); `privacy` (with DP on)
+        is epsilon so far, its delta, and the private rounds it counts. Returns the
+        round's results.json entry.
         """
         round_result = {"round": server_round, "learning_rate": learning_rate, "replies": replies or {}}
         if privacy is not None:

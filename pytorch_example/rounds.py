@@ -17,7 +17,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result, Strategy
 
 from pytorch_example.config import AppConfig
-from pytorch_example.gate import Bounded, ReplyGate
+from pytorch_example.gate import ReplyGate
 from pytorch_example.outputs import RunOutputs
 from pytorch_example.trust import PrivacyLedger, too_few_replies
 
@@ -28,7 +28,8 @@ REPLY_POLL_INTERVAL_S = 0.05
 NODE_POLL_INTERVAL_S = 1.0
 
 CentralEvaluation = Callable[[int, ArrayRecord], MetricRecord | None]
-# Per phase: messages sent, replies received, failed, dropped; train replies bounded too.
+# Per phase: messages sent, replies received, failed, dropped; for train, also the
+# replies whose update norm (clipped) or weight (capped) the gate's bound cut.
 Counts = dict[str, dict[str, int]]
 
 
@@ -51,7 +52,7 @@ class RoundLoop:
     outputs : RunOutputs
         Records each finished round (results.json, checkpoints, W&B).
     gate : ReplyGate
-        What a reply must be to be used.
+        What a reply must be to be used, and how far a train reply may move the model.
     privacy : PrivacyLedger | None
         With DP on: epsilon so far; a round that would pass `dp-max-epsilon` is not run.
     """
@@ -138,6 +139,8 @@ class RoundLoop:
         """Train and aggregate into `result`, count the replies into `counts`; say why,
         if the round trained nothing (the model then stays as it was)."""
         messages, replies, usable = self._exchange("train", server_round, result.arrays, config, counts)
+        bounded = self.gate.bound(usable, result.arrays, server_round)
+        counts["train"] |= {"clipped": bounded.clipped, "capped": bounded.capped}
         why_untrained = self._untrained(messages, replies, usable)
         if why_untrained is None:
             arrays, train_metrics = self.strategy.aggregate_train(server_round, usable)
@@ -183,8 +186,7 @@ class RoundLoop:
         self, phase: str, server_round: int, arrays: ArrayRecord, client_config: ConfigRecord, counts: Counts
     ) -> tuple[list[Message], list[Message], list[Message]]:
         """One phase's messages ("train" or "evaluate"), sent once enough SuperNodes are
-        there; its replies, and those the gate lets through, train replies bounded
-        (counted into `counts`)."""
+        there; its replies, and those the gate lets through (counted into `counts`)."""
         flower = flower_strategy(self.strategy)
         if getattr(flower, f"fraction_{phase}") > 0:
             self._wait_for_nodes(max(flower.min_available_nodes, getattr(flower, f"min_{phase}_nodes")))
@@ -193,8 +195,7 @@ class RoundLoop:
         messages = list(configure(server_round, arrays, ConfigRecord(dict(client_config)), self.grid))
         replies = send_and_receive(self.grid, messages, self.config.round_timeout)
         usable = self.gate.screen(phase, replies, server_round)
-        bounded = self.gate.bound(usable, arrays, server_round) if phase == "train" else None
-        counts[phase] = reply_counts(messages, replies, usable, bounded)
+        counts[phase] = reply_counts(messages, replies, usable)
         return messages, replies, usable
 
     def _wait_for_nodes(self, needed: int) -> None:
@@ -222,21 +223,15 @@ def flower_strategy(strategy: Strategy) -> Strategy:
     return getattr(strategy, "strategy", strategy)
 
 
-def reply_counts(
-    messages: list[Message], replies: list[Message], usable: list[Message], bounded: Bounded | None = None
-) -> dict[str, int]:
-    """Messages sent, replies received, error replies, replies left out by the gate and,
-    for train replies, those whose update norm or weight the gate cut."""
+def reply_counts(messages: list[Message], replies: list[Message], usable: list[Message]) -> dict[str, int]:
+    """Messages sent, replies received, error replies, and replies left out by the gate."""
     failed = sum(1 for reply in replies if reply.has_error())
-    counts = {
+    return {
         "expected": len(messages),
         "received": len(replies),
         "failed": failed,
         "dropped": len(replies) - failed - len(usable),
     }
-    if bounded is not None:
-        counts |= {"clipped": bounded.clipped, "capped": bounded.capped}
-    return counts
 
 
 def log_progress(

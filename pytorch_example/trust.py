@@ -7,7 +7,8 @@ the strategy in Flower's server-side fixed clipping, and `PrivacyLedger` account
 the mechanism as the app runs it (docs/trust.md).
 """
 
-import math
+import dataclasses
+import itertools
 import random
 from collections.abc import Iterable
 from logging import INFO
@@ -33,12 +34,15 @@ from flwr.serverapp.strategy import (
     Strategy,
 )
 
-from pytorch_example.config import FEDAVG, AppConfig, ConfigError
+from pytorch_example.config import AppConfig, ConfigError
+from pytorch_example.gate import (
+    EQUAL_WEIGHT_KEY,
+    influence_bounds,
+    scaled_update,
+    update_norm,
+    weighs_replies_equally,
+)
 from pytorch_example.strategy import CustomFedAvg
-
-# What the server weighs a reply by when the client's own word on its rows must not
-# count: under the robust rules and DP, every reply weighs 1 (rounds.py stamps it).
-EQUAL_WEIGHT_KEY = "equal-weight"
 
 
 class CustomFedTrimmedAvg(CustomFedAvg, FedTrimmedAvg):
@@ -107,13 +111,13 @@ class ClippedNoisyMean(DifferentialPrivacyServerSideFixedClipping):
         replies = list(replies)
         # Paired by name: the model sent and each reply (the gate checked their names).
         sent = {key: array.numpy() for key, array in self.current_arrays.items()}
+        model = {key: values.astype(np.float64) for key, values in sent.items()}
         for reply in replies:
-            update = {key: array.numpy() - sent[key] for key, array in reply.content["arrays"].items()}
-            norm = float(np.sqrt(sum(np.square(part, dtype=np.float64).sum() for part in update.values())))
-            scale = min(1.0, self.clipping_norm / norm) if norm > 0 else 1.0
-            reply.content["arrays"] = ArrayRecord(
-                {key: Array(sent[key] + scale * part) for key, part in update.items()}
-            )
+            norm = update_norm(reply.content["arrays"], model)
+            if norm > self.clipping_norm:
+                reply.content["arrays"] = scaled_update(
+                    reply.content["arrays"], model, self.clipping_norm / norm
+                )
         mean, metrics = self.strategy.aggregate_train(server_round, replies)
         if mean is None:
             return None, metrics
@@ -171,24 +175,6 @@ def build_strategy(config: AppConfig, num_supernodes: int) -> Strategy:
     return CustomFedAvg(**common)
 
 
-def weighs_replies_equally(config: AppConfig) -> bool:
-    """Whether replies weigh 1 each instead of their rows: under a robust rule (a rule
-    the client's own row count must not sway) and under DP (whose noise is scaled to a
-    mean in which every client counts the same)."""
-    return config.dp_on or config.aggregation != FEDAVG
-
-
-def influence_bounds(config: AppConfig) -> tuple[float, float]:
-    """The multiples of the round's median update norm and median row count that the
-    gate cuts each train reply's update and weight to (0: not cut). No norm bound under
-    DP, which clips to its own fixed norm: a bound taken from the other clients' updates
-    would let one client's data change another's share, past DP's sensitivity. No weight
-    bound where every reply weighs the same."""
-    norm_bound = 0.0 if config.dp_on else config.update_norm_bound
-    weight_bound = 0.0 if weighs_replies_equally(config) else config.update_weight_bound
-    return norm_bound, weight_bound
-
-
 def min_replies(config: AppConfig) -> int:
     """The replies that passed the gate a round needs for `aggregation` with f =
     `num-malicious`: a majority honest for the per-weight rules (`median`,
@@ -222,41 +208,68 @@ def too_few_replies(config: AppConfig, num_usable: int) -> str | None:
     if config.aggregation == "trimmed-mean" and trimmed < min_trimmed(config):
         return (
             f"trim-fraction={config.trim_fraction:g} cuts {trimmed} of {num_usable} usable replies at each "
-            f"end, fewer than num-malicious={config.num_malicious}"
+            f"end, fewer than {min_trimmed(config)} (num-malicious={config.num_malicious}, and at least one)"
         )
     return None
 
 
 def check_sample(config: AppConfig, num_supernodes: int) -> None:
-    """Refuse an `aggregation` that can never work on the replies a round of a federation
-    of `num_supernodes` samples."""
+    """Refuse, in one line with a fix that passes this same check, an `aggregation` that
+    can never work on the replies a round of a federation of `num_supernodes` samples."""
+    problem = sample_problem(config, num_supernodes)
+    if problem is None:
+        return
+    key, why = problem
+    if key == "multi-krum-keep":
+        raise ConfigError(f"{why}: lower it, or 0 for all of them")
+    if key == "trim-fraction" and (trim := first_fix(config, num_supernodes, "trim_fraction", TRIMS)):
+        raise ConfigError(f"{why}: raise it to {trim:g}")
+    if fraction := first_fix(config, num_supernodes, "fraction_train", FRACTIONS):
+        fix = f"fraction-train={fraction:g}"
+    else:
+        more = next(n for n in itertools.count(num_supernodes + 1) if sample_problem(config, n) is None)
+        fix = f"at least {more} SuperNodes"
+    if key == "aggregation" and config.num_malicious:
+        raise ConfigError(f"{why}: lower num-malicious, or use {fix}")
+    raise ConfigError(f"{why}: use {fix}")
+
+
+# The values a fix may suggest: steps a user would type.
+TRIMS = [step / 1000 for step in range(1, 500)]
+FRACTIONS = [step / 100 for step in range(1, 101)]
+
+
+def first_fix(config: AppConfig, num_supernodes: int, field: str, values: list[float]) -> float | None:
+    """The first of `values` for `field` under which `check_sample` passes, or None."""
+    for value in values:
+        if sample_problem(dataclasses.replace(config, **{field: value}), num_supernodes) is None:
+            return value
+    return None
+
+
+def sample_problem(config: AppConfig, num_supernodes: int) -> tuple[str, str] | None:
+    """The key at fault and why, if no round of a federation of `num_supernodes` can
+    serve the rule; None if a round that gets every reply it samples can."""
     num_sampled, f = config.train_sample_size(num_supernodes), config.num_malicious
     needed = min_replies(config)
     if num_sampled < needed:
-        fraction = next(
-            (step / 100 for step in range(1, 101) if int(num_supernodes * step / 100) >= needed), None
-        )
-        fix = f"fraction-train={fraction:g}" if fraction else f"at least {needed} SuperNodes"
-        raise ConfigError(
+        return "aggregation", (
             f"run-config key 'aggregation' = '{config.aggregation}' with num-malicious={f} needs at "
             f"least {needed} replies a round, but a round samples {num_sampled} of {num_supernodes} "
-            f"SuperNodes: lower num-malicious, or use {fix}"
+            "SuperNodes"
         )
-    if config.aggregation == "trimmed-mean" and int(config.trim_fraction * num_sampled) < min_trimmed(config):
-        cut = min_trimmed(config)
-        smallest = math.ceil(1000 * cut / num_sampled) / 1000  # int(smallest * n) >= cut
-        fix = f"raise it to {smallest:g}" if smallest < 0.5 else "sample more (fraction-train)"
-        raise ConfigError(
-            f"run-config key 'trim-fraction' = {config.trim_fraction:g} cuts "
-            f"{int(config.trim_fraction * num_sampled)} of the {num_sampled} replies a round gets at each "
-            f"end, fewer than num-malicious={f}: {fix}"
+    trimmed, cut = int(config.trim_fraction * num_sampled), min_trimmed(config)
+    if config.aggregation == "trimmed-mean" and trimmed < cut:
+        return "trim-fraction", (
+            f"run-config key 'trim-fraction' = {config.trim_fraction:g} cuts {trimmed} of the {num_sampled} "
+            f"replies a round gets at each end, fewer than {cut} (num-malicious={f}, and at least one)"
         )
     if config.aggregation == "multi-krum" and config.multi_krum_keep > num_sampled - f:
-        raise ConfigError(
+        return "multi-krum-keep", (
             f"run-config key 'multi-krum-keep' = {config.multi_krum_keep} exceeds the {num_sampled - f} "
-            f"replies Multi-Krum may keep ({num_sampled} sampled minus num-malicious={f}): lower it, "
-            "or 0 for all of them"
+            f"replies Multi-Krum may keep ({num_sampled} sampled minus num-malicious={f})"
         )
+    return None
 
 
 def check_federation(config: AppConfig, num_supernodes: int) -> None:

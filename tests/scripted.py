@@ -1,10 +1,10 @@
 """A scripted Grid for the round loop's tests: every node answers at once, as told."""
 
-import itertools
 from pathlib import Path
 
 from flwr.app import ArrayRecord, Error, Message, MetricRecord, RecordDict
 
+from harness.local_grid import LocalGrid
 from pytorch_example.config import AppConfig
 from pytorch_example.gate import ReplyGate
 from pytorch_example.outputs import RunOutputs
@@ -16,7 +16,7 @@ MAX_TRAIN_ROWS = 1000  # the most train rows a client of these tests holds
 MAX_VAL_ROWS = 250
 
 
-class ScriptedGrid:
+class ScriptedGrid(LocalGrid):
     """Stands in for Flower's Grid: every node answers at once, as `answer` says.
 
     `answer(server_round, message)` returns a reply's content, or an exception to
@@ -24,36 +24,22 @@ class ScriptedGrid:
     """
 
     def __init__(self, num_nodes: int, answer) -> None:
-        self.node_ids = list(range(1, num_nodes + 1))
+        super().__init__(range(1, num_nodes + 1))
         self.answer = answer
-        self.ids = itertools.count()
-        self.pushed: dict[str, Message] = {}
         self.sent: list[tuple[str, dict]] = []  # type and config, as pushed
 
-    def get_node_ids(self):
-        return self.node_ids
-
     def push_messages(self, messages):
-        ids = []
+        messages = list(messages)
         for message in messages:
-            # As the SuperLink does when it accepts a message.
-            message.metadata.__dict__["_message_id"] = f"message-{next(self.ids)}"
-            self.pushed[message.metadata.message_id] = message
             self.sent.append((message.metadata.message_type, dict(message.content["config"])))
-            ids.append(message.metadata.message_id)
-        return ids
+        return super().push_messages(messages)
 
-    def pull_messages(self, message_ids):
-        replies = []
-        for message_id in list(message_ids):
-            message = self.pushed.pop(message_id)
-            server_round = int(message.content["config"]["server-round"])
-            answer = self.answer(server_round, message)
-            if isinstance(answer, Exception):
-                replies.append(message.create_error_reply(Error(code=0, reason=f"Traceback...\n{answer!r}")))
-            else:
-                replies.append(Message(answer, reply_to=message))
-        return replies
+    def reply_to(self, message: Message) -> Message:
+        server_round = int(message.content["config"]["server-round"])
+        answer = self.answer(server_round, message)
+        if isinstance(answer, Exception):
+            return message.create_error_reply(Error(code=0, reason=f"Traceback...\n{answer!r}"))
+        return Message(answer, reply_to=message)
 
 
 def is_train(message: Message) -> bool:

@@ -7,6 +7,7 @@ dropped, every honest one is used, and recorded scores stay in [0, 1].
 """
 
 import json
+import logging
 import math
 
 import numpy as np
@@ -17,10 +18,10 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from pytorch_example.client_app import EVALUATE_METRIC_KEYS, ROWS_KEY, TRAIN_METRIC_KEYS
-from pytorch_example.config import AGGREGATIONS
-from pytorch_example.gate import Bounded, ReplyGate
+from pytorch_example.config import AGGREGATIONS, PRIVATE_HEAD
+from pytorch_example.gate import EQUAL_WEIGHT_KEY, Bounded, ReplyGate
 from pytorch_example.rounds import RunFailed
-from pytorch_example.task import Net
+from pytorch_example.task import HEAD_KEYS, Net
 from pytorch_example.trust import build_strategy, too_few_replies
 from tests.scripted import MAX_TRAIN_ROWS, MAX_VAL_ROWS, ScriptedGrid, config_for, is_train, run_rounds
 
@@ -195,7 +196,8 @@ def test_no_reply_breaks_a_round_and_every_bad_one_is_counted(tmp_path_factory, 
         counts = dict(entry["replies"][phase])
         bounded = {key: counts.pop(key) for key in ("clipped", "capped") if key in counts}
         assert counts == {"expected": NUM_NODES, "received": NUM_NODES, "failed": 0, "dropped": bad}
-        assert sum(bounded.values()) <= NUM_NODES - bad and len(bounded) == (2 if phase == "train" else 0)
+        assert len(bounded) == (2 if phase == "train" else 0)
+        assert all(count <= NUM_NODES - bad for count in bounded.values())  # of the replies used
     assert (entry["train_metrics"] != {}) == trainable
     saved = torch.load(run_dir / "resume.pt", weights_only=True)["arrays"]
     assert all(torch.isfinite(value).all() for value in saved.values())
@@ -316,8 +318,8 @@ def test_honest_replies_under_the_bound_pass_bit_for_bit():
 
 
 def the_attack(attack: str, sent: ArrayRecord) -> dict[str, torch.Tensor]:
-    """Node 6's update: its trained model x 1e30 (finite), or a replacement that, after
-    a mean over 6 equal rows, would set the global model to zero."""
+    """Node 6's update: its trained model x 1e30 (finite), or a replacement that a mean
+    over 6 replies of equal rows would turn into a zero model."""
     model = sent.to_torch_state_dict()
     trained = {key: model[key] + update for key, update in random_update(1.0, 9).items()}
     if attack == "huge":
@@ -337,6 +339,12 @@ def test_one_reply_moves_fedavg_no_further_than_the_bound_allows(attack):
     honest_sum = sum(count * torch.cat([u.double().flatten() for u in update.values()])
                      for update, count in zip(updates[:5], HONEST_ROWS, strict=True))  # fmt: skip
     capped_rows = 3 * 110
+    sent, replies = sent_and_replies(updates, rows)
+    gate = ReplyGate.for_run(config_for(), sent, MAX_TRAIN_ROWS, MAX_VAL_ROWS)
+    gate.bound(gate.screen("train", replies, 1), sent, 1)
+    # Cut to 2 x the median norm, 1.0, in float64: a float32 square of 1e30 is Inf.
+    assert float(flat_update(replies[-1].content["arrays"], sent).norm()) == pytest.approx(2.0, rel=1e-5)
+    assert replies[-1].content["metrics"][ROWS_KEY] == capped_rows
     bounded = aggregate(config_for(), *sent_and_replies(updates, rows))
     total = sum(HONEST_ROWS) + capped_rows
     allowed = capped_rows / total * 2 * 1.0
@@ -369,9 +377,47 @@ def test_of_two_replies_the_smaller_update_sets_the_bound():
 
 def test_under_dp_the_gate_leaves_the_clipping_to_dp():
     """DP clips to its own fixed norm: a bound from other clients' updates would let one
-    client's data change another's share."""
+    client's data change another's share. Every reply weighs 1 there too."""
     config = config_for(dp_noise_multiplier=1.0, dp_clipping_norm=0.5)
-    gate = ReplyGate.for_run(config, ArrayRecord(Net().state_dict()), MAX_TRAIN_ROWS, MAX_VAL_ROWS)
-    assert (gate.norm_bound, gate.weight_bound) == (0.0, 0.0)
-    robust = ReplyGate.for_run(config_for(aggregation="median"), ArrayRecord(Net().state_dict()), 10, 10)
-    assert (robust.norm_bound, robust.weight_bound) == (2.0, 0.0)  # every reply weighs 1 there
+    sent, replies = sent_and_replies([random_update(norm, 0) for norm in (1.0, 1.0, 50.0)], [100, 100, 900])
+    before = [reply.content["arrays"]["fc1.weight"].numpy().tobytes() for reply in replies]
+    gate = ReplyGate.for_run(config, sent, MAX_TRAIN_ROWS, MAX_VAL_ROWS)
+    assert gate.bound(gate.screen("train", replies, 1), sent, 1) == Bounded()
+    assert [reply.content["arrays"]["fc1.weight"].numpy().tobytes() for reply in replies] == before
+    assert [reply.content["metrics"][ROWS_KEY] for reply in replies] == [100, 100, 900]
+
+
+def test_under_a_robust_rule_the_norm_is_bounded_and_every_reply_weighs_one():
+    sent, replies = sent_and_replies([random_update(norm, 0) for norm in (1.0, 1.0, 50.0)], [100, 100, 900])
+    gate = ReplyGate.for_run(config_for(aggregation="median"), sent, MAX_TRAIN_ROWS, MAX_VAL_ROWS)
+    assert gate.bound(gate.screen("train", replies, 1), sent, 1) == Bounded(clipped=1, capped=0)
+    assert [reply.content["metrics"][EQUAL_WEIGHT_KEY] for reply in replies] == [1, 1, 1]
+
+
+def test_with_private_head_the_bound_measures_the_body_that_was_sent():
+    config = config_for(personalisation=PRIVATE_HEAD)
+    sent, replies = sent_and_replies(
+        [random_update(norm, seed) for seed, norm in enumerate((1.0, 1.0, 50.0))], [100] * 3
+    )
+    for reply in replies:  # a private-head client sends its body only
+        reply.content["arrays"] = ArrayRecord(
+            {key: array for key, array in reply.content["arrays"].items() if key not in HEAD_KEYS}
+        )
+    gate = ReplyGate.for_run(config, sent, MAX_TRAIN_ROWS, MAX_VAL_ROWS)
+    usable = gate.screen("train", replies, 1)
+    assert len(usable) == 3 and gate.bound(usable, sent, 1) == Bounded(clipped=1, capped=0)
+    body = ArrayRecord({key: array for key, array in sent.items() if key not in HEAD_KEYS})
+    norms = [float(flat_update(reply.content["arrays"], body).norm()) for reply in usable]
+    # The head's share of each update is left out: the body's norms, then the cut to 2 x their median.
+    assert norms[2] == pytest.approx(2 * sorted(norms)[1], rel=1e-5)
+
+
+def test_when_half_the_replies_move_nothing_no_update_is_cut(caplog):
+    """A bound of 0 would cut every update to nothing: the round goes on uncut instead."""
+    zero = {key: torch.zeros_like(value) for key, value in Net().state_dict().items()}
+    sent, replies = sent_and_replies([zero, zero, random_update(1.0, 0), random_update(5.0, 1)], [100] * 4)
+    gate = ReplyGate.for_run(config_for(), sent, MAX_TRAIN_ROWS, MAX_VAL_ROWS)
+    with caplog.at_level(logging.WARNING, logger="flwr"):
+        assert gate.bound(gate.screen("train", replies, 1), sent, 1) == Bounded()
+    assert "half the train replies or more moved nothing, so no update norm is cut" in caplog.text
+    assert float(flat_update(replies[3].content["arrays"], sent).norm()) == pytest.approx(5.0, rel=1e-5)

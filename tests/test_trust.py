@@ -11,6 +11,9 @@ import pytest
 import torch
 from dp_accounting import dp_event, rdp
 from flwr.app import ArrayRecord, ConfigRecord
+from hypothesis import assume, given
+from hypothesis import settings as hypothesis_settings
+from hypothesis import strategies as st
 
 from harness.flower_processes import default_run_config
 from pytorch_example.config import AppConfig, ConfigError
@@ -73,15 +76,15 @@ ROBUST = ["trimmed-mean", "median", "krum", "multi-krum", "bulyan"]
         (
             {"aggregation": "trimmed-mean", "trim-fraction": 0.05},
             50,
-            r"'trim-fraction' = 0.05 cuts 0 of the 12 replies a round gets at each end, fewer than "
-            r"num-malicious=1: raise it to 0.084",
+            r"'trim-fraction' = 0.05 cuts 0 of the 12 replies a round gets at each end, fewer than 1 "
+            r"\(num-malicious=1, and at least one\): raise it to 0.084",
             {"trim-fraction": 0.084},
         ),
         (
             {"aggregation": "trimmed-mean", "num-malicious": 3},
             50,
-            r"'trim-fraction' = 0.2 cuts 2 of the 12 replies a round gets at each end, fewer than "
-            r"num-malicious=3: raise it to 0.25",
+            r"'trim-fraction' = 0.2 cuts 2 of the 12 replies a round gets at each end, fewer than 3 "
+            r"\(num-malicious=3, and at least one\): raise it to 0.25",
             {"trim-fraction": 0.25},
         ),
         (
@@ -90,6 +93,13 @@ ROBUST = ["trimmed-mean", "median", "krum", "multi-krum", "bulyan"]
             r"'trimmed-mean' with num-malicious=1 needs at least 3 replies a round, but a round samples 2 "
             r"of 10 SuperNodes: lower num-malicious, or use fraction-train=0.3",
             {"fraction-train": 0.3},
+        ),
+        (  # 0.3 would sample 3, enough replies, but cut none of them
+            {"aggregation": "trimmed-mean", "fraction-train": 0.1},
+            10,
+            r"needs at least 3 replies a round, but a round samples 2 of 10 SuperNodes: lower "
+            r"num-malicious, or use fraction-train=0.5",
+            {"fraction-train": 0.5},
         ),
         (
             {"aggregation": "median", "fraction-train": 1.0},
@@ -120,6 +130,38 @@ def test_a_rule_that_cannot_work_on_the_sample_is_refused_with_a_fix_that_works(
         check_sample(AppConfig.from_run_config(run_config), supernodes)
     if fix is not None:
         check_sample(AppConfig.from_run_config({**run_config, **fix}), supernodes)
+
+
+@hypothesis_settings(max_examples=300, derandomize=True, deadline=None)
+@given(
+    rule=st.sampled_from(["trimmed-mean", "median", "krum", "multi-krum", "bulyan"]),
+    num_malicious=st.integers(0, 6),
+    trim_fraction=st.integers(1, 499).map(lambda step: step / 1000),
+    fraction_train=st.integers(1, 100).map(lambda step: step / 100),
+    supernodes=st.integers(1, 300),
+)
+def test_every_fix_a_refusal_suggests_passes_the_same_check(
+    rule, num_malicious, trim_fraction, fraction_train, supernodes
+):
+    config = AppConfig(
+        aggregation=rule,
+        num_malicious=num_malicious,
+        trim_fraction=trim_fraction,
+        fraction_train=fraction_train,
+    )
+    try:
+        check_sample(config, supernodes)
+    except ConfigError as refusal:
+        fix = str(refusal).rpartition(": ")[2]
+        if match := re.fullmatch(r"raise it to ([\d.]+)", fix):
+            fixed = {"trim_fraction": float(match[1])}
+        elif match := re.search(r"use fraction-train=([\d.]+)$", fix):
+            fixed = {"fraction_train": float(match[1])}
+        elif match := re.search(r"use at least (\d+) SuperNodes$", fix):
+            fixed, supernodes = {}, int(match[1])
+        else:
+            assume(False)  # multi-krum-keep: lowering it, or num-malicious, is the user's choice
+        check_sample(dataclasses.replace(config, **fixed), supernodes)
 
 
 def test_each_rule_at_its_limit_is_accepted():
@@ -240,8 +282,8 @@ def test_trimmed_mean_that_cuts_fewer_than_num_malicious_in_a_round_trains_nothi
         run_rounds(
             tmp_path, dataclasses.replace(config, num_server_rounds=1), ScriptedGrid(7, node_7_crashes)
         )
-    assert (
-        "trim-fraction=0.3 cuts 1 of 6 usable replies at each end, fewer than num-malicious=2" in caplog.text
+    assert "trim-fraction=0.3 cuts 1 of 6 usable replies at each end, fewer than 2 (num-malicious=2" in (
+        caplog.text
     )
 
 
