@@ -334,10 +334,10 @@ def run_cell(cell: Cell) -> dict:
     config = AppConfig.from_run_config(run_config)
     random.seed(cell.seed)  # which clients Flower's FedAvg samples
     torch.manual_seed(cell.seed)  # the gaussian attack's draws
-    most_rows = prepare_partitions(config.data_source, config.partitioning(NUM_CLIENTS))
+    prepare_partitions(config.data_source, config.partitioning(NUM_CLIENTS))
     torch.manual_seed(config.seed)
     initial = ArrayRecord(Net().state_dict())
-    gate = ReplyGate.for_run(config, initial, *most_rows)
+    gate = ReplyGate.for_run(config, initial)
     meter = Meter(rule_strategy(cell.rule, config), gate)
     node_configs = [{"partition-id": p, "num-partitions": NUM_CLIENTS} for p in range(NUM_CLIENTS)]
     grid = ClientAppGrid(run_config, node_configs, meter.honest_too(attacks.train), attacks.evaluate)
@@ -520,7 +520,7 @@ def cost(args) -> dict:
             table[rule][count] = time.perf_counter() - started
             print(f"{rule} on {count} replies: {table[rule][count]:.3f} s", flush=True)
     sent = ArrayRecord(model)
-    gate = ReplyGate.for_run(AppConfig(), sent, max_train_rows=1000, max_val_rows=1000)
+    gate = ReplyGate.for_run(AppConfig(), sent)
     table["the gate's bound"] = {}
     for count in counts:
         seconds = []

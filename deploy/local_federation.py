@@ -17,6 +17,7 @@ import contextlib
 import datetime
 import fcntl
 import grp
+import hashlib
 import ipaddress
 import json
 import os
@@ -687,8 +688,38 @@ def start_superlink(folder: Path, args: argparse.Namespace, host: str, port: int
     )  # fmt: skip
 
 
+def node_data_folders(folder: Path, args: argparse.Namespace) -> list[Path]:
+    """Each SuperNode's own data folder, as on its own machine: `--data`'s partition-<i>,
+    or simulation's partitions exported once into the federation folder."""
+    if args.data:
+        folders = [args.data.resolve() / f"partition-{index}" for index in range(args.nodes)]
+        if missing := [path for path in folders if not path.is_dir()]:
+            raise FederationError(
+                f"--data {args.data} holds no {missing[0].name}: export one per SuperNode with python -m "
+                f"pytorch_example.node_data export --num-partitions {args.num_partitions} --out {args.data}"
+            )
+        return folders
+    settings = f"{args.dataset_path.resolve() if args.dataset_path else 'hub'} {args.num_partitions}"
+    exported = folder / f"data-{hashlib.sha256(settings.encode()).hexdigest()[:12]}"
+    if not exported.is_dir():
+        partial = Path(tempfile.mkdtemp(prefix=".data-", dir=folder))
+        source = ["--dataset-path", str(args.dataset_path.resolve())] if args.dataset_path else []
+        command = [
+            sys.executable, "-m", "pytorch_example.node_data", "export",
+            "--num-partitions", str(args.num_partitions), "--out", str(partial / "data"), *source,
+        ]  # fmt: skip
+        done = subprocess.run(command, capture_output=True, text=True, stdin=subprocess.DEVNULL)
+        if done.returncode:
+            shutil.rmtree(partial, ignore_errors=True)
+            last = (done.stderr.strip().splitlines() or ["no output"])[-1]
+            raise FederationError(f"exporting each SuperNode's data failed: {last}")
+        os.replace(partial / "data", exported)
+        shutil.rmtree(partial, ignore_errors=True)
+    return [exported / f"partition-{index}" for index in range(args.nodes)]
+
+
 def start_supernode(
-    folder: Path, args: argparse.Namespace, index: int, address: str, private_key: Path | None
+    folder: Path, args: argparse.Namespace, index: int, address: str, private_key: Path | None, data: Path
 ) -> dict:
     security = ["--insecure"]
     if private_key:
@@ -698,7 +729,7 @@ def start_supernode(
             "--auth-supernode-private-key",
             str(private_key),
         ]
-    node_config = f"partition-id={index} num-partitions={args.num_partitions}"
+    node_config = f"dataset-path='{data}'"
     # SuperNodes sharing this machine share its cores: more torch threads than cores
     # made every ClientApp 20x slower on 2 cores.
     threads = str(max(1, (os.cpu_count() or 1) // args.nodes))
@@ -743,6 +774,7 @@ def up(args: argparse.Namespace) -> None:
         if public:
             check_port(superlink_host, superlink_port, "--local-port")
         (folder / "logs").mkdir(exist_ok=True)
+        data = node_data_folders(folder, args) if args.nodes else []
         # SuperNodes started here reach the public address by a local one when it is
         # every address of this machine: both must be names in the certificate.
         reach_host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(args.host, args.host)
@@ -785,7 +817,9 @@ def up(args: argparse.Namespace) -> None:
                     private_keys[index], public_key = ensure_supernode_key(folder, index)
                     register(folder, public_key)
             for index, private_key in enumerate(private_keys):
-                state["processes"].append(start_supernode(folder, args, index, fleet_address, private_key))
+                state["processes"].append(
+                    start_supernode(folder, args, index, fleet_address, private_key, data[index])
+                )
                 write_state(folder, state)
             wait_for(
                 # Its own SuperNodes start now: each is there once it comes online (as is
@@ -871,6 +905,13 @@ def check_up_options(args: argparse.Namespace) -> None:
         raise FederationError(f"--nodes {args.nodes}: use 0 (the SuperLink only) or more")
     if args.nodes > args.num_partitions:
         raise FederationError(f"--nodes {args.nodes} is more than --num-partitions {args.num_partitions}")
+    if args.data and args.dataset_path:
+        raise FederationError(
+            "--data holds each SuperNode's data already; --dataset-path is what to export it from"
+        )
+    for option, path in (("--data", args.data), ("--dataset-path", args.dataset_path)):
+        if path is not None and not path.is_dir():
+            raise FederationError(f"{option} {path} is not a folder")
     if args.san and args.insecure:
         raise FederationError("--san names the SuperLink in its TLS certificate, and --insecure has none")
     for option, port in (("--port", args.port), ("--local-port", args.local_port)):
@@ -899,7 +940,22 @@ def main() -> None:
     up_parser.add_argument(
         "--nodes", type=int, default=2, help="SuperNodes to start here (0: SuperLink only)"
     )
-    up_parser.add_argument("--num-partitions", type=int, help="partitions in all (default: --nodes)")
+    up_parser.add_argument(
+        "--num-partitions",
+        type=int,
+        help="partitions exported in all, the first --nodes used here (default: --nodes)",
+    )
+    up_parser.add_argument(
+        "--data",
+        type=Path,
+        help="a folder of partition-<i> folders, one per SuperNode (python -m pytorch_example.node_data "
+        "export); default: exported here from --dataset-path",
+    )
+    up_parser.add_argument(
+        "--dataset-path",
+        type=Path,
+        help="the Fashion-MNIST files to export each SuperNode's data from (default: the Hugging Face Hub)",
+    )
     up_parser.add_argument("--insecure", action="store_true", help="no TLS, no SuperNode authentication")
     up_parser.add_argument(
         "--host",

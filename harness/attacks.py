@@ -190,7 +190,7 @@ def colluders_of(msg: Message, context: Context, attack: str) -> Callable[[], li
         partitions = [
             p for p, name in attackers(context.run_config, node.num_partitions).items() if name == attack
         ]
-        config = AppConfig.from_run_config({**context.run_config, **msg.content["config"]})
+        config = AppConfig.for_client(context.run_config, msg.content["config"], own_data=False)
         default_pool = config.data_cache_dir / "attack-pool" / str(context.run_id)
         pool = Path(context.run_config.get("attack-pool-dir") or default_pool)
         pool.mkdir(parents=True, exist_ok=True)
@@ -261,11 +261,15 @@ def train(msg: Message, context: Context) -> Message:
     if attack == EXTRA_METRIC:
         reply.content["metrics"]["train_accuracy"] = 0.5
         return reply
-    config = AppConfig.from_run_config({**context.run_config, **msg.content["config"]})
+    node = NodeConfig.from_node_config(context.node_config)
+    config = AppConfig.for_client(
+        context.run_config, msg.content["config"], own_data=node.dataset_path is not None
+    )
     seen = Seen(
         trained=reply.content["arrays"].to_torch_state_dict(),
         received=msg.content["arrays"].to_torch_state_dict(),
-        sampled=config.train_sample_size(NodeConfig.from_node_config(context.node_config).num_partitions),
+        # As many as the simulation's SuperNodes; a deployment's node does not know (2, the least).
+        sampled=config.train_sample_size(node.num_partitions or 0),
         colluders=colluders_of(msg, context, attack),
     )
     reply.content["arrays"] = ArrayRecord(UPDATE_ATTACKS[attack](seen))

@@ -15,17 +15,19 @@ import tomllib
 from pathlib import Path
 
 from deploy import local_federation
-from harness import netns
+from harness import mountns, netns
 from harness.flower_processes import REPO, VENV_BIN, descendants, free_port, isolated_env
 
 SCRIPT = REPO / "deploy" / "local_federation.py"
 
 
 class Deployment:
-    """The script with its own folder and Flower Config."""
+    """The script with its own folder and Flower Config; `up` exports its SuperNodes' own
+    data from `dataset` (the Fashion-MNIST files), as README's user passes --dataset-path."""
 
-    def __init__(self, root: Path, namespace: str | None = None) -> None:
+    def __init__(self, root: Path, namespace: str | None = None, dataset: Path | None = None) -> None:
         self.root = root
+        self.dataset = dataset
         self.folder = root / "federation"
         self.env = isolated_env(root)
         self.namespace = namespace  # the host it runs on (see harness/netns.py); None: this one
@@ -38,6 +40,8 @@ class Deployment:
 
     def script(self, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
         command, *options = args
+        if command == "up" and self.dataset and not {"--data", "--dataset-path"} & set(options):
+            options = [*options, "--dataset-path", str(self.dataset)]
         done = subprocess.run(
             self.on_host([sys.executable, str(SCRIPT), command, "--dir", str(self.folder), *options]),
             env=self.env,
@@ -99,8 +103,10 @@ class Deployment:
         namespace: str | None = None,
         env: dict | None = None,
         supervised: bool = False,
+        hidden: list[Path] | None = None,
     ) -> subprocess.Popen:
-        """A SuperNode started by the caller, not by the script; `env` adds to its environment."""
+        """A SuperNode started by the caller, not by the script; `env` adds to its
+        environment, and `hidden` folders it sees empty (harness/mountns.py)."""
         # As deploy/README.md starts one on another machine: through deploy/supernode.py.
         supernode = [sys.executable, str(REPO / "deploy" / "supernode.py")] if supervised else []
         command = [
@@ -108,10 +114,16 @@ class Deployment:
             *security,
             "--superlink",
             superlink or self.state()["address"],
+            "--port",
+            str(free_port()),
+            "--node-config",
+            node_config,
         ]
+        if hidden:
+            command = mountns.with_hidden(hidden, command)
         with open(self.root / f"{name}.log", "wb") as log:
             process = subprocess.Popen(
-                self.on_host([*command, "--port", str(free_port()), "--node-config", node_config], namespace),
+                self.on_host(command, namespace),
                 env={**self.env, **(env or {})},
                 stdout=log,
                 stderr=subprocess.STDOUT,

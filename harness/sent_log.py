@@ -2,9 +2,10 @@
 
 Tests deploy it in place of `pytorch_example.client_app:app` (see
 `copy_app(..., client_app=SENT_LOG_CLIENT_APP)`). A Flower mod sees each reply on its
-way out of the ClientApp and appends one JSON line to `<data-cache-dir>/sent.jsonl`:
-the message type, the partition, and each record's kind and keys. Nothing here ships
-with the app.
+way out of the ClientApp and appends one JSON line to `<data-cache-dir>/sent.jsonl` (a
+node with its own data: to its own cache): the message type, the partition, each
+record's kind and keys, and the config the message it answers carried. Nothing here
+ships with the app.
 """
 
 import json
@@ -14,7 +15,7 @@ from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
 from pytorch_example import client_app
-from pytorch_example.config import AppConfig
+from pytorch_example.config import AppConfig, NodeConfig
 
 SENT_LOG_CLIENT_APP = "harness.sent_log:app"
 SENT_LOG = "sent.jsonl"
@@ -27,8 +28,16 @@ def log_what_is_sent(msg: Message, context: Context, call_next) -> Message:
         "type": msg.metadata.message_type,
         "partition-id": context.node_config.get("partition-id"),
         "records": records,
+        "received-config": dict(msg.content["config"]),
     }
-    log_file = AppConfig.from_run_config(context.run_config).data_cache_dir / SENT_LOG
+    node = NodeConfig.from_node_config(context.node_config)
+    if node.dataset_path is not None:
+        folder = node.cache_dir  # a node of its own data reads none of the run's paths
+    else:
+        folder = AppConfig.for_client(
+            context.run_config, msg.content["config"], own_data=False
+        ).data_cache_dir
+    log_file = folder / SENT_LOG
     log_file.parent.mkdir(parents=True, exist_ok=True)
     with open(log_file, "a") as file:  # one short append per reply
         file.write(json.dumps(line) + "\n")

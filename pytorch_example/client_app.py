@@ -24,6 +24,7 @@ from pytorch_example import task
 from pytorch_example.config import PRIVATE_HEAD, STORED_HEAD, AppConfig, NodeConfig
 from pytorch_example.data import Partition, load_partition
 from pytorch_example.heads import HeadStore
+from pytorch_example.node_data import load_node_partition
 
 # The keys of the messages this ClientApp reads and the replies it sends.
 LR_KEY = "lr"  # in train and evaluate messages: the round's learning rate
@@ -47,20 +48,21 @@ class ClientRound:
     net: task.Net  # the global model, as received
     sgd: task.SGD  # this round's learning rate, on this client's device
     heads: HeadStore  # its own head on disk
-    seed: tuple[int, int, int]  # run seed, round, partition id: what its random draws follow
+    seed: tuple[int, int, int]  # run seed, round, its node's stream: what its random draws follow
 
 
 def setup(msg: Message, context: Context) -> ClientRound:
     """Read the message and node config, and put this client's head from disk into
     `context.state` when a fresh SuperNode's state has none."""
     sent = msg.content["config"]
-    config = AppConfig.from_run_config({**context.run_config, **sent})
     node = NodeConfig.from_node_config(context.node_config)
-    heads = HeadStore(node.head_dir or config.data_cache_dir / "heads", sent.get(LINEAGE_KEY), node)
+    config = AppConfig.for_client(context.run_config, sent, own_data=node.dataset_path is not None)
+    cache_dir = node.cache_dir if node.dataset_path is not None else config.data_cache_dir
+    heads = HeadStore(node.head_dir or cache_dir / "heads", sent.get(LINEAGE_KEY), node)
     if HEAD_STATE_KEY not in context.state and (kept := heads.load()) is not None:
         context.state[HEAD_STATE_KEY] = ArrayRecord(kept)
     sgd = task.SGD(float(sent[LR_KEY]), config.momentum, config.batch_size, device())
-    seed = (config.seed, int(sent["server-round"]), node.partition_id)
+    seed = (config.seed, int(sent["server-round"]), node.stream)
     return ClientRound(
         config, local_partition(config, node), global_model(msg.content["arrays"]), sgd, heads, seed
     )
@@ -141,7 +143,10 @@ def keep_head(net: task.Net, state: RecordDict, heads: HeadStore) -> None:
 
 
 def local_partition(config: AppConfig, node: NodeConfig) -> Partition:
-    """The data of the partition this node's config names."""
+    """This node's rows: its own folder's, or those of the partition its config names."""
+    if node.dataset_path is not None:
+        dataset_path, cache_dir = node.dataset_path, node.cache_dir
+        return load_node_partition(dataset_path, cache_dir, config.val_fraction, config.partition_seed)
     partitioning = config.partitioning(node.num_partitions)
     return load_partition(config.data_source, partitioning, node.partition_id)
 

@@ -8,11 +8,12 @@ stops the run with one line that names the key, the value and the fix.
 import argparse
 import difflib
 import functools
+import hashlib
 import json
 import math
 import re
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from importlib.metadata import PackageNotFoundError, distribution
 from pathlib import Path
 from urllib.parse import unquote, urlparse
@@ -73,6 +74,28 @@ LEGACY_SETTINGS = {
     "dp-delta": 1e-5,
     "dp-max-epsilon": 0.0,
 }
+
+
+# The run-config keys a ClientApp reads, which every train and evaluate message carries
+# (a resumed run's are those of the run it continues): its steps, batches, head refit,
+# seeds, and how a simulation partition is cut. No path of the server's is among them.
+CLIENT_KEYS = (
+    "local-epochs",
+    "batch-size",
+    "eval-batch-size",
+    "momentum",
+    "personalisation",
+    "head-refit-epochs",
+    "head-refit-rows",
+    "seed",
+    "partition-seed",
+    "val-fraction",
+    "dirichlet-alpha",
+    "dataset-name",
+)
+# Where a simulation partition's images lie, which its ClientApp reads from its own
+# run-config: paths of the machine it runs on. A node with its own data reads neither.
+PARTITION_PATH_KEYS = ("dataset-path", "data-cache-dir")
 
 
 @dataclass(frozen=True)
@@ -194,6 +217,33 @@ class AppConfig:
             )
         return config
 
+    @classmethod
+    def for_client(cls, run_config: UserConfig, sent: UserConfig, own_data: bool) -> "AppConfig":
+        """What a ClientApp needs, read and checked: `CLIENT_KEYS` from the message
+        (`sent`, else its run-config), and for a simulation partition (not `own_data`) the
+        `PARTITION_PATH_KEYS` from its run-config. Every other key keeps its default: the
+        server's paths and settings are not the client's to check."""
+        settings = cls().as_run_config()
+        for key in CLIENT_KEYS:
+            settings[key] = sent[key] if key in sent else run_config.get(key, settings[key])
+        if not own_data:
+            settings |= {key: run_config[key] for key in PARTITION_PATH_KEYS if key in run_config}
+        return cls.from_run_config(settings)
+
+    def as_run_config(self) -> dict:
+        """The run-config that reads as these values."""
+        values = {}
+        for setting in fields(self):
+            value = getattr(self, setting.name)
+            if value is None:
+                value = ""
+            elif isinstance(value, Path):
+                value = str(value)
+            elif isinstance(value, tuple):
+                value = ",".join(str(part) for part in value)
+            values[setting.name.replace("_", "-")] = value
+        return values
+
     @property
     def dp_on(self) -> bool:
         return self.dp_noise_multiplier > 0
@@ -254,23 +304,39 @@ class AppConfig:
 
 @dataclass(frozen=True)
 class NodeConfig:
-    """What a SuperNode's `--node-config` says of its client: the partition it holds, of
-    how many, and where it keeps its head (`head-dir`; None: under `data-cache-dir`)."""
+    """What a SuperNode's `--node-config` says of its client: either the simulation's
+    partition it holds (`partition-id` of `num-partitions`, cut from the run's data), or
+    its own data folder (`dataset-path`); where it keeps its head (`head-dir`; None: under
+    its cache), and, with its own data, its cache (`data-cache-dir`, default
+    ~/.cache/pytorch-example on its machine)."""
 
-    partition_id: int
-    num_partitions: int
+    partition_id: int | None
+    num_partitions: int | None
     head_dir: Path | None
+    dataset_path: Path | None = None
+    cache_dir: Path = DEFAULT_CACHE_DIR
 
     @classmethod
     def from_node_config(cls, node_config: UserConfig) -> "NodeConfig":
         """Validate `node_config`; raise `ConfigError` in one line on bad input."""
+        head_dir, dataset_path, cache_dir = (
+            node_path(node_config, key) for key in ("head-dir", "dataset-path", "data-cache-dir")
+        )
+        if dataset_path is not None:
+            if given := [key for key in ("partition-id", "num-partitions") if key in node_config]:
+                raise ConfigError(
+                    f"node config keys 'dataset-path' and '{given[0]}': a SuperNode holds its own data "
+                    "folder or a simulation partition, not both: drop one"
+                )
+            return cls(None, None, head_dir, dataset_path, cache_dir or DEFAULT_CACHE_DIR)
         values = {}
         for key in ("partition-id", "num-partitions"):
             value = node_config.get(key)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ConfigError(
-                    f"node config key '{key}' is missing or not an integer >= 0: start the SuperNode "
-                    f'with --node-config "partition-id=<i> num-partitions=<n>"'
+                    f"node config key '{key}' is missing or not an integer >= 0: start the SuperNode with "
+                    '--node-config "dataset-path=\'<its data folder>\'" (or "partition-id=<i> '
+                    "num-partitions=<n>\" for a partition of the run's data)"
                 )
             values[key] = value
         partition_id, num_partitions = values["partition-id"], values["num-partitions"]
@@ -280,10 +346,31 @@ class NodeConfig:
                 f"{partition_id} does not exist: the train split is cut into {num_partitions} partitions, "
                 f"0..{num_partitions - 1}"
             )
-        head_dir = node_config.get("head-dir")
-        if head_dir is not None and (not isinstance(head_dir, str) or not head_dir.strip()):
-            raise ConfigError(f"node config key 'head-dir' = {head_dir!r} is invalid: expected a folder")
-        return cls(partition_id, num_partitions, Path(head_dir).expanduser() if head_dir else None)
+        return cls(partition_id, num_partitions, head_dir)
+
+    @property
+    def name(self) -> str:
+        """What decides this client's rows, as a file name: its partition, or its folder."""
+        if self.dataset_path is None:
+            return f"partition-{self.partition_id}-of-{self.num_partitions}"
+        return f"own-data-{hashlib.sha256(str(self.dataset_path).encode()).hexdigest()[:16]}"
+
+    @property
+    def stream(self) -> int:
+        """A number of its own for its random draws: its partition id, or from its folder."""
+        if self.dataset_path is None:
+            return self.partition_id
+        return int(hashlib.sha256(str(self.dataset_path).encode()).hexdigest()[:8], 16)
+
+
+def node_path(node_config: UserConfig, key: str) -> Path | None:
+    """Node config `key` as an absolute path, None when not set."""
+    value = node_config.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value.strip():
+        raise ConfigError(f"node config key '{key}' = {value!r} is invalid: expected a folder")
+    return Path(value).expanduser().absolute()
 
 
 class _Reader:

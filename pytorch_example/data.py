@@ -55,15 +55,11 @@ def load_partition(source: DataSource, partitioning: Partitioning, partition_id:
     return Partition(train=_take(images, labels, train_rows), val=_take(images, labels, val_rows))
 
 
-def prepare_partitions(source: DataSource, partitioning: Partitioning) -> tuple[int, int]:
+def prepare_partitions(source: DataSource, partitioning: Partitioning) -> None:
     """Decode the data and compute every client's rows now, once for all ClientApps, or
-    fail in one line. Returns the most train and validation rows a client holds; with
-    no partitions yet (no SuperNode connected), the whole train split bounds both."""
-    if partitioning.num_partitions == 0:
-        whole = len(data_cache.split_arrays(source, "train")[1])
-        return whole, whole
-    rows = np.load(data_cache.packed_rows_file(source, partitioning, partition_rows), mmap_mode="r")
-    return data_cache.largest_partition(rows)
+    fail in one line."""
+    if partitioning.num_partitions:
+        data_cache.packed_rows_file(source, partitioning, partition_rows)
 
 
 def load_test_set(source: DataSource) -> ImageSet:

@@ -45,21 +45,35 @@ class DataError(ConfigError):
 
 def split_arrays(source: DataSource, split: str) -> tuple[np.ndarray, np.ndarray]:
     """Images `[N, 28, 28]` uint8 and labels `[N]` int64 of `split`, memory-mapped."""
+    if not has_split(source, split):
+        expected = ", ".join(IDX_FILES[split])
+        raise DataError(
+            "dataset-path",
+            source.dataset_path,
+            f"holds no {split} split: expected {expected} or {split}*.parquet files",
+        )
     folder = decoded_folder(source)
     images = np.load(folder / f"{split}-images.npy", mmap_mode="r")
     labels = np.load(folder / f"{split}-labels.npy", mmap_mode="r")
     return images, labels
 
 
+def has_split(source: DataSource, split: str) -> bool:
+    """Whether the source holds `split`: the Hub holds both; a folder may hold the test
+    split alone (a server that only evaluates)."""
+    return source.dataset_path is None or split in _local_source_files(source.dataset_path)
+
+
 def decoded_folder(source: DataSource) -> Path:
-    """The cache folder holding both decoded splits, decoding them if needed."""
+    """The cache folder holding the source's decoded splits, decoding them if needed."""
     folder = source.data_cache_dir / f"fashion-mnist-{_source_key(source)}"
-    files = [folder / f"{split}-{kind}.npy" for split in SPLITS for kind in ("images", "labels")]
+    splits = SPLITS if source.dataset_path is None else tuple(_local_source_files(source.dataset_path))
+    files = [folder / f"{split}-{kind}.npy" for split in splits for kind in ("images", "labels")]
     if all(path.exists() for path in files):
         return folder
-    splits = _decode_source(source)
+    decoded = _decode_source(source)
     folder.mkdir(parents=True, exist_ok=True)
-    for split, (images, labels) in splits.items():
+    for split, (images, labels) in decoded.items():
         save_atomically(folder / f"{split}-images.npy", lambda f, a=images: np.save(f, a))
         save_atomically(folder / f"{split}-labels.npy", lambda f, a=labels: np.save(f, a))
     return folder
@@ -71,31 +85,38 @@ def _source_key(source: DataSource) -> str:
     if source.dataset_path is None:
         parts.append(f"hub={source.dataset_name}")
     else:
-        for path in sorted(_local_source_files(source.dataset_path)):
+        for path in sorted(
+            path for paths in _local_source_files(source.dataset_path).values() for path in paths
+        ):
             stat = path.stat()
             parts.append(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}")
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
 
 
-def _local_source_files(folder: Path) -> list[Path]:
-    idx_files = [folder / name for names in IDX_FILES.values() for name in names]
-    if all(path.is_file() for path in idx_files):
-        return idx_files
-    parquet_files = sorted(folder.rglob("*.parquet"))
-    if any(path.name.startswith("train") for path in parquet_files) and any(
-        path.name.startswith("test") for path in parquet_files
-    ):
-        return parquet_files
-    expected = ", ".join(name for names in IDX_FILES.values() for name in names)
-    raise DataError(
-        "dataset-path",
-        folder,
-        f"'{folder}' holds neither the four Fashion-MNIST files ({expected}) nor train*/test* parquet files",
-    )
+def _local_source_files(folder: Path) -> dict[str, list[Path]]:
+    """The files of each split the folder holds: both IDX files of a split, or its
+    parquet files; a one-line error if it holds no split."""
+    found = {}
+    for split, names in IDX_FILES.items():
+        if all((folder / name).is_file() for name in names):
+            found[split] = [folder / name for name in names]
+    if not found:
+        parquet_files = sorted(folder.rglob("*.parquet"))
+        for split in SPLITS:
+            if files := [path for path in parquet_files if path.name.startswith(split)]:
+                found[split] = files
+    if not found:
+        expected = ", ".join(name for names in IDX_FILES.values() for name in names)
+        raise DataError(
+            "dataset-path",
+            folder,
+            f"'{folder}' holds neither the Fashion-MNIST files ({expected}) nor train*/test* parquet files",
+        )
+    return found
 
 
 def _decode_source(source: DataSource) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """Read every image of both splits into memory, from IDX, parquet or the Hub."""
+    """Read every image of the splits the source holds into memory, from IDX, parquet or the Hub."""
     if source.dataset_path is None:
         return _decode_hf(
             lambda: _load_hf(source.dataset_name),
@@ -104,17 +125,12 @@ def _decode_source(source: DataSource) -> dict[str, tuple[np.ndarray, np.ndarray
             source.dataset_name,
         )
     files = _local_source_files(source.dataset_path)
-    if files[0].name == IDX_FILES["train"][0]:
-        splits = {
-            split: (_read_idx(source.dataset_path / images), _read_idx(source.dataset_path / labels))
-            for split, (images, labels) in IDX_FILES.items()
-        }
-        for split, (images_file, _) in IDX_FILES.items():
-            _check_split(
-                source.dataset_path / images_file, *splits[split], "dataset-path", source.dataset_path
-            )
+    if next(iter(files.values()))[0].suffix != ".parquet":
+        splits = {split: (_read_idx(images), _read_idx(labels)) for split, (images, labels) in files.items()}
+        for split, (images_file, _) in files.items():
+            _check_split(images_file, *splits[split], "dataset-path", source.dataset_path)
         return splits
-    data_files = {split: [str(path) for path in files if path.name.startswith(split)] for split in SPLITS}
+    data_files = {split: [str(path) for path in paths] for split, paths in files.items()}
     return _decode_hf(
         lambda: _load_hf("parquet", data_files=data_files),
         f"the parquet files in '{source.dataset_path}'",
@@ -147,19 +163,22 @@ def _read_idx(path: Path) -> np.ndarray:
 
 
 def _check_split(where, images: np.ndarray, labels: np.ndarray, key: str, value) -> None:
-    """Fashion-MNIST's shape: 28x28 images, one label in 0..9 per image."""
+    if (problem := split_problem(where, images, labels)) is not None:
+        raise DataError(key, value, problem)
+
+
+def split_problem(where, images: np.ndarray, labels: np.ndarray) -> str | None:
+    """Why `images` and `labels` are not Fashion-MNIST's shape (28x28 images, one label
+    in 0..9 per image), or None."""
     if images.ndim != 3 or images.shape[1:] != (28, 28):
-        raise DataError(
-            key, value, f"{where} holds images of shape {images.shape[1:]}: expected 28x28 grey images"
-        )
+        return f"{where} holds images of shape {images.shape[1:]}: expected 28x28 grey images"
     if labels.shape != (len(images),) or (len(labels) and not 0 <= labels.min() <= labels.max() <= 9):
-        raise DataError(
-            key,
-            value,
+        return (
             f"{where} holds {len(images)} images but labels of shape {labels.shape} "
             f"in {labels.min() if len(labels) else '-'}..{labels.max() if len(labels) else '-'}: "
-            "expected one label in 0..9 per image",
+            "expected one label in 0..9 per image"
         )
+    return None
 
 
 def _load_hf(path: str, **kwargs):
@@ -183,7 +202,7 @@ def _decode_hf(
             )
         raise DataError(key, value, f"could not load {where} ({reason}){fix}") from err
     splits = {}
-    for split in SPLITS:
+    for split in (split for split in SPLITS if split in dataset):
         columns = dataset[split].column_names
         if not {"image", "label"} <= set(columns):
             raise DataError(
@@ -217,12 +236,13 @@ RowsRecipe = Callable[[np.ndarray, Partitioning], dict[str, np.ndarray]]
 def packed_rows_file(source: DataSource, partitioning: Partitioning, recipe: RowsRecipe) -> Path:
     """The file of every client's train/validation rows, computing them with
     `recipe(train_labels, partitioning)` (`train-<id>`, `val-<id>`) if needed."""
+    _, train_labels = split_arrays(source, "train")  # a one-line error if there is no train split
     folder = decoded_folder(source)
     settings = [f"{name}={value!r}" for name, value in asdict(partitioning).items()]
     key = hashlib.sha256("\n".join([*settings, *library_versions()]).encode()).hexdigest()[:16]
     rows_file = folder / f"partitions-{key}.npy"
     if not rows_file.exists():
-        rows = recipe(np.load(folder / "train-labels.npy"), partitioning)
+        rows = recipe(np.array(train_labels), partitioning)
         count = partitioning.num_partitions
         parts = [rows[f"{kind}-{p}"] for p in range(count) for kind in ("train", "val")]
         offsets = np.concatenate([[0], np.cumsum([len(part) for part in parts])])
@@ -257,9 +277,3 @@ def partition_slices(rows: np.ndarray, partition_id: int) -> tuple[np.ndarray, n
 def library_versions() -> tuple[str, ...]:
     """Their partitioning, shuffling and random numbers decide the rows too."""
     return tuple(f"{name}={version(name)}" for name in ("flwr-datasets", "datasets", "numpy"))
-
-
-def largest_partition(rows: np.ndarray) -> tuple[int, int]:
-    """The most train rows and the most validation rows of any client, from the packed rows."""
-    sizes = np.diff(rows[1 : 2 + 2 * int(rows[0])])
-    return int(sizes[0::2].max()), int(sizes[1::2].max())

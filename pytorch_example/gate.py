@@ -24,6 +24,10 @@ from pytorch_example.task import HEAD_KEYS
 # The largest loss a reply may report: no cross-entropy this model reaches, and small
 # enough that means over any number of replies stay finite (results.json is JSON).
 MAX_LOSS = 1e30
+# The most rows a reply may claim: no client holds a billion images, and sums of such
+# counts stay exact. What a count may weigh is bounded by its round instead (`bound`):
+# the server knows nothing of a member's data.
+MAX_ROWS = 10**9
 # What the server weighs a reply by when the client's own word on its rows must not
 # count: under the robust rules and DP, every reply weighs 1 (the gate stamps it).
 EQUAL_WEIGHT_KEY = "equal-weight"
@@ -62,24 +66,21 @@ class ReplyGate:
     run's settings.
 
     `arrays`: the entries a train reply carries, in the global model's order, with
-    their shapes and dtypes. `max_train_rows`, `max_val_rows`: the most rows any client
-    holds, which bound the row counts a reply may claim. `equal_weights`: stamp every
-    used train reply to weigh 1 (`EQUAL_WEIGHT_KEY`), as the robust rules and DP need.
-    `norm_bound`, `weight_bound`: the multiples of the round's median update norm and
-    row count that a reply's update and weight are cut to (0: not cut).
+    their shapes and dtypes. `equal_weights`: stamp every used train reply to weigh 1
+    (`EQUAL_WEIGHT_KEY`), as the robust rules and DP need. `norm_bound`, `weight_bound`:
+    the multiples of the round's median update norm and row count that a train reply's
+    update and weight are cut to (0: not cut); `evaluate_weight_bound`: the same for the
+    row counts that weigh evaluate replies' scores (under every rule).
     """
 
     arrays: dict[str, tuple[tuple[int, ...], str]]
-    max_train_rows: int
-    max_val_rows: int
     equal_weights: bool = False
     norm_bound: float = 0.0
     weight_bound: float = 0.0
+    evaluate_weight_bound: float = 0.0
 
     @classmethod
-    def for_run(
-        cls, config: AppConfig, model: ArrayRecord, max_train_rows: int, max_val_rows: int
-    ) -> "ReplyGate":
+    def for_run(cls, config: AppConfig, model: ArrayRecord) -> "ReplyGate":
         """The gate for a run of `config` whose global model is shaped as `model`."""
         sent = {
             key: (tuple(array.shape), array.dtype)
@@ -87,9 +88,8 @@ class ReplyGate:
             if not (config.personalisation == PRIVATE_HEAD and key in HEAD_KEYS)
         }
         norm_bound, weight_bound = influence_bounds(config)
-        return cls(
-            sent, max_train_rows, max_val_rows, weighs_replies_equally(config), norm_bound, weight_bound
-        )
+        equal_weights = weighs_replies_equally(config)
+        return cls(sent, equal_weights, norm_bound, weight_bound, config.update_weight_bound)
 
     def screen(self, phase: str, replies: list[Message], server_round: int) -> list[Message]:
         """The replies of `phase` ("train" or "evaluate") fit to use; the rest are
@@ -130,7 +130,7 @@ class ReplyGate:
             if not np.isfinite(values).all():
                 return f"'{key}' holds NaN or Inf"
             decoded[key] = values
-        if problem := metrics_problem(reply.content["metrics"], TRAIN_METRIC_KEYS, self.max_train_rows):
+        if problem := metrics_problem(reply.content["metrics"], TRAIN_METRIC_KEYS):
             return problem
         # From here on the reply holds what was checked, whatever its Arrays declared.
         reply.content["arrays"] = ArrayRecord({key: Array(values) for key, values in decoded.items()})
@@ -140,7 +140,7 @@ class ReplyGate:
         """Why an evaluate reply must not be used, or None."""
         if (problem := records_problem(reply, {"metrics": MetricRecord})) is not None:
             return problem
-        return metrics_problem(reply.content["metrics"], EVALUATE_METRIC_KEYS, self.max_val_rows)
+        return metrics_problem(reply.content["metrics"], EVALUATE_METRIC_KEYS)
 
     def bound(self, replies: list[Message], sent: ArrayRecord, server_round: int) -> Bounded:
         """Cut, in place, the train replies that `screen` let through to the round's
@@ -159,7 +159,7 @@ class ReplyGate:
         if not replies or not (self.norm_bound or self.weight_bound):
             return Bounded()
         cut: dict[int, list[str]] = {}  # reply index -> what was cut
-        clipped = capped = 0
+        clipped = 0
         if self.norm_bound:
             model = {key: sent[key].numpy().astype(np.float64) for key in self.arrays}
             norms = [update_norm(reply.content["arrays"], model) for reply in replies]
@@ -172,14 +172,9 @@ class ReplyGate:
                     reply.content["arrays"] = scaled_update(reply.content["arrays"], model, norm_limit / norm)
                     clipped += 1
                     cut.setdefault(index, []).append(f"update norm {norm:.3g} cut to {norm_limit:.3g}")
-        if self.weight_bound:
-            rows = [reply.content["metrics"][ROWS_KEY] for reply in replies]
-            row_cap = max(1, math.floor(self.weight_bound * lower_median(rows)))
-            for index, (reply, count) in enumerate(zip(replies, rows, strict=True)):
-                if count > row_cap:
-                    reply.content["metrics"][ROWS_KEY] = row_cap
-                    capped += 1
-                    cut.setdefault(index, []).append(f"weighs {row_cap} of its {count} rows")
+        capped = cap_rows(replies, self.weight_bound)
+        for index, (count, row_cap) in capped.items():
+            cut.setdefault(index, []).append(f"weighs {row_cap} of its {count} rows")
         if cut:
             notes = [
                 f"node {replies[index].metadata.src_node_id}: {', '.join(what)}"
@@ -187,7 +182,33 @@ class ReplyGate:
             ]
             log(INFO, "Round %s: bounded %d of %d train replies (update-norm-bound, update-weight-bound): %s",
                 server_round, len(cut), len(replies), "; ".join(notes[:6]))  # fmt: skip
-        return Bounded(clipped, capped)
+        return Bounded(clipped, len(capped))
+
+    def bound_evaluate(self, replies: list[Message], server_round: int) -> int:
+        """Cut, in place, the row counts that weigh the evaluate replies' scores to
+        `evaluate_weight_bound` x the round's median; how many were cut."""
+        capped = cap_rows(replies, self.evaluate_weight_bound)
+        if capped:
+            notes = [f"node {replies[index].metadata.src_node_id} weighs {cap} of its {count} validation rows"
+                     for index, (count, cap) in capped.items()]  # fmt: skip
+            log(INFO, "Round %s: bounded %d of %d evaluate replies (update-weight-bound): %s",
+                server_round, len(capped), len(replies), "; ".join(notes[:6]))  # fmt: skip
+        return len(capped)
+
+
+def cap_rows(replies: list[Message], factor: float) -> dict[int, tuple[int, int]]:
+    """Lower, in place, every row count above `factor` x the replies' lower median to that
+    (none with a factor of 0); by reply index, the count each had and the cap."""
+    if not replies or not factor:
+        return {}
+    rows = [reply.content["metrics"][ROWS_KEY] for reply in replies]
+    row_cap = max(1, math.floor(factor * lower_median(rows)))
+    capped = {}
+    for index, (reply, count) in enumerate(zip(replies, rows, strict=True)):
+        if count > row_cap:
+            reply.content["metrics"][ROWS_KEY] = row_cap
+            capped[index] = (count, row_cap)
+    return capped
 
 
 def update_norm(arrays: ArrayRecord, model: dict[str, np.ndarray]) -> float:
@@ -223,17 +244,17 @@ def records_problem(reply: Message, expected: dict[str, type]) -> str | None:
     return None
 
 
-def metrics_problem(metrics: MetricRecord, keys: tuple[str, ...], max_rows: int) -> str | None:
+def metrics_problem(metrics: MetricRecord, keys: tuple[str, ...]) -> str | None:
     """Why a reply's metrics are not exactly `keys`, each a number in its range, or None:
     scores (`*_acc*`) in [0, 1], losses from 0 to `MAX_LOSS`, the row count an integer
-    in 1..`max_rows`."""
+    in 1..`MAX_ROWS`."""
     if sorted(metrics.keys()) != sorted(keys):
         return f"its metrics {sorted(metrics.keys())[:8]} are not {sorted(keys)}"
     for key in keys:
         value = metrics[key]
         if key == ROWS_KEY:
-            if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= max_rows:
-                return f"{key} = {value!r} is not an integer from 1 to {max_rows} (the most a client holds)"
+            if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_ROWS:
+                return f"{key} = {value!r} is not an integer from 1 to {MAX_ROWS:,}"
         elif isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
             return f"{key} = {value!r} is not a finite number"
         elif "_acc" in key and not 0 <= value <= 1:

@@ -1,11 +1,13 @@
 """A client's own head on its own disk, where it outlives a restarted SuperNode and a
-resumed run: `<head-dir>/<lineage>/partition-<id>-of-<n>.pt`.
+resumed run: `<head-dir>/<lineage>/partition-<id>-of-<n>.pt`, or for a node with its
+own data `own-data-<folder's hash>.pt`.
 
-`head-dir` comes from the node config, else `<data-cache-dir>/heads`. The lineage (sent
-by the ServerApp) is the same for a run and its resumptions, which must keep its data
-and personalisation settings; with the partition id and count, the name holds all that
-decides the client's rows. So a resumed run finds its heads, a new run starts fresh, and
-no client loads a head trained on other rows.
+`head-dir` comes from the node config, else `<data-cache-dir>/heads` (the node's own
+cache, for a node with its own data). The lineage (sent by the ServerApp) is the same
+for a run and its resumptions, which must keep its data and personalisation settings;
+with the partition (or the folder), the name holds all that decides the client's rows.
+So a resumed run finds its heads, a new run starts fresh, and no client loads a head
+trained on other rows.
 """
 
 import re
@@ -32,7 +34,7 @@ class HeadStore:
             # It names a folder: anything but a plain run id could lead outside head-dir.
             raise ConfigError(f"message key 'lineage' = {lineage!r} is not a run id (32 hex digits)")
         if lineage:
-            self.path = head_dir / str(lineage) / f"partition-{node.partition_id}-of-{node.num_partitions}.pt"
+            self.path = head_dir / str(lineage) / f"{node.name}.pt"
 
     def load(self) -> dict[str, torch.Tensor] | None:
         """The head kept on disk, or None."""

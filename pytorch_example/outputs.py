@@ -23,7 +23,7 @@ from flwr.common.logger import log
 from flwr.serverapp.strategy import Result
 
 from pytorch_example import plots
-from pytorch_example.config import LEGACY_SETTINGS, AppConfig, ConfigError
+from pytorch_example.config import LEGACY_SETTINGS, PARTITION_PATH_KEYS, AppConfig, ConfigError
 from pytorch_example.files import save_atomically, save_json_atomically
 from pytorch_example.heads import LINEAGE_PATTERN
 from pytorch_example.task import Net
@@ -643,6 +643,14 @@ def continued_run_config(run_config: dict, config: AppConfig) -> dict:
         and value != run_config[key]
         and config.run_config_value(key) == defaults.run_config_value(key)
     }
+    for key in sorted(set(taken) & set(PARTITION_PATH_KEYS)):
+        # A simulation's ClientApps read where the images (and their heads) lie from their
+        # own run-config, this command's: they would cut other partitions, or lose their heads.
+        raise ConfigError(
+            f"run-config key '{key}' = '{run_config[key]}', but the run in {config.resume_from} ran "
+            f"with {key}='{taken[key]}', which its ClientApps read from this command's run-config: "
+            f"add {key}='{taken[key]}' to --run-config"
+        )
     if taken:
         settings = " ".join(f"{key}={value!r}" for key, value in taken.items())
         log(

@@ -178,6 +178,7 @@ class RoundLoop:
     def _evaluate(self, server_round: int, result: Result, config: ConfigRecord, counts: Counts) -> None:
         """Federated evaluation of the round's global model, aggregated into `result`."""
         _, _, usable = self._exchange("evaluate", server_round, result.arrays, config, counts)
+        self.gate.bound_evaluate(usable, server_round)
         metrics = self.strategy.aggregate_evaluate(server_round, usable) if usable else None
         if metrics is not None:
             result.evaluate_metrics_clientapp[server_round] = metrics

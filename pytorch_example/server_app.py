@@ -11,8 +11,9 @@ from flwr.serverapp import Grid, ServerApp
 
 from pytorch_example import task
 from pytorch_example.client_app import LINEAGE_KEY
-from pytorch_example.config import AppConfig, ConfigError, check_server_device, project_dir
+from pytorch_example.config import CLIENT_KEYS, AppConfig, ConfigError, check_server_device, project_dir
 from pytorch_example.data import ImageSet, load_test_set, prepare_partitions
+from pytorch_example.data_cache import has_split
 from pytorch_example.gate import ReplyGate
 from pytorch_example.outputs import RunOutputs, continued_run_config
 from pytorch_example.rounds import RoundLoop, RunFailed
@@ -38,15 +39,17 @@ def main(grid: Grid, context: Context) -> None:
         log(INFO, "The federation has %d SuperNodes connected", num_supernodes)
         check_federation(config, num_supernodes)
 
-        # The data, decoded and cut into partitions once for all ClientApps, before round 1.
         test_set = load_test_set(config.data_source)
-        most_rows = prepare_partitions(config.data_source, config.partitioning(num_supernodes))
+        if has_split(config.data_source, "train"):
+            # A speed-up for a simulation: decoded and cut into partitions once, for every
+            # ClientApp that holds one (those with their own data never read them).
+            prepare_partitions(config.data_source, config.partitioning(num_supernodes))
         torch.manual_seed(config.seed)
         initial_arrays = ArrayRecord(task.Net().state_dict())
         outputs = RunOutputs.open(config, run_config, num_supernodes, initial_arrays)
         strategy = build_strategy(config, num_supernodes)
         privacy = privacy_ledger(config, num_supernodes, outputs.privacy_releases)
-        gate = ReplyGate.for_run(config, initial_arrays, *most_rows)
+        gate = ReplyGate.for_run(config, initial_arrays)
         rounds = RoundLoop(config, strategy, grid, outputs, gate, privacy)
 
         # Central evaluation overlaps the ClientApps' (rounds.py): one CPU thread keeps it
@@ -55,9 +58,7 @@ def main(grid: Grid, context: Context) -> None:
         with outputs:
             rounds.run(
                 outputs.arrays,
-                # Clients read the run's settings from each message (a resumed run's may not
-                # be their run-config's), and key the heads they keep on disk by its lineage.
-                client_config=ConfigRecord({**run_config, LINEAGE_KEY: outputs.lineage}),
+                client_config=client_settings(run_config, outputs.lineage),
                 evaluate_fn=central_evaluation(test_set, config),
                 first_round=outputs.next_round,
             )
@@ -65,6 +66,13 @@ def main(grid: Grid, context: Context) -> None:
         # One readable line first; re-raising marks the run failed with it as the reason.
         log(ERROR, "%s", err)
         raise
+
+
+def client_settings(run_config: dict, lineage: str) -> ConfigRecord:
+    """What every train and evaluate message carries: the settings a ClientApp reads (a
+    resumed run's may not be its run-config's) and the lineage it keys its kept heads by;
+    none of the server's paths."""
+    return ConfigRecord({**{key: run_config[key] for key in CLIENT_KEYS}, LINEAGE_KEY: lineage})
 
 
 def central_evaluation(test_set: ImageSet, config: AppConfig):

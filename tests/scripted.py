@@ -103,7 +103,7 @@ def run_rounds(
     start = initial if initial is not None else ArrayRecord(Net().state_dict())
     outputs = RunOutputs(run_dir, {}, wandb_project=None)
     outputs.state.privacy_releases = privacy_releases
-    gate = ReplyGate.for_run(config, start, MAX_TRAIN_ROWS, MAX_VAL_ROWS)
+    gate = ReplyGate.for_run(config, start)
     privacy = privacy_ledger(config, num_nodes, privacy_releases)
     rounds = RoundLoop(config, build_strategy(config, num_nodes), grid, outputs, gate, privacy)
     return rounds.run(start, first_round=first_round)

@@ -20,6 +20,7 @@ from pytorch_example.client_app import (
 )
 from pytorch_example.config import PERSONALISATIONS, AppConfig, ConfigError, NodeConfig
 from pytorch_example.data import ImageSet, Partition, load_partition
+from pytorch_example.node_data import export
 from pytorch_example.task import HEAD_KEYS, Net
 from pytorch_example.task import train as train_model
 
@@ -275,3 +276,66 @@ def test_the_head_outlives_its_process_on_the_clients_disk(
             client_context(run_config, partition_id=1, **node_config),
         )
     assert "Restored" not in caplog.text  # a new lineage starts fresh
+
+
+# A SuperNode with its own data folder, and none of the server's paths.
+
+
+def test_a_node_config_names_its_own_folder_or_a_partition_not_both(tmp_path):
+    mine, heads = str(tmp_path / "mine"), str(tmp_path / "h")
+    node = NodeConfig.from_node_config({"dataset-path": mine, "head-dir": heads})
+    assert (node.dataset_path, node.partition_id, node.head_dir) == (tmp_path / "mine", None, tmp_path / "h")
+    other = NodeConfig.from_node_config({"dataset-path": str(tmp_path / "other")})
+    assert node.name.startswith("own-data-") and node.name != other.name and node.stream != other.stream
+    both = {"dataset-path": mine, "partition-id": 0, "num-partitions": 2}
+    with pytest.raises(ConfigError, match="'dataset-path' and 'partition-id': a SuperNode holds its own"):
+        NodeConfig.from_node_config(both)
+    with pytest.raises(ConfigError, match='start the SuperNode with --node-config "dataset-path='):
+        NodeConfig.from_node_config({})
+    with pytest.raises(ConfigError, match="node config key 'dataset-path' = '' is invalid: expected a"):
+        NodeConfig.from_node_config({"dataset-path": ""})
+
+
+@pytest.fixture
+def own_folder(run_config, tmp_path) -> Path:
+    """Partition 1 of 2 of the run's data, exported as a SuperNode's own folder."""
+    config = AppConfig.from_run_config(run_config)
+    [_, folder] = export(config.data_source, config.partitioning(2), tmp_path / "exported")
+    return folder
+
+
+def test_a_node_with_its_own_folder_trains_on_its_rows_and_reads_no_server_path(
+    run_config, own_folder, tmp_path
+):
+    """The run-config's paths are the server's: here none of them exists on this node."""
+    server_paths = {
+        "dataset-path": "/srv/server-only/fmnist",
+        "data-cache-dir": "/srv/server-only/cache",
+        "output-dir": "/srv/server-only/outputs",
+        "resume-from": "/srv/server-only/outputs/2026-12-07/10-00-00",
+    }
+    node_config = {"dataset-path": str(own_folder), "data-cache-dir": str(tmp_path / "node-cache")}
+    context = Context(
+        run_id=1,
+        node_id=1,
+        node_config=node_config,
+        state=RecordDict(),
+        run_config={**run_config, **server_paths},
+    )
+    reply = train(message("train", ArrayRecord(Net().state_dict())), context)
+    config = AppConfig.from_run_config(run_config)
+    simulated = load_partition(config.data_source, config.partitioning(2), 1)
+    assert reply.content["metrics"]["num-examples"] == len(simulated.train)
+    evaluate(message("evaluate", reply.content["arrays"]), context)
+    heads = list((tmp_path / "node-cache" / "heads").rglob("*.pt"))
+    assert [head.name for head in heads] == [f"{NodeConfig.from_node_config(node_config).name}.pt"]
+    assert not Path("/srv/server-only").exists()
+
+
+def test_a_client_reads_its_settings_from_the_message_before_its_run_config(run_config):
+    sent = {"local-epochs": 3, "batch-size": 7, "output-dir": 12}  # a server key: never read
+    config = AppConfig.for_client({**run_config, "batch-size": 64}, sent, own_data=True)
+    assert (config.local_epochs, config.batch_size) == (3, 7)
+    assert config.dataset_path is None  # with its own data, the run's data path is not its to read
+    with pytest.raises(ConfigError, match="run-config key 'batch-size' = 0 is invalid"):
+        AppConfig.for_client(run_config, {"batch-size": 0}, own_data=True)

@@ -14,7 +14,7 @@ from harness.synthetic_fmnist import make_split, write_idx_dataset, write_parque
 from pytorch_example import data, data_cache
 from pytorch_example.config import ConfigError, DataSource, Partitioning
 from pytorch_example.data import load_partition, load_test_set
-from pytorch_example.data_cache import DataError
+from pytorch_example.data_cache import DataError, has_split
 
 NUM_TRAIN, NUM_TEST = 1500, 300
 
@@ -160,7 +160,7 @@ def test_changed_dataset_files_never_reuse_a_stale_cache(tmp_path):
 
 
 def test_folder_without_dataset_files_gives_one_clear_error(tmp_path):
-    with pytest.raises(DataError, match=f"'{tmp_path}' holds neither the four Fashion-MNIST files"):
+    with pytest.raises(DataError, match=f"'{tmp_path}' holds neither the Fashion-MNIST files"):
         load_test_set(settings_for(tmp_path, tmp_path / "cache")[0])
 
 
@@ -234,3 +234,15 @@ def test_too_many_partitions_for_the_data_is_said_at_once(tmp_path):
     settings = settings_for(None, tmp_path, num_partitions=100)
     with pytest.raises(DataError, match="whatever alpha: use at most 60 partitions"):
         data.partition_rows(labels, settings[1])
+
+
+def test_a_folder_with_the_test_split_alone_serves_central_evaluation_and_says_what_it_lacks(tmp_path):
+    """A ServerApp whose SuperNodes bring their own data needs the test images only."""
+    folder = write_idx_dataset(tmp_path / "data", 100, 50)
+    for name in ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"):
+        (folder / name).unlink()
+    source = settings_for(folder, tmp_path / "cache")[0]
+    assert not has_split(source, "train") and has_split(source, "test")
+    assert len(load_test_set(source)) == 50
+    with pytest.raises(DataError, match="holds no train split: expected train-images-idx3-ubyte.gz"):
+        load_partition(source, Partitioning(2, 1.0, 42, 0.2), 0)

@@ -2,14 +2,21 @@
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
 
+from harness import mountns
 from harness.attacks import ATTACKS_CLIENT_APP
-from harness.flower_processes import LocalFederation, copy_app, wait_until
+from harness.deployment import Deployment
+from harness.flower_processes import LocalFederation, copy_app, pairs, started_run_id, wait_until
+from harness.sent_log import SENT_LOG_CLIENT_APP, read_sent_log
 from harness.wandb_offline import read_offline_run
+from pytorch_example.config import DataSource, Partitioning
+from pytorch_example.data_cache import IDX_FILES
+from pytorch_example.node_data import export
 
 pytestmark = pytest.mark.e2e
 
@@ -125,3 +132,93 @@ def test_a_supernode_sending_nan_weights_is_left_out_and_dp_rounds_go_on(idx_dat
     assert "left out the train reply of node" in log and "holds NaN or Inf" in log
     for value in torch.load(run_dir / "final_model.pt", weights_only=True).values():
         assert torch.isfinite(value).all()
+
+
+def rounds_landed(output_dir: Path) -> list[int]:
+    results = list(output_dir.glob("*/*/results.json"))
+    return [entry["round"] for entry in json.loads(results[0].read_text())] if results else []
+
+
+@pytest.mark.skipif(not mountns.available(), reason="needs root and util-linux's unshare")
+def test_supernodes_holding_only_their_own_data_run_stop_and_resume(idx_dataset, tmp_path):
+    """Two SuperNodes, each on a filesystem of its own (a mount namespace): the server's
+    data, cache, outputs and federation folder hidden, its own HOME and Flower home, and
+    its exported partition at a path the server never names. The SuperLink's machine
+    holds the test set only. A run is stopped after round 1 and resumed: every round
+    lands once, each client restores its own head, and no message names a server path."""
+    server_data, server_cache, outputs = (
+        tmp_path / "server-data",
+        tmp_path / "server-cache",
+        tmp_path / "outputs",
+    )
+    server_data.mkdir()
+    for name in IDX_FILES["test"]:
+        shutil.copy(idx_dataset / name, server_data / name)
+    # Whoever holds all of the data hands each member its own partition, once.
+    source = DataSource("zalando-datasets/fashion_mnist", idx_dataset, tmp_path / "export-cache")
+    exported = export(source, Partitioning(2, 1.0, 42, 0.2), tmp_path / "exported")
+    deployment = Deployment(tmp_path / "superlink")
+    outputs.mkdir()
+    hidden = [
+        deployment.root,
+        server_data,
+        outputs,
+        tmp_path / "exported",
+        tmp_path / "export-cache",
+        idx_dataset,
+    ]
+    machines = {}
+    try:
+        deployment.up("--nodes", "0")
+        server_cache.mkdir()
+        hidden.append(server_cache)
+        for index, name in enumerate(["node-a", "node-b"]):
+            machine = machines[name] = tmp_path / name
+            key = deployment.enrol(machine, name)
+            shutil.move(exported[index], machine / "data")
+            for folder in ("home", "flwr-home"):
+                (machine / folder).mkdir()
+            deployment.start_stranger(
+                name,
+                *("--root-certificates", str(machine / "ca.pem"), "--auth-supernode-private-key", str(key)),
+                node_config=f"dataset-path='{machine / 'data'}'",
+                env={"HOME": str(machine / "home"), "FLWR_HOME": str(machine / "flwr-home")},
+                hidden=hidden,
+            )
+        deployment.wait_until_connected(2)
+
+        app = copy_app(tmp_path / "app", client_app=SENT_LOG_CLIENT_APP)
+        run_config = {
+            "num-server-rounds": 3,
+            "fraction-train": 1.0,
+            "fraction-evaluate": 1.0,
+            "dataset-path": str(server_data),
+            "data-cache-dir": str(server_cache),
+            "output-dir": str(outputs),
+            "use-wandb": False,
+        }
+        started = deployment.flwr("run", ".", "local-deployment", "--run-config", pairs(run_config), cwd=app)
+        run_id = started_run_id(started.stdout + started.stderr)
+        wait_until(lambda: rounds_landed(outputs), timeout_s=300)
+        stopped = deployment.flwr("stop", run_id, "local-deployment", cwd=app)
+        assert stopped.returncode == 0, stopped.stdout + stopped.stderr
+        [run_dir] = [path for path in outputs.glob("*/*") if path.is_dir()]
+        resumed = {**run_config, "resume-from": str(run_dir)}
+        done = deployment.flwr(
+            "run", ".", "local-deployment", "--stream", "--run-config", pairs(resumed), cwd=app, timeout=600
+        )
+        assert done.returncode == 0, done.stdout + done.stderr
+    finally:
+        deployment.close()
+    assert rounds_landed(outputs) == [1, 2, 3], done.stdout + done.stderr
+    server_paths = [str(path) for path in (server_data, server_cache, outputs, deployment.root, idx_dataset)]
+    for name, machine in machines.items():
+        own_cache = machine / "home" / ".cache" / "pytorch-example"
+        log = (deployment.root / f"{name}.log").read_text()
+        # After the resume each client's first message found no head in memory: it read its own.
+        assert f"Restored this client's head from {own_cache / 'heads'}" in log, log[-3000:]
+        received = [line["received-config"] for line in read_sent_log(own_cache)]
+        assert received and not [
+            (key, value) for config in received for key, value in config.items()
+            if any(path in str(value) for path in server_paths)
+        ]  # fmt: skip

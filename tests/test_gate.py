@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 
 from pytorch_example.client_app import EVALUATE_METRIC_KEYS, ROWS_KEY, TRAIN_METRIC_KEYS
 from pytorch_example.config import AGGREGATIONS, PRIVATE_HEAD
-from pytorch_example.gate import EQUAL_WEIGHT_KEY, Bounded, ReplyGate
+from pytorch_example.gate import EQUAL_WEIGHT_KEY, MAX_ROWS, Bounded, ReplyGate
 from pytorch_example.rounds import RunFailed
 from pytorch_example.task import HEAD_KEYS, Net
 from pytorch_example.trust import build_strategy, too_few_replies
@@ -55,9 +55,10 @@ def honest_metrics(phase: str, draw) -> dict:
 def bad_value_for(key: str, draw):
     """A value `key` must never hold."""
     if key == ROWS_KEY:
-        limit = MAX_TRAIN_ROWS if key in TRAIN_METRIC_KEYS else MAX_VAL_ROWS
-        too_many = st.integers(min_value=MAX_TRAIN_ROWS + 1)
-        return draw(st.one_of(st.integers(max_value=0), too_many, bad_numbers, st.just(float(limit // 2))))
+        too_many = st.integers(min_value=MAX_ROWS + 1)
+        return draw(
+            st.one_of(st.integers(max_value=0), too_many, bad_numbers, st.just(float(MAX_TRAIN_ROWS)))
+        )
     if "_acc" in key:
         return draw(st.one_of(bad_numbers, st.floats(1.0001, 1e300), st.integers(2, 10**18)))
     return draw(bad_numbers)
@@ -290,7 +291,7 @@ def flat_update(arrays: ArrayRecord, sent: ArrayRecord) -> torch.Tensor:
 
 def aggregate(config, sent, replies) -> torch.Tensor:
     """The gate, then the rule: the global model's update."""
-    gate = ReplyGate.for_run(config, sent, MAX_TRAIN_ROWS, MAX_VAL_ROWS)
+    gate = ReplyGate.for_run(config, sent)
     usable = gate.screen("train", replies, 1)
     gate.bound(usable, sent, 1)
     strategy = build_strategy(config, len(replies))
@@ -308,7 +309,7 @@ def test_honest_replies_under_the_bound_pass_bit_for_bit():
         [random_update(norm, seed) for seed, norm in enumerate(HONEST_NORMS)], list(HONEST_ROWS)
     )
     before = [(dict(reply.content["arrays"]), dict(reply.content["metrics"])) for reply in replies]
-    gate = ReplyGate.for_run(config_for(), sent, MAX_TRAIN_ROWS, MAX_VAL_ROWS)
+    gate = ReplyGate.for_run(config_for(), sent)
     usable = gate.screen("train", replies, 1)
     assert gate.bound(usable, sent, 1) == Bounded(clipped=0, capped=0)
     for reply, (arrays, metrics) in zip(usable, before, strict=True):
@@ -340,7 +341,7 @@ def test_one_reply_moves_fedavg_no_further_than_the_bound_allows(attack):
                      for update, count in zip(updates[:5], HONEST_ROWS, strict=True))  # fmt: skip
     capped_rows = 3 * 110
     sent, replies = sent_and_replies(updates, rows)
-    gate = ReplyGate.for_run(config_for(), sent, MAX_TRAIN_ROWS, MAX_VAL_ROWS)
+    gate = ReplyGate.for_run(config_for(), sent)
     gate.bound(gate.screen("train", replies, 1), sent, 1)
     # Cut to 2 x the median norm, 1.0, in float64: a float32 square of 1e30 is Inf.
     assert float(flat_update(replies[-1].content["arrays"], sent).norm()) == pytest.approx(2.0, rel=1e-5)
@@ -361,7 +362,7 @@ def test_a_row_count_above_the_bound_weighs_the_bound():
     sent, replies = sent_and_replies(
         [random_update(1.0, seed) for seed in range(5)], [100, 120, 90, 200, 1000]
     )
-    gate = ReplyGate.for_run(config_for(), sent, MAX_TRAIN_ROWS, MAX_VAL_ROWS)
+    gate = ReplyGate.for_run(config_for(), sent)
     assert gate.bound(gate.screen("train", replies, 1), sent, 1) == Bounded(clipped=0, capped=1)
     assert [reply.content["metrics"][ROWS_KEY] for reply in replies] == [100, 120, 90, 200, 360]
 
@@ -369,7 +370,7 @@ def test_a_row_count_above_the_bound_weighs_the_bound():
 def test_of_two_replies_the_smaller_update_sets_the_bound():
     """The lower median: of 2, the smaller norm, so one attacker of 2 cannot raise it."""
     sent, replies = sent_and_replies([random_update(1.0, 0), random_update(50.0, 1)], [100, 100])
-    gate = ReplyGate.for_run(config_for(), sent, MAX_TRAIN_ROWS, MAX_VAL_ROWS)
+    gate = ReplyGate.for_run(config_for(), sent)
     assert gate.bound(gate.screen("train", replies, 1), sent, 1) == Bounded(clipped=1, capped=0)
     norms = [float(flat_update(reply.content["arrays"], sent).norm()) for reply in replies]
     assert norms == pytest.approx([1.0, 2.0], rel=1e-5)
@@ -381,7 +382,7 @@ def test_under_dp_the_gate_leaves_the_clipping_to_dp():
     config = config_for(dp_noise_multiplier=1.0, dp_clipping_norm=0.5)
     sent, replies = sent_and_replies([random_update(norm, 0) for norm in (1.0, 1.0, 50.0)], [100, 100, 900])
     before = [reply.content["arrays"]["fc1.weight"].numpy().tobytes() for reply in replies]
-    gate = ReplyGate.for_run(config, sent, MAX_TRAIN_ROWS, MAX_VAL_ROWS)
+    gate = ReplyGate.for_run(config, sent)
     assert gate.bound(gate.screen("train", replies, 1), sent, 1) == Bounded()
     assert [reply.content["arrays"]["fc1.weight"].numpy().tobytes() for reply in replies] == before
     assert [reply.content["metrics"][ROWS_KEY] for reply in replies] == [100, 100, 900]
@@ -389,7 +390,7 @@ def test_under_dp_the_gate_leaves_the_clipping_to_dp():
 
 def test_under_a_robust_rule_the_norm_is_bounded_and_every_reply_weighs_one():
     sent, replies = sent_and_replies([random_update(norm, 0) for norm in (1.0, 1.0, 50.0)], [100, 100, 900])
-    gate = ReplyGate.for_run(config_for(aggregation="median"), sent, MAX_TRAIN_ROWS, MAX_VAL_ROWS)
+    gate = ReplyGate.for_run(config_for(aggregation="median"), sent)
     assert gate.bound(gate.screen("train", replies, 1), sent, 1) == Bounded(clipped=1, capped=0)
     assert [reply.content["metrics"][EQUAL_WEIGHT_KEY] for reply in replies] == [1, 1, 1]
 
@@ -403,7 +404,7 @@ def test_with_private_head_the_bound_measures_the_body_that_was_sent():
         reply.content["arrays"] = ArrayRecord(
             {key: array for key, array in reply.content["arrays"].items() if key not in HEAD_KEYS}
         )
-    gate = ReplyGate.for_run(config, sent, MAX_TRAIN_ROWS, MAX_VAL_ROWS)
+    gate = ReplyGate.for_run(config, sent)
     usable = gate.screen("train", replies, 1)
     assert len(usable) == 3 and gate.bound(usable, sent, 1) == Bounded(clipped=1, capped=0)
     body = ArrayRecord({key: array for key, array in sent.items() if key not in HEAD_KEYS})
@@ -416,7 +417,7 @@ def test_when_half_the_replies_move_nothing_no_update_is_cut(caplog):
     """A bound of 0 would cut every update to nothing: the round goes on uncut instead."""
     zero = {key: torch.zeros_like(value) for key, value in Net().state_dict().items()}
     sent, replies = sent_and_replies([zero, zero, random_update(1.0, 0), random_update(5.0, 1)], [100] * 4)
-    gate = ReplyGate.for_run(config_for(), sent, MAX_TRAIN_ROWS, MAX_VAL_ROWS)
+    gate = ReplyGate.for_run(config_for(), sent)
     with caplog.at_level(logging.WARNING, logger="flwr"):
         assert gate.bound(gate.screen("train", replies, 1), sent, 1) == Bounded()
     assert "half the train replies or more moved nothing, so no update norm is cut" in caplog.text

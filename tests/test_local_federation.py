@@ -205,8 +205,8 @@ def assert_two_rounds_ran(done: subprocess.CompletedProcess, tmp_path: Path) -> 
 
 
 @pytest.fixture
-def deployment(tmp_path):
-    deployment = Deployment(tmp_path / "deployment")
+def deployment(tmp_path, idx_dataset):
+    deployment = Deployment(tmp_path / "deployment", dataset=idx_dataset)
     yield deployment
     deployment.close()
 
@@ -432,7 +432,7 @@ def test_insecure_federation_has_no_tls_and_no_registration(deployment):
     assert deployment.connection() == {"address": deployment.state()["address"], "insecure": True}
     assert not (deployment.folder / "ca.pem").exists()
     status = deployment.script("status").stdout
-    assert "partition-id=2 num-partitions=3" in status
+    assert "dataset-path='" in status and "/partition-2'" in status
     assert "SuperNodes connected: 3 (" in status
 
 

@@ -567,3 +567,20 @@ def test_a_damaged_results_entry_is_refused_in_one_line(killed_run):
         killed_run, round_results=central_as_a_number(torch.load(killed_run / "resume.pt"))["round_results"]
     )
     assert_refused(killed_run, r"round_results entry 2 that holds evaluate_metrics_serverapp = 0.5, not")
+
+
+@pytest.mark.parametrize("key", ["dataset-path", "data-cache-dir"])
+def test_a_resume_that_leaves_out_where_the_clients_data_lies_is_refused_with_the_fix(tmp_path, key):
+    """A simulation's ClientApps read these from the resuming command's run-config, not
+    from the messages: resumed without them, they would cut other partitions, or not find
+    their heads."""
+    data = tmp_path / "data"
+    data.mkdir()
+    run_dir = run_folder(tmp_path, **{key: str(data)})
+    assert_refused(
+        run_dir,
+        rf"run-config key '{key}' = '', but the run in {run_dir} ran with {key}='{data}', which its "
+        rf"ClientApps read from this command's run-config: add {key}='{data}' to --run-config",
+    )
+    with resume(run_dir, **{key: str(data)}) as outputs:
+        assert outputs.next_round == 3

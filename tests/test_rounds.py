@@ -185,8 +185,8 @@ BAD_TRAIN_REPLIES = [
     (set_array("fc2.bias", lambda a: a[:5]), "'fc2.bias' holds float32 (5,), not the model's float32 (10,)"),
     (set_array("fc2.bias", lambda a: a.double()), "'fc2.bias' holds float64 (10,)"),
     (lambda c: c.__setitem__("arrays", ArrayRecord(dict(reversed(list(c["arrays"].items()))))), "in order"),
-    (set_metric("num-examples", 0), "num-examples = 0 is not an integer from 1 to 1000"),
-    (set_metric("num-examples", 10**15), "is not an integer from 1 to 1000"),
+    (set_metric("num-examples", 0), "num-examples = 0 is not an integer from 1 to 1,000,000,000"),
+    (set_metric("num-examples", 10**15), "is not an integer from 1 to 1,000,000,000"),
     (set_metric("num-examples", 10.0), "num-examples = 10.0 is not an integer"),
     (set_metric("train_loss", float("nan")), "train_loss = nan is not a finite number"),
     (set_metric("train_loss", -1.0), "train_loss = -1.0 is not a loss"),
@@ -217,7 +217,7 @@ BAD_EVALUATE_REPLIES = [
     (set_metric("eval_acc", [0.5, 0.5]), "eval_acc = [0.5, 0.5] is not a finite number"),
     (set_metric("eval_acc_global", -0.1), "is not a score in [0, 1]"),
     (set_metric("eval_loss", float("inf")), "eval_loss = inf is not a finite number"),
-    (set_metric("num-examples", 251), "num-examples = 251 is not an integer from 1 to 250"),
+    (set_metric("num-examples", 10**9 + 1), "num-examples = 1000000001 is not an integer from 1 to"),
     (set_metric("num-examples", [5]), "num-examples = [5] is not an integer"),
     (lambda c: c.__setitem__("arrays", ArrayRecord()), "holds the records ['arrays', 'metrics']"),
 ]
@@ -233,6 +233,18 @@ def test_an_evaluate_reply_unlike_the_clientapps_is_left_out_and_counted(tmp_pat
     assert entry["replies"]["evaluate"] == {"expected": 4, "received": 4, "failed": 0, "dropped": 1}
     # Nodes 1, 3, 4 score 0.1, 0.3, 0.4 on 5, 15, 20 rows.
     assert entry["evaluate_metrics_clientapp"]["eval_acc"] == pytest.approx((0.5 + 4.5 + 8) / 40)
+
+
+def test_an_evaluate_reply_weighs_no_more_than_its_round_allows(tmp_path):
+    """Node 4 claims a million validation rows against the others' 5, 10, 15: its score
+    weighs 3 x the round's median (10) rows, not a million."""
+    config = config_for(num_server_rounds=1, fraction_train=1.0, fraction_evaluate=1.0)
+    run_rounds(tmp_path, config, ScriptedGrid(4, poisoned("evaluate", 4, set_metric("num-examples", 10**6))))
+    [entry] = results_of(tmp_path)
+    assert entry["replies"]["evaluate"]["dropped"] == 0
+    # Nodes 1..4 score 0.1..0.4, on 5, 10, 15 and (capped) 30 rows.
+    expected = (0.1 * 5 + 0.2 * 10 + 0.3 * 15 + 0.4 * 30) / 60
+    assert entry["evaluate_metrics_clientapp"]["eval_acc"] == pytest.approx(expected)
 
 
 def test_error_replies_are_counted_as_failed(tmp_path):
@@ -276,7 +288,7 @@ def test_the_config_clients_get_holds_the_run_config(tmp_path):
     grid = ScriptedGrid(2, honest)
     config = config_for(num_server_rounds=1)
     start = ArrayRecord(Net().state_dict())
-    outputs, gate = RunOutputs(tmp_path, {}, wandb_project=None), ReplyGate.for_run(config, start, 10, 10)
+    outputs, gate = RunOutputs(tmp_path, {}, wandb_project=None), ReplyGate.for_run(config, start)
     rounds = RoundLoop(config, build_strategy(config, 2), grid, outputs, gate)
     rounds.run(start, client_config=ConfigRecord({"lineage": "a" * 32}))
     assert all(sent["lineage"] == "a" * 32 and "lr" in sent for _, sent in grid.sent)

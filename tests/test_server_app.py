@@ -6,15 +6,30 @@ from flwr.app import ArrayRecord
 
 from harness.flower_processes import default_run_config
 from harness.synthetic_fmnist import make_split
-from pytorch_example.config import AppConfig, ConfigError, check_server_device
+from pytorch_example.client_app import LINEAGE_KEY
+from pytorch_example.config import CLIENT_KEYS, AppConfig, ConfigError, check_server_device
 from pytorch_example.data import ImageSet
 from pytorch_example.outputs import create_run_dir
-from pytorch_example.server_app import central_evaluation
+from pytorch_example.server_app import central_evaluation, client_settings
 from pytorch_example.task import Net
 
 
 def test_cpu_is_always_a_valid_server_device():
-    check_server_device("cpu")
+    check_server_device("cpu")  # no error: that is the claim
+
+
+def test_the_messages_carry_the_clients_settings_and_none_of_the_servers_paths(tmp_path):
+    run_config = {
+        **default_run_config(),
+        "dataset-path": str(tmp_path / "server-data"),
+        "data-cache-dir": str(tmp_path / "server-cache"),
+        "output-dir": str(tmp_path / "server-outputs"),
+        "resume-from": str(tmp_path / "server-outputs" / "run"),
+        "local-epochs": 3,
+    }
+    sent = client_settings(run_config, "a" * 32)
+    assert set(sent) == {*CLIENT_KEYS, LINEAGE_KEY} and sent["local-epochs"] == 3
+    assert not any(str(tmp_path) in str(value) for value in sent.values())
 
 
 def test_a_gpu_the_serverapp_cannot_see_fails_in_one_line():

@@ -199,13 +199,36 @@ def test_each_aggregation_against_one_update_scaled_a_hundredfold(tmp_path, aggr
         assert 0.0099 < shift < 0.0151
 
 
-def test_under_fedavg_a_row_count_weighs_no_more_than_the_largest_partition(tmp_path):
+def test_under_fedavg_a_row_count_weighs_no_more_than_its_round_allows(tmp_path):
+    """Node 1 claims a million rows against the others' 10: it is used, weighing 3 x 10,
+    its update cut to 2 x the median (0.013 a weight)."""
     config = config_for(num_server_rounds=1, fraction_train=1.0)
     start = ArrayRecord(Net().state_dict())
-    grid = ScriptedGrid(7, honest_but_node_1(1.0, attack_rows=10**15))
+    grid = ScriptedGrid(7, honest_but_node_1(1.0, attack_rows=10**6))
     shift = mean_shift(start, run_rounds(tmp_path, config, grid, initial=start).arrays)
-    assert 0.0099 < shift < 0.0161  # the claim was left out
-    assert results_of(tmp_path)[0]["replies"]["train"]["dropped"] == 1
+    assert shift == pytest.approx((10 * 0.075 + 30 * 2 * 0.013) / (60 + 30), rel=1e-4)
+    assert results_of(tmp_path)[0]["replies"]["train"] | {"expected": 7} == {
+        "expected": 7, "received": 7, "failed": 0, "dropped": 0, "clipped": 1, "capped": 1
+    }  # fmt: skip
+    (tmp_path / "beyond").mkdir()  # more than any client could hold: left out
+    run_rounds(tmp_path / "beyond", config, ScriptedGrid(7, honest_but_node_1(1.0, attack_rows=10**15)))
+    assert results_of(tmp_path / "beyond")[0]["replies"]["train"]["dropped"] == 1
+
+
+def test_an_honest_reply_is_used_whatever_rows_the_server_expected(tmp_path):
+    """The server computes no member's partition: SuperNodes cut into 2 partitions while
+    the ServerApp counts 3 (or holding their own data) hold more rows than it would
+    guess, and every reply is used."""
+    config = config_for(num_server_rounds=1, fraction_train=1.0)
+
+    def big_partitions(server_round, message):
+        content = trained(message)
+        if is_train(message):
+            content["metrics"]["num-examples"] = 1500 + message.metadata.dst_node_id
+        return content
+
+    run_rounds(tmp_path, config, ScriptedGrid(3, big_partitions))
+    assert results_of(tmp_path)[0]["replies"]["train"]["dropped"] == 0
 
 
 def test_multi_krum_keeps_all_but_f_of_the_replies_that_came(tmp_path):
