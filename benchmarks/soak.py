@@ -55,7 +55,7 @@ from harness.flower_processes import (
 )
 from harness.synthetic_fmnist import write_idx_dataset
 from pytorch_example import task
-from pytorch_example.config import AppConfig
+from pytorch_example.config import PARTITION_PATH_KEYS, AppConfig
 from pytorch_example.data import load_test_set
 from pytorch_example.trust import PrivacyLedger
 
@@ -397,8 +397,9 @@ def run_once(
         runs.append(federation.flwr_run(app_dir, run_config, logs[-1]))
 
     def resume(run_dir: Path) -> None:
-        # README's command, as written: `resume-from` alone; the rest is the folder's.
-        submit({"resume-from": str(run_dir)})
+        # README's command, as written: `resume-from` and where the data lies; the rest
+        # is the folder's.
+        submit({"resume-from": str(run_dir), **{key: config[key] for key in PARTITION_PATH_KEYS}})
 
     chaos = Chaos(federation, watch, rng, resume, quick) if rng else None
     started = time.perf_counter()

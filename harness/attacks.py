@@ -241,9 +241,10 @@ def honest_update(
     return update
 
 
-def flip_labels(partition: Partition) -> Partition:
+def flip_labels(partition: Partition, *named) -> tuple:
+    """`local_partition`'s partition, its train labels c -> 9 - c; its name and stream as they were."""
     train = partition.train
-    return Partition(ImageSet(train.images, NUM_CLASSES - 1 - train.labels), partition.val)
+    return Partition(ImageSet(train.images, NUM_CLASSES - 1 - train.labels), partition.val), *named
 
 
 @app.train()
@@ -252,7 +253,7 @@ def train(msg: Message, context: Context) -> Message:
     if attack == LABEL_FLIP:
         honest_partition = client_app.local_partition
         with mock.patch.object(
-            client_app, "local_partition", lambda config, node: flip_labels(honest_partition(config, node))
+            client_app, "local_partition", lambda config, node: flip_labels(*honest_partition(config, node))
         ):
             return client_app.train(msg, context)
     reply = client_app.train(msg, context)

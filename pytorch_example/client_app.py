@@ -13,6 +13,7 @@ Replies carry exactly what the server's reply gate expects (rounds.py): train, t
 arrays, `train_loss` and `num-examples`; evaluate, four scores and `num-examples`.
 """
 
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -48,7 +49,7 @@ class ClientRound:
     net: task.Net  # the global model, as received
     sgd: task.SGD  # this round's learning rate, on this client's device
     heads: HeadStore  # its own head on disk
-    seed: tuple[int, int, int]  # run seed, round, its node's stream: what its random draws follow
+    seed: tuple[int, int, int]  # run seed, round, its rows' stream: what its random draws follow
 
 
 def setup(msg: Message, context: Context) -> ClientRound:
@@ -57,15 +58,15 @@ def setup(msg: Message, context: Context) -> ClientRound:
     sent = msg.content["config"]
     node = NodeConfig.from_node_config(context.node_config)
     config = AppConfig.for_client(context.run_config, sent, own_data=node.dataset_path is not None)
-    cache_dir = node.cache_dir if node.dataset_path is not None else config.data_cache_dir
-    heads = HeadStore(node.head_dir or cache_dir / "heads", sent.get(LINEAGE_KEY), node)
+    if node.cache_dir is not None:  # the node's own cache, wherever the run-config's lies
+        config = dataclasses.replace(config, data_cache_dir=node.cache_dir)
+    partition, rows_name, stream = local_partition(config, node)
+    heads = HeadStore(node.head_dir or config.data_cache_dir / "heads", sent.get(LINEAGE_KEY), rows_name)
     if HEAD_STATE_KEY not in context.state and (kept := heads.load()) is not None:
         context.state[HEAD_STATE_KEY] = ArrayRecord(kept)
     sgd = task.SGD(float(sent[LR_KEY]), config.momentum, config.batch_size, device())
-    seed = (config.seed, int(sent["server-round"]), node.stream)
-    return ClientRound(
-        config, local_partition(config, node), global_model(msg.content["arrays"]), sgd, heads, seed
-    )
+    seed = (config.seed, int(sent["server-round"]), stream)
+    return ClientRound(config, partition, global_model(msg.content["arrays"]), sgd, heads, seed)
 
 
 @app.train()
@@ -142,13 +143,19 @@ def keep_head(net: task.Net, state: RecordDict, heads: HeadStore) -> None:
     heads.save(net.fc2.state_dict())
 
 
-def local_partition(config: AppConfig, node: NodeConfig) -> Partition:
-    """This node's rows: its own folder's, or those of the partition its config names."""
-    if node.dataset_path is not None:
-        dataset_path, cache_dir = node.dataset_path, node.cache_dir
-        return load_node_partition(dataset_path, cache_dir, config.val_fraction, config.partition_seed)
-    partitioning = config.partitioning(node.num_partitions)
-    return load_partition(config.data_source, partitioning, node.partition_id)
+def local_partition(config: AppConfig, node: NodeConfig) -> tuple[Partition, str, int]:
+    """This node's rows, what names them (its head file's name) and its stream of random
+    draws: those of the partition its config names (its id), or its own folder's (named
+    and seeded by a hash of the rows, so by what it holds, not where)."""
+    if node.dataset_path is None:
+        partitioning = config.partitioning(node.num_partitions)
+        partition = load_partition(config.data_source, partitioning, node.partition_id)
+        return partition, f"partition-{node.partition_id}-of-{node.num_partitions}", node.partition_id
+    # Its cache is its own: the node config's, else the default on its machine (for_client).
+    partition, rows_key = load_node_partition(
+        node.dataset_path, config.data_cache_dir, config.val_fraction, config.partition_seed
+    )
+    return partition, f"own-data-{rows_key[:16]}", int(rows_key[:8], 16)
 
 
 def client_generator(seed: int, server_round: int, partition_id: int, stream: int = 0) -> torch.Generator:

@@ -8,7 +8,6 @@ stops the run with one line that names the key, the value and the fix.
 import argparse
 import difflib
 import functools
-import hashlib
 import json
 import math
 import re
@@ -307,14 +306,14 @@ class NodeConfig:
     """What a SuperNode's `--node-config` says of its client: either the simulation's
     partition it holds (`partition-id` of `num-partitions`, cut from the run's data), or
     its own data folder (`dataset-path`); where it keeps its head (`head-dir`; None: under
-    its cache), and, with its own data, its cache (`data-cache-dir`, default
-    ~/.cache/pytorch-example on its machine)."""
+    its cache) and its cache (`data-cache-dir`; None: the run-config's for a partition,
+    ~/.cache/pytorch-example on its own machine for its own data)."""
 
     partition_id: int | None
     num_partitions: int | None
     head_dir: Path | None
     dataset_path: Path | None = None
-    cache_dir: Path = DEFAULT_CACHE_DIR
+    cache_dir: Path | None = None
 
     @classmethod
     def from_node_config(cls, node_config: UserConfig) -> "NodeConfig":
@@ -328,7 +327,7 @@ class NodeConfig:
                     f"node config keys 'dataset-path' and '{given[0]}': a SuperNode holds its own data "
                     "folder or a simulation partition, not both: drop one"
                 )
-            return cls(None, None, head_dir, dataset_path, cache_dir or DEFAULT_CACHE_DIR)
+            return cls(None, None, head_dir, dataset_path, cache_dir)
         values = {}
         for key in ("partition-id", "num-partitions"):
             value = node_config.get(key)
@@ -346,21 +345,7 @@ class NodeConfig:
                 f"{partition_id} does not exist: the train split is cut into {num_partitions} partitions, "
                 f"0..{num_partitions - 1}"
             )
-        return cls(partition_id, num_partitions, head_dir)
-
-    @property
-    def name(self) -> str:
-        """What decides this client's rows, as a file name: its partition, or its folder."""
-        if self.dataset_path is None:
-            return f"partition-{self.partition_id}-of-{self.num_partitions}"
-        return f"own-data-{hashlib.sha256(str(self.dataset_path).encode()).hexdigest()[:16]}"
-
-    @property
-    def stream(self) -> int:
-        """A number of its own for its random draws: its partition id, or from its folder."""
-        if self.dataset_path is None:
-            return self.partition_id
-        return int(hashlib.sha256(str(self.dataset_path).encode()).hexdigest()[:8], 16)
+        return cls(partition_id, num_partitions, head_dir, cache_dir=cache_dir)
 
 
 def node_path(node_config: UserConfig, key: str) -> Path | None:

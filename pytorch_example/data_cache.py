@@ -68,10 +68,16 @@ def decoded_folder(source: DataSource) -> Path:
     """The cache folder holding the source's decoded splits, decoding them if needed."""
     folder = source.data_cache_dir / f"fashion-mnist-{_source_key(source)}"
     splits = SPLITS if source.dataset_path is None else tuple(_local_source_files(source.dataset_path))
+    return cached_splits(folder, splits, lambda: _decode_source(source))
+
+
+def cached_splits(folder: Path, splits: tuple[str, ...], decode: Callable[[], dict]) -> Path:
+    """`folder`, holding `<split>-images.npy` and `<split>-labels.npy` for each of
+    `splits`; written from `decode()` (`{split: (images, labels)}`) if any is missing."""
     files = [folder / f"{split}-{kind}.npy" for split in splits for kind in ("images", "labels")]
     if all(path.exists() for path in files):
         return folder
-    decoded = _decode_source(source)
+    decoded = decode()
     folder.mkdir(parents=True, exist_ok=True)
     for split, (images, labels) in decoded.items():
         save_atomically(folder / f"{split}-images.npy", lambda f, a=images: np.save(f, a))
@@ -79,18 +85,22 @@ def decoded_folder(source: DataSource) -> Path:
     return folder
 
 
+def files_key(settings: list[str], files: list[Path]) -> str:
+    """Hash of `settings` and the files' paths, sizes and modification times: what decoded
+    arrays depend on, short of reading every byte."""
+    parts = [f"format={CACHE_FORMAT}", *settings]
+    for path in sorted(files):
+        stat = path.stat()
+        parts.append(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}")
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
+
+
 def _source_key(source: DataSource) -> str:
     """Hash of what the decoded arrays depend on: the source and its files' stats."""
-    parts = [f"format={CACHE_FORMAT}"]
     if source.dataset_path is None:
-        parts.append(f"hub={source.dataset_name}")
-    else:
-        for path in sorted(
-            path for paths in _local_source_files(source.dataset_path).values() for path in paths
-        ):
-            stat = path.stat()
-            parts.append(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}")
-    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
+        return files_key([f"hub={source.dataset_name}"], [])
+    files = [path for paths in _local_source_files(source.dataset_path).values() for path in paths]
+    return files_key([], files)
 
 
 def _local_source_files(folder: Path) -> dict[str, list[Path]]:

@@ -1,5 +1,5 @@
-"""A SuperNode's own data: the folder its operator points it at, and the export that
-writes simulation's partitions as such folders, one per SuperNode.
+"""The folder a SuperNode's own data comes in: read by the SuperNode its operator points
+at it, and written from simulation's partitions, one per SuperNode, by the export.
 
     python -m pytorch_example.node_data export --num-partitions N --out DIR
         [--dataset-path FOLDER] [--dirichlet-alpha 1.0] [--partition-seed 42]
@@ -34,45 +34,42 @@ from pytorch_example.config import DEFAULT_CACHE_DIR, AppConfig, ConfigError, Da
 from pytorch_example.data import ImageSet, Partition, load_partition
 from pytorch_example.files import save_atomically
 
-KEY = "dataset-path"  # the node config key naming the folder
+NODE_CONFIG_KEY = "dataset-path"  # where a SuperNode's --node-config names its folder
 VALIDATION_SPLITS = ("validation", "test")
-# Bump when the layout or meaning of the decoded files changes.
-CACHE_FORMAT = 1
+ROWS_KEY_FILE = "rows.sha256"  # beside the decoded arrays: a hash of the rows themselves
 
 
 def node_data_error(folder: Path, reason: str) -> ConfigError:
-    return ConfigError(f"node config key '{KEY}' = '{folder}': {reason}")
+    return ConfigError(f"node config key '{NODE_CONFIG_KEY}' = '{folder}': {reason}")
 
 
-def load_node_partition(folder: Path, cache_dir: Path, val_fraction: float, partition_seed: int) -> Partition:
+def load_node_partition(
+    folder: Path, cache_dir: Path, val_fraction: float, partition_seed: int
+) -> tuple[Partition, str]:
     """This node's train and validation images, from `folder` (decoded into `cache_dir`
-    the first time)."""
+    the first time), and a hash of them: what names this node's rows, wherever they lie."""
     decoded = decoded_node_folder(folder, cache_dir, val_fraction, partition_seed)
     splits = {}
     for split in ("train", "val"):
         images = np.load(decoded / f"{split}-images.npy", mmap_mode="r")
         labels = np.load(decoded / f"{split}-labels.npy", mmap_mode="r")
         splits[split] = ImageSet(torch.from_numpy(np.array(images)), torch.from_numpy(np.array(labels)))
-    return Partition(train=splits["train"], val=splits["val"])
+    return Partition(train=splits["train"], val=splits["val"]), (decoded / ROWS_KEY_FILE).read_text()
 
 
 def decoded_node_folder(folder: Path, cache_dir: Path, val_fraction: float, partition_seed: int) -> Path:
     """The cache folder of `folder`'s decoded splits, decoding them if needed."""
-    files = data_files(folder)
-    parts = [f"format={CACHE_FORMAT}", f"val-fraction={val_fraction!r}", f"partition-seed={partition_seed}"]
-    for path in files:
-        stat = path.stat()
-        parts.append(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}")
-    key = hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
-    decoded = cache_dir / f"node-data-{key}"
-    names = [decoded / f"{split}-{kind}.npy" for split in ("train", "val") for kind in ("images", "labels")]
-    if all(path.exists() for path in names):
-        return decoded
-    splits = decode_node_folder(folder, val_fraction, partition_seed)
-    decoded.mkdir(parents=True, exist_ok=True)
-    for split, (images, labels) in splits.items():
-        save_atomically(decoded / f"{split}-images.npy", lambda f, a=images: np.save(f, a))
-        save_atomically(decoded / f"{split}-labels.npy", lambda f, a=labels: np.save(f, a))
+    settings = [f"val-fraction={val_fraction!r}", f"partition-seed={partition_seed}"]
+    decoded = cache_dir / f"node-data-{data_cache.files_key(settings, data_files(folder))}"
+    data_cache.cached_splits(
+        decoded, ("train", "val"), lambda: decode_node_folder(folder, val_fraction, partition_seed)
+    )
+    if not (decoded / ROWS_KEY_FILE).exists():
+        digest = hashlib.sha256()
+        for split in ("train", "val"):
+            for kind in ("images", "labels"):
+                digest.update(np.load(decoded / f"{split}-{kind}.npy").tobytes())
+        save_atomically(decoded / ROWS_KEY_FILE, lambda file: file.write(digest.hexdigest().encode()))
     return decoded
 
 
@@ -82,7 +79,8 @@ def data_files(folder: Path) -> list[Path]:
     if not folder.is_dir():
         raise node_data_error(folder, "is not a folder: point it at this SuperNode's own data folder")
     if (folder / "dataset_dict.json").is_file() or (folder / "state.json").is_file():
-        return sorted(path for path in folder.rglob("*") if path.is_file())
+        # Not the `cache-*.arrow` files that `datasets` may write beside a dataset.
+        return [path for path in folder.rglob("*") if path.is_file() and not path.name.startswith("cache-")]
     if parquet := sorted(folder.rglob("*.parquet")):
         return parquet
     raise node_data_error(
@@ -100,7 +98,8 @@ def decode_node_folder(folder: Path, val_fraction: float, partition_seed: int) -
         if files[0].suffix == ".parquet":
             loaded = load_parquet(datasets, folder, files)
         else:
-            loaded = datasets.load_from_disk(str(folder))
+            # In memory: nothing is written into the node's data folder.
+            loaded = datasets.load_from_disk(str(folder), keep_in_memory=True)
     except Exception as err:
         raise node_data_error(
             folder, f"cannot be read ({str(err).splitlines()[0] if str(err) else err!r})"
@@ -117,7 +116,7 @@ def decode_node_folder(folder: Path, val_fraction: float, partition_seed: int) -
             loaded = {"train": loaded["train"], "val": loaded[validation]}
     if isinstance(loaded, datasets.Dataset):
         try:
-            split = loaded.train_test_split(test_size=val_fraction, seed=partition_seed)
+            split = loaded.train_test_split(test_size=val_fraction, seed=partition_seed, keep_in_memory=True)
         except ValueError as err:
             raise node_data_error(
                 folder, f"cannot be split by val-fraction={val_fraction:g} ({err})"

@@ -643,13 +643,13 @@ def continued_run_config(run_config: dict, config: AppConfig) -> dict:
         and value != run_config[key]
         and config.run_config_value(key) == defaults.run_config_value(key)
     }
-    for key in sorted(set(taken) & set(PARTITION_PATH_KEYS)):
+    if missing := {key: taken[key] for key in PARTITION_PATH_KEYS if key in taken}:
         # A simulation's ClientApps read where the images (and their heads) lie from their
         # own run-config, this command's: they would cut other partitions, or lose their heads.
+        named = " ".join(f"{key}='{value}'" for key, value in missing.items())
         raise ConfigError(
-            f"run-config key '{key}' = '{run_config[key]}', but the run in {config.resume_from} ran "
-            f"with {key}='{taken[key]}', which its ClientApps read from this command's run-config: "
-            f"add {key}='{taken[key]}' to --run-config"
+            f"run-config key '{next(iter(missing))}': the run in {config.resume_from} ran with {named}, "
+            f"which its ClientApps read from this command's run-config: add {named} to --run-config"
         )
     if taken:
         settings = " ".join(f"{key}={value!r}" for key, value in taken.items())

@@ -1,6 +1,7 @@
 """The personalised, stateful client: its head kept in a RecordDict across rounds."""
 
 import logging
+import shutil
 from pathlib import Path
 
 import pytest
@@ -20,7 +21,7 @@ from pytorch_example.client_app import (
 )
 from pytorch_example.config import PERSONALISATIONS, AppConfig, ConfigError, NodeConfig
 from pytorch_example.data import ImageSet, Partition, load_partition
-from pytorch_example.node_data import export
+from pytorch_example.node_data import export, load_node_partition
 from pytorch_example.task import HEAD_KEYS, Net
 from pytorch_example.task import train as train_model
 
@@ -225,7 +226,7 @@ def test_the_refit_learns_from_the_train_rows_never_the_validation_rows_it_is_sc
     global_arrays = ArrayRecord(Net().state_dict())
 
     def refit_and_score(partition: Partition) -> float:
-        monkeypatch.setattr(client_app, "local_partition", lambda config, node: partition)
+        monkeypatch.setattr(client_app, "local_partition", lambda config, node: (partition, "rows", 0))
         reply = evaluate(message("evaluate", global_arrays, lineage=""), client_context(run_config))
         return float(reply.content["metrics"]["eval_acc"])
 
@@ -285,8 +286,6 @@ def test_a_node_config_names_its_own_folder_or_a_partition_not_both(tmp_path):
     mine, heads = str(tmp_path / "mine"), str(tmp_path / "h")
     node = NodeConfig.from_node_config({"dataset-path": mine, "head-dir": heads})
     assert (node.dataset_path, node.partition_id, node.head_dir) == (tmp_path / "mine", None, tmp_path / "h")
-    other = NodeConfig.from_node_config({"dataset-path": str(tmp_path / "other")})
-    assert node.name.startswith("own-data-") and node.name != other.name and node.stream != other.stream
     both = {"dataset-path": mine, "partition-id": 0, "num-partitions": 2}
     with pytest.raises(ConfigError, match="'dataset-path' and 'partition-id': a SuperNode holds its own"):
         NodeConfig.from_node_config(both)
@@ -327,9 +326,29 @@ def test_a_node_with_its_own_folder_trains_on_its_rows_and_reads_no_server_path(
     simulated = load_partition(config.data_source, config.partitioning(2), 1)
     assert reply.content["metrics"]["num-examples"] == len(simulated.train)
     evaluate(message("evaluate", reply.content["arrays"]), context)
+    _, rows_key = load_node_partition(own_folder, tmp_path / "node-cache", 0.2, 42)
     heads = list((tmp_path / "node-cache" / "heads").rglob("*.pt"))
-    assert [head.name for head in heads] == [f"{NodeConfig.from_node_config(node_config).name}.pt"]
+    assert [head.name for head in heads] == [f"own-data-{rows_key[:16]}.pt"]
     assert not Path("/srv/server-only").exists()
+
+
+def test_an_own_data_clients_head_and_draws_follow_its_rows_not_their_path(run_config, own_folder, tmp_path):
+    """The same rows at another path: the same head file and the same draws; other rows
+    at the same path: another head, so no client loads a head trained on other rows."""
+    config = AppConfig.for_client(run_config, {}, own_data=True)
+
+    def named(folder):
+        node = NodeConfig.from_node_config(
+            {"dataset-path": str(folder), "data-cache-dir": str(tmp_path / "c")}
+        )
+        return client_app.local_partition(config, node)[1:]
+
+    moved = shutil.copytree(own_folder, tmp_path / "elsewhere" / "mine")
+    assert named(moved) == named(own_folder)
+    shutil.rmtree(moved)
+    other = AppConfig.from_run_config(run_config)
+    shutil.copytree(export(other.data_source, other.partitioning(2), tmp_path / "again")[0], moved)
+    assert named(moved)[0] != named(own_folder)[0] and named(moved)[1] != named(own_folder)[1]
 
 
 def test_a_client_reads_its_settings_from_the_message_before_its_run_config(run_config):

@@ -41,16 +41,22 @@ def test_a_killed_run_resumes_with_every_round_exactly_once(idx_dataset, tmp_pat
     assert 2 <= len(before) < 5, before
     [run_dir] = [path for path in output_dir.glob("*/*") if path.is_dir()]
 
-    # README's command: `resume-from` alone. The rest comes from the folder's config.json
-    # (the generated data set included: offline, the Hub default would fail).
+    # README's command: `resume-from` and where the data lies (its ClientApps read that
+    # from this command); the rest comes from the folder's config.json. Without them, it
+    # is refused, saying what to add, before anything is written.
     resumed = LocalFederation(tmp_path / "resumed")
     try:
         log, record = resumed.run(app_dir, {"resume-from": str(run_dir)}, {"num-supernodes": 4})
+        assert record["status"] == "finished:failed", log
+        named = f"dataset-path='{idx_dataset}' data-cache-dir='{tmp_path / 'cache'}'"
+        assert f"add {named} to --run-config" in record["status-details"]
+        assert completed_rounds(output_dir) == before
+        where = {key: run_config[key] for key in ("dataset-path", "data-cache-dir")}
+        log, record = resumed.run(app_dir, {"resume-from": str(run_dir), **where}, {"num-supernodes": 4})
     finally:
         resumed.stop()
     assert record["status"] == "finished:completed", log
     assert f"Resuming with the settings in {run_dir / 'config.json'}: num-server-rounds=5" in log
-    assert f"dataset-path='{idx_dataset}'" in log
     # Nothing of the killed run went on: it left off where results.json said it had.
     assert f"Resuming {run_dir} after round {len(before)} of 5" in log
     # Clients that trained before the crash go on with their own heads, from their disk.

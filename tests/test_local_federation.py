@@ -761,10 +761,19 @@ def test_readme_recipe_for_several_machines(tmp_path, idx_dataset):
                 "--nodes", "0", "--host", "0.0.0.0", "--port", "9092", "--local-port", "9093",
                 "--san", superlink_ip,
             )  # fmt: skip
+            # deploy/README's export, then each partition to its SuperNode's machine.
+            exported = subprocess.run(
+                [sys.executable, "-m", "pytorch_example.node_data", "export", "--num-partitions", "2",
+                 "--out", str(tmp_path / "partitions"), "--dataset-path", str(idx_dataset),
+                 "--data-cache-dir", str(tmp_path / "export-cache")],
+                capture_output=True, text=True, timeout=300,
+            )  # fmt: skip
+            assert exported.returncode == 0, exported.stderr
             keys = {}
             for index, host in enumerate(["node-a", "node-b"]):
                 machine = tmp_path / host
                 keys[host] = deployment.enrol(machine, host)
+                shutil.move(tmp_path / "partitions" / f"partition-{index}", machine / "data")
                 deployment.start_stranger(
                     host,
                     *(
@@ -774,7 +783,7 @@ def test_readme_recipe_for_several_machines(tmp_path, idx_dataset):
                         str(keys[host]),
                     ),
                     superlink=public_address,
-                    node_config=f"partition-id={index} num-partitions=2",
+                    node_config=f"dataset-path='{machine / 'data'}'",
                     namespace=network[host][0],
                     supervised=True,
                 )

@@ -27,7 +27,7 @@ def test_an_exported_partition_holds_the_rows_simulation_gives_it_image_for_imag
     for partition_id, folder in enumerate(folders):
         simulated = load_partition(source, partitioning, partition_id)
         # The node reads it with its own cache and settings that, for an export, decide nothing.
-        own = load_node_partition(folder, tmp_path / "node-cache", val_fraction=0.5, partition_seed=0)
+        own, _ = load_node_partition(folder, tmp_path / "node-cache", val_fraction=0.5, partition_seed=0)
         for split in ("train", "val"):
             expected, got = getattr(simulated, split), getattr(own, split)
             assert len(got) > 0 and torch.equal(got.images, expected.images), (partition_id, split)
@@ -42,7 +42,13 @@ def test_a_folder_of_one_dataset_is_split_as_simulation_splits_a_partition(tmp_p
     labels = rng.integers(0, 10, 50)
     rows = datasets.Dataset.from_dict({"image": list(images), "label": labels})
     rows.save_to_disk(str(tmp_path / "node"))
-    own = load_node_partition(tmp_path / "node", tmp_path / "cache", val_fraction=0.2, partition_seed=3)
+    # A node may not write into its data folder (root may anyway: the listing tells).
+    (tmp_path / "node").chmod(0o555)
+    listing = sorted(path.name for path in (tmp_path / "node").iterdir())
+    own, _ = load_node_partition(tmp_path / "node", tmp_path / "cache", val_fraction=0.2, partition_seed=3)
+    load_node_partition(tmp_path / "node", tmp_path / "cache", val_fraction=0.2, partition_seed=3)
+    assert sorted(path.name for path in (tmp_path / "node").iterdir()) == listing
+    assert len(list((tmp_path / "cache").glob("node-data-*"))) == 1  # decoded once, then mapped
     split = rows.train_test_split(test_size=0.2, seed=3).with_format("numpy")
     assert np.array_equal(own.train.images.numpy(), np.asarray(split["train"]["image"], dtype=np.uint8))
     assert np.array_equal(own.val.labels.numpy(), np.asarray(split["test"]["label"]))
@@ -60,17 +66,17 @@ def test_parquet_files_named_by_split_are_read_as_those_splits(tmp_path):
             features=datasets.Features({"image": datasets.Image(), "label": datasets.Value("int64")}),
         )
         table.to_parquet(str(folder / f"{name}-00000.parquet"))
-    own = load_node_partition(folder, tmp_path / "cache", val_fraction=0.2, partition_seed=3)
+    own, _ = load_node_partition(folder, tmp_path / "cache", val_fraction=0.2, partition_seed=3)
     assert (len(own.train), len(own.val)) == (30, 7)
 
 
 def test_a_second_load_maps_the_decoded_cache(tmp_path, source):
     partitioning = Partitioning(num_partitions=2, dirichlet_alpha=1.0, partition_seed=7, val_fraction=0.2)
     [folder, _] = export(source, partitioning, tmp_path / "exported")
-    first = load_node_partition(folder, tmp_path / "cache", 0.2, 7)
+    first, _ = load_node_partition(folder, tmp_path / "cache", 0.2, 7)
     [decoded] = (tmp_path / "cache").glob("node-data-*")
     before = {path.name: path.stat().st_mtime_ns for path in decoded.iterdir()}
-    second = load_node_partition(folder, tmp_path / "cache", 0.2, 7)
+    second, _ = load_node_partition(folder, tmp_path / "cache", 0.2, 7)
     assert {path.name: path.stat().st_mtime_ns for path in decoded.iterdir()} == before
     assert torch.equal(first.train.images, second.train.images)
 

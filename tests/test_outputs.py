@@ -579,8 +579,8 @@ def test_a_resume_that_leaves_out_where_the_clients_data_lies_is_refused_with_th
     run_dir = run_folder(tmp_path, **{key: str(data)})
     assert_refused(
         run_dir,
-        rf"run-config key '{key}' = '', but the run in {run_dir} ran with {key}='{data}', which its "
-        rf"ClientApps read from this command's run-config: add {key}='{data}' to --run-config",
+        rf"run-config key '{key}': the run in {run_dir} ran with {key}='{data}', which its ClientApps "
+        rf"read from this command's run-config: add {key}='{data}' to --run-config",
     )
     with resume(run_dir, **{key: str(data)}) as outputs:
         assert outputs.next_round == 3
