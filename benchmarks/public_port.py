@@ -68,7 +68,16 @@ def measure(work: Path, dataset: Path, public: bool, args: argparse.Namespace) -
         "output-dir": str(output_dir),
         "use-wandb": False,
     }
-    script("up", "--host", host, "--port", str(port), *(["--san", host] if public else []))
+    script(
+        "up",
+        "--host",
+        host,
+        "--port",
+        str(port),
+        "--dataset-path",
+        str(dataset),
+        *(["--san", host] if public else []),
+    )
     landings = RoundLandings(output_dir)
     landed = landings.landed
     try:

@@ -31,6 +31,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from importlib.metadata import version
 from pathlib import Path
 
 import click
@@ -45,6 +46,8 @@ from flwr.common.constant import HEARTBEAT_DEFAULT_INTERVAL, HEARTBEAT_PATIENCE
 from flwr.supercore.utils import get_flwr_home
 
 CONNECTION = "local-deployment"
+# Their partitioning, shuffling and random numbers decide an export's rows.
+EXPORT_LIBRARIES = ("pytorchexample", "flwr-datasets", "datasets", "numpy")
 DEFAULT_DIR = Path(__file__).resolve().parent / ".federation"
 STATE_FILE = "federation.json"
 WILDCARD_HOSTS = ("0.0.0.0", "::")
@@ -689,18 +692,23 @@ def start_superlink(folder: Path, args: argparse.Namespace, host: str, port: int
 
 
 def node_data_folders(folder: Path, args: argparse.Namespace) -> list[Path]:
-    """Each SuperNode's own data folder, as on its own machine: `--data`'s partition-<i>,
-    or simulation's partitions exported once into the federation folder."""
+    """Each SuperNode's own data folder, as on its own machine: `--data`'s partition-<i>
+    (or `flwr-datasets create`'s partition_<i>), or simulation's partitions (the app's
+    default dirichlet-alpha, partition-seed and val-fraction) exported into the
+    federation folder, once for the same source files, count and libraries."""
     if args.data:
-        folders = [args.data.resolve() / f"partition-{index}" for index in range(args.nodes)]
-        if missing := [path for path in folders if not path.is_dir()]:
-            raise FederationError(
-                f"--data {args.data} holds no {missing[0].name}: export one per SuperNode with python -m "
-                f"pytorch_example.node_data export --num-partitions {args.num_partitions} --out {args.data}"
-            )
-        return folders
-    settings = f"{args.dataset_path.resolve() if args.dataset_path else 'hub'} {args.num_partitions}"
-    exported = folder / f"data-{hashlib.sha256(settings.encode()).hexdigest()[:12]}"
+        found = []
+        for index in range(args.nodes):
+            names = [args.data.resolve() / f"partition{mark}{index}" for mark in "-_"]
+            if not (present := [path for path in names if path.is_dir()]):
+                export = f"python -m pytorch_example.node_data export --num-partitions {args.num_partitions}"
+                raise FederationError(
+                    f"--data {args.data} holds no partition-{index}: export one per SuperNode with {export} "
+                    f"--out {args.data}"
+                )
+            found.append(present[0])
+        return found
+    exported = folder / f"data-{export_key(args)}"
     if not exported.is_dir():
         partial = Path(tempfile.mkdtemp(prefix=".data-", dir=folder))
         source = ["--dataset-path", str(args.dataset_path.resolve())] if args.dataset_path else []
@@ -708,7 +716,9 @@ def node_data_folders(folder: Path, args: argparse.Namespace) -> list[Path]:
             sys.executable, "-m", "pytorch_example.node_data", "export",
             "--num-partitions", str(args.num_partitions), "--out", str(partial / "data"), *source,
         ]  # fmt: skip
-        done = subprocess.run(command, capture_output=True, text=True, stdin=subprocess.DEVNULL)
+        done = subprocess.run(
+            command, capture_output=True, text=True, stdin=subprocess.DEVNULL, cwd=Path(__file__).parents[1]
+        )
         if done.returncode:
             shutil.rmtree(partial, ignore_errors=True)
             last = (done.stderr.strip().splitlines() or ["no output"])[-1]
@@ -716,6 +726,18 @@ def node_data_folders(folder: Path, args: argparse.Namespace) -> list[Path]:
         os.replace(partial / "data", exported)
         shutil.rmtree(partial, ignore_errors=True)
     return [exported / f"partition-{index}" for index in range(args.nodes)]
+
+
+def export_key(args: argparse.Namespace) -> str:
+    """What an export depends on: the source (its files' sizes and times), the count of
+    partitions, and the libraries that cut them."""
+    parts = [str(args.num_partitions), *(f"{name}={version(name)}" for name in EXPORT_LIBRARIES)]
+    if args.dataset_path is None:
+        parts.append("hub")
+    for path in sorted(args.dataset_path.resolve().rglob("*")) if args.dataset_path else []:
+        if path.is_file():
+            parts.append(f"{path}:{path.stat().st_size}:{path.stat().st_mtime_ns}")
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:12]
 
 
 def start_supernode(

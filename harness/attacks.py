@@ -162,6 +162,8 @@ def attack_of(context: Context) -> str | None:
     attack = context.node_config.get("attack")
     if attack is None:
         node = NodeConfig.from_node_config(context.node_config)
+        if node.partition_id is None:  # a node of its own data: the run-config names no partition of it
+            return None
         attack = attackers(context.run_config, node.num_partitions).get(node.partition_id)
     elif attack in COLLUDING:
         raise ValueError(f"attack={attack!r} colludes with the run's other attackers: simulation only")
@@ -263,14 +265,12 @@ def train(msg: Message, context: Context) -> Message:
         reply.content["metrics"]["train_accuracy"] = 0.5
         return reply
     node = NodeConfig.from_node_config(context.node_config)
-    config = AppConfig.for_client(
-        context.run_config, msg.content["config"], own_data=node.dataset_path is not None
-    )
     seen = Seen(
         trained=reply.content["arrays"].to_torch_state_dict(),
         received=msg.content["arrays"].to_torch_state_dict(),
-        # As many as the simulation's SuperNodes; a deployment's node does not know (2, the least).
-        sampled=config.train_sample_size(node.num_partitions or 0),
+        # As the run samples from the simulation's SuperNodes; a deployment's node does not
+        # know how many there are (2, the least).
+        sampled=max(int((node.num_partitions or 0) * float(context.run_config["fraction-train"])), 2),
         colluders=colluders_of(msg, context, attack),
     )
     reply.content["arrays"] = ArrayRecord(UPDATE_ATTACKS[attack](seen))

@@ -64,7 +64,9 @@ LEGACY_SETTINGS = {
     "head-refit-rows": 0,
     "aggregation": FEDAVG,
     "update-norm-bound": 0.0,
-    "update-weight-bound": 0.0,
+    # They weighed a reply by at most the largest partition's rows, which the server no
+    # longer computes: the bound by the round takes its place.
+    "update-weight-bound": 3.0,
     "trim-fraction": 0.2,
     "num-malicious": 1,
     "multi-krum-keep": 0,

@@ -1,12 +1,14 @@
 """The gate every client reply passes before the server uses it: its shape, then its size.
 
-A SuperNode runs whatever code its operator gives it. So a reply is used only when it
-is exactly what this app's ClientApp sends (its records, keys, types and ranges);
-anything else is left out with a warning naming the node, and never raises. A train
-reply that passes is then bounded by the round itself, so that no one reply can move
-the global model far, however large the numbers it sends: its update (reply minus the
-model sent) is cut to `update-norm-bound` x the round's median update norm, and its
-weight under FedAvg to `update-weight-bound` x the round's median row count.
+A SuperNode runs whatever code its operator gives it, on data the server knows nothing
+of. So a reply is used only when it is exactly what this app's ClientApp sends (its
+records, keys, types and ranges); anything else is left out with a warning naming the
+node, and never raises. A reply that passes is then bounded by the round itself, so
+that no one reply can move the global model far, however large the numbers it sends:
+a train reply's update (reply minus the model sent) is cut to `update-norm-bound` x the
+round's median update norm, and the row count that weighs a reply (a train reply's
+under FedAvg, an evaluate reply's scores under every rule) to `update-weight-bound` x
+the round's median.
 """
 
 import math

@@ -643,13 +643,15 @@ def continued_run_config(run_config: dict, config: AppConfig) -> dict:
         and value != run_config[key]
         and config.run_config_value(key) == defaults.run_config_value(key)
     }
-    if missing := {key: taken[key] for key in PARTITION_PATH_KEYS if key in taken}:
+    saved_paths = {key: taken[key] for key in PARTITION_PATH_KEYS if key in taken}
+    if missing := {key: value for key, value in saved_paths.items() if not same_path(key, value, config)}:
         # A simulation's ClientApps read where the images (and their heads) lie from their
         # own run-config, this command's: they would cut other partitions, or lose their heads.
         named = " ".join(f"{key}='{value}'" for key, value in missing.items())
         raise ConfigError(
             f"run-config key '{next(iter(missing))}': the run in {config.resume_from} ran with {named}, "
-            f"which its ClientApps read from this command's run-config: add {named} to --run-config"
+            f"which a simulation's ClientApps read from this command's run-config: add {named} to "
+            "--run-config"
         )
     if taken:
         settings = " ".join(f"{key}={value!r}" for key, value in taken.items())
@@ -660,6 +662,13 @@ def continued_run_config(run_config: dict, config: AppConfig) -> dict:
             settings,
         )
     return {**run_config, **taken}
+
+
+def same_path(key: str, saved: str, config: AppConfig) -> bool:
+    """Whether a path key's saved value reads as the same folder as `config`'s (a saved
+    '~/.cache/pytorch-example' and a default "" do)."""
+    saved_config = AppConfig.from_run_config({**config.as_run_config(), key: saved})
+    return saved_config.run_config_value(key) == config.run_config_value(key)
 
 
 def lock_run_folder(run_dir: Path, create: bool) -> int | None:

@@ -28,8 +28,8 @@ REPLY_POLL_INTERVAL_S = 0.05
 NODE_POLL_INTERVAL_S = 1.0
 
 CentralEvaluation = Callable[[int, ArrayRecord], MetricRecord | None]
-# Per phase: messages sent, replies received, failed, dropped; for train, also the
-# replies whose update norm (clipped) or weight (capped) the gate's bound cut.
+# Per phase: messages sent, replies received, failed, dropped, and those whose weight
+# the gate's bound cut (capped); for train also those whose update it cut (clipped).
 Counts = dict[str, dict[str, int]]
 
 
@@ -178,7 +178,7 @@ class RoundLoop:
     def _evaluate(self, server_round: int, result: Result, config: ConfigRecord, counts: Counts) -> None:
         """Federated evaluation of the round's global model, aggregated into `result`."""
         _, _, usable = self._exchange("evaluate", server_round, result.arrays, config, counts)
-        self.gate.bound_evaluate(usable, server_round)
+        counts["evaluate"]["capped"] = self.gate.bound_evaluate(usable, server_round)
         metrics = self.strategy.aggregate_evaluate(server_round, usable) if usable else None
         if metrics is not None:
             result.evaluate_metrics_clientapp[server_round] = metrics

@@ -120,6 +120,14 @@ def test_dp_settings_flower_cannot_account_for_are_refused(settings, refusal):
         AppConfig.from_run_config({**default_run_config(), **settings})
 
 
+def test_a_config_written_back_as_a_run_config_reads_the_same():
+    """What a ClientApp's settings start from: every key's default, as a run-config."""
+    assert AppConfig.from_run_config(AppConfig().as_run_config()) == AppConfig()
+    changed = {**default_run_config(), "lr-decay-rounds": "", "dataset-path": "/tmp", "resume-from": "/tmp"}
+    config = AppConfig.from_run_config({**changed, "seed": 3, "learning-rate": 0.5})
+    assert AppConfig.from_run_config(config.as_run_config()) == config
+
+
 def test_missing_key_is_named():
     run_config = default_run_config()
     del run_config["batch-size"]

@@ -12,7 +12,7 @@ from flwr.serverapp.strategy import Result
 
 from harness.flower_processes import default_run_config
 from harness.wandb_offline import read_offline_run
-from pytorch_example.config import LEGACY_SETTINGS, AppConfig, ConfigError
+from pytorch_example.config import DEFAULT_CACHE_DIR, LEGACY_SETTINGS, AppConfig, ConfigError
 from pytorch_example.outputs import (
     ResumeError,
     RunOutputs,
@@ -579,8 +579,20 @@ def test_a_resume_that_leaves_out_where_the_clients_data_lies_is_refused_with_th
     run_dir = run_folder(tmp_path, **{key: str(data)})
     assert_refused(
         run_dir,
-        rf"run-config key '{key}': the run in {run_dir} ran with {key}='{data}', which its ClientApps "
-        rf"read from this command's run-config: add {key}='{data}' to --run-config",
+        rf"run-config key '{key}': the run in {run_dir} ran with {key}='{data}', which a simulation's "
+        rf"ClientApps read from this command's run-config: add {key}='{data}' to --run-config",
     )
     with resume(run_dir, **{key: str(data)}) as outputs:
+        assert outputs.next_round == 3
+
+
+def test_a_resume_that_leaves_out_both_paths_names_both_and_one_that_names_the_default_passes(tmp_path):
+    data, cache = tmp_path / "data", tmp_path / "cache"
+    data.mkdir()
+    run_dir = run_folder(tmp_path / "both", **{"dataset-path": str(data), "data-cache-dir": str(cache)})
+    both = rf"dataset-path='{data}' data-cache-dir='{cache}'"
+    assert_refused(run_dir, rf"ran with {both}, which .* add {both} to --run-config")
+    # Saved as the default's own folder: the same folder as the default "", so not refused.
+    run_dir = run_folder(tmp_path / "default", **{"data-cache-dir": str(DEFAULT_CACHE_DIR)})
+    with resume(run_dir) as outputs:
         assert outputs.next_round == 3

@@ -206,7 +206,7 @@ def test_a_train_reply_unlike_the_clientapps_is_left_out_and_counted(tmp_path, c
     [entry] = results_of(tmp_path)
     assert entry["replies"] == {
         "train": {"expected": 4, "received": 4, "failed": 0, "dropped": 1, "clipped": 0, "capped": 0},
-        "evaluate": {"expected": 4, "received": 4, "failed": 0, "dropped": 0},
+        "evaluate": {"expected": 4, "received": 4, "failed": 0, "dropped": 0, "capped": 0},
     }
     assert entry["train_metrics"] == {"train_loss": 1.0}
 
@@ -230,7 +230,13 @@ def test_an_evaluate_reply_unlike_the_clientapps_is_left_out_and_counted(tmp_pat
         run_rounds(tmp_path, config, ScriptedGrid(4, poisoned("evaluate", 2, poison)))
     assert "Round 1: left out the evaluate reply of node 2: " in caplog.text and reason in caplog.text
     [entry] = results_of(tmp_path)
-    assert entry["replies"]["evaluate"] == {"expected": 4, "received": 4, "failed": 0, "dropped": 1}
+    assert entry["replies"]["evaluate"] == {
+        "expected": 4,
+        "received": 4,
+        "failed": 0,
+        "dropped": 1,
+        "capped": 0,
+    }
     # Nodes 1, 3, 4 score 0.1, 0.3, 0.4 on 5, 15, 20 rows.
     assert entry["evaluate_metrics_clientapp"]["eval_acc"] == pytest.approx((0.5 + 4.5 + 8) / 40)
 
@@ -241,7 +247,7 @@ def test_an_evaluate_reply_weighs_no_more_than_its_round_allows(tmp_path):
     config = config_for(num_server_rounds=1, fraction_train=1.0, fraction_evaluate=1.0)
     run_rounds(tmp_path, config, ScriptedGrid(4, poisoned("evaluate", 4, set_metric("num-examples", 10**6))))
     [entry] = results_of(tmp_path)
-    assert entry["replies"]["evaluate"]["dropped"] == 0
+    assert entry["replies"]["evaluate"]["dropped"] == 0 and entry["replies"]["evaluate"]["capped"] == 1
     # Nodes 1..4 score 0.1..0.4, on 5, 10, 15 and (capped) 30 rows.
     expected = (0.1 * 5 + 0.2 * 10 + 0.3 * 15 + 0.4 * 30) / 60
     assert entry["evaluate_metrics_clientapp"]["eval_acc"] == pytest.approx(expected)
@@ -255,7 +261,7 @@ def test_error_replies_are_counted_as_failed(tmp_path):
         tmp_path, config_for(num_server_rounds=1, fraction_evaluate=1.0), ScriptedGrid(4, node_2_crashes)
     )
     evaluate = results_of(tmp_path)[0]["replies"]["evaluate"]
-    assert evaluate == {"expected": 4, "received": 4, "failed": 1, "dropped": 0}
+    assert evaluate == {"expected": 4, "received": 4, "failed": 1, "dropped": 0, "capped": 0}
 
 
 def test_too_few_supernodes_stop_the_run_in_one_line_after_the_wait(tmp_path):
