@@ -15,7 +15,7 @@ from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
 from pytorch_example import client_app
-from pytorch_example.config import AppConfig, NodeConfig
+from pytorch_example.config import DEFAULT_CACHE_DIR, AppConfig, NodeConfig
 
 SENT_LOG_CLIENT_APP = "harness.sent_log:app"
 SENT_LOG = "sent.jsonl"
@@ -31,8 +31,8 @@ def log_what_is_sent(msg: Message, context: Context, call_next) -> Message:
         "received-config": dict(msg.content["config"]),
     }
     node = NodeConfig.from_node_config(context.node_config)
-    if node.dataset_path is not None:
-        folder = node.cache_dir  # a node of its own data reads none of the run's paths
+    if node.dataset_path is not None:  # a node of its own data reads none of the run's paths
+        folder = node.cache_dir or DEFAULT_CACHE_DIR
     else:
         folder = AppConfig.for_client(
             context.run_config, msg.content["config"], own_data=False

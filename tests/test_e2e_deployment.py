@@ -207,10 +207,18 @@ def test_supernodes_holding_only_their_own_data_run_stop_and_resume(idx_dataset,
         done = deployment.flwr(
             "run", ".", "local-deployment", "--stream", "--run-config", pairs(resumed), cwd=app, timeout=600
         )
-        assert done.returncode == 0, done.stdout + done.stderr
+        listing = deployment.flwr("ls", "local-deployment", "--format", "json", cwd=app)
+        runs = {run["run-id"]: run for run in json.loads(listing.stdout)["runs"]}
+        resumed_id = started_run_id(done.stdout + done.stderr)
     finally:
         deployment.close()
-    assert rounds_landed(outputs) == [1, 2, 3], done.stdout + done.stderr
+    assert runs[resumed_id]["status"] == "finished:completed", runs[resumed_id]
+    [results_file] = outputs.glob("*/*/results.json")
+    results = json.loads(results_file.read_text())
+    assert [entry["round"] for entry in results] == [1, 2, 3], done.stdout + done.stderr
+    # Every round trained and evaluated on both SuperNodes' own rows.
+    assert all(entry["replies"]["train"]["received"] == 2 and entry["train_metrics"] for entry in results)
+    assert all(entry["replies"]["evaluate"]["dropped"] == 0 for entry in results)
     server_paths = [str(path) for path in (server_data, server_cache, outputs, deployment.root, idx_dataset)]
     for name, machine in machines.items():
         own_cache = machine / "home" / ".cache" / "pytorch-example"
