@@ -405,33 +405,33 @@ def print_robustness(done: dict, rules, attacks_run, alphas, seeds: int, rounds:
         keys = [f"{rule} | {attack} | {alpha:g} | {seed}" for seed in range(seeds)]
         return [done[key] for key in keys if key in done]
 
+    def accuracy_text(cells: list[dict]) -> str:
+        if not cells:
+            return "-"
+        accuracies = [cell["accuracy"] for cell in cells]
+        failed = sum(cell["status"] != "completed" for cell in cells)
+        seeds_run = "" if len(cells) == seeds else f" [{len(cells)}]"
+        return f"{np.mean(accuracies):.2f} ({min(accuracies):.2f})" + "!" * failed + seeds_run
+
+    def moved_text(cells: list[dict]) -> str:
+        compared = sum(cell["compared"] for cell in cells)
+        return f"{sum(cell['moved'] for cell in cells) / compared:.2f}" if compared else "-"
+
     for alpha in alphas:
-        print(
-            f"\nCentral accuracy after round {rounds}, dirichlet-alpha {alpha:g}: "
-            f"mean of {seeds} seeds (worst; ! a failed run; [k] only k seeds run)\n"
-        )
-        print("| aggregation | " + " | ".join(attacks_run) + " |")
-        print("| --- |" + " ---: |" * len(attacks_run))
-        for rule in rules:
-            row = []
-            for attack in attacks_run:
-                cells = cells_of(rule, attack, alpha)
-                accuracies = [cell["accuracy"] for cell in cells]
-                failed = sum(cell["status"] != "completed" for cell in cells)
-                seeds_run = "" if len(cells) == seeds else f" [{len(cells)}]"
-                cell_text = f"{np.mean(accuracies):.2f} ({min(accuracies):.2f})" if cells else "-"
-                row.append(cell_text + "!" * failed + seeds_run)
-            print(f"| {rule} | " + " | ".join(row) + " |")
-        print(f"\nShare of rounds the attack moved the model, dirichlet-alpha {alpha:g}\n")
-        print("| aggregation | " + " | ".join(attacks_run) + " |")
-        print("| --- |" + " ---: |" * len(attacks_run))
-        for rule in rules:
-            row = []
-            for attack in attacks_run:
-                cells = cells_of(rule, attack, alpha)
-                compared = sum(cell["compared"] for cell in cells)
-                row.append(f"{sum(cell['moved'] for cell in cells) / compared:.2f}" if compared else "-")
-            print(f"| {rule} | " + " | ".join(row) + " |")
+        for title, text in (
+            (
+                f"Central accuracy after round {rounds}, dirichlet-alpha {alpha:g}: mean of {seeds} seeds "
+                "(worst; ! a failed run; [k] only k seeds run)",
+                accuracy_text,
+            ),
+            (f"Share of rounds the attack moved the model, dirichlet-alpha {alpha:g}", moved_text),
+        ):
+            print(f"\n{title}\n")
+            print("| aggregation | " + " | ".join(attacks_run) + " |")
+            print("| --- |" + " ---: |" * len(attacks_run))
+            for rule in rules:
+                row = [text(cells_of(rule, attack, alpha)) for attack in attacks_run]
+                print(f"| {rule} | " + " | ".join(row) + " |")
     print("\nSeconds per aggregation (mean over every round of every cell)\n")
     for rule in rules:
         seconds = [
