@@ -49,6 +49,8 @@ RESUME_MUST_MATCH = (
     "partition-seed",
     "val-fraction",
     "personalisation",
+    # What picks the best model: central accuracy, or without it the federated one.
+    "central-evaluation",
     # The privacy a run's epsilon accounts for: another noise, clipping norm or delta would be
     # another mechanism, or another epsilon.
     "dp-noise-multiplier",
@@ -74,6 +76,7 @@ LEGACY_SETTINGS = {
     "dp-clipping-norm": 0.1,
     "dp-delta": 1e-5,
     "dp-max-epsilon": 0.0,
+    "central-evaluation": True,
 }
 
 
@@ -148,6 +151,7 @@ class AppConfig:
     lr_decay_rounds: tuple[int, ...] = (5,)
     lr_decay_factor: float = 0.5
     server_device: str = "cpu"
+    central_evaluation: bool = True
     seed: int = 42
     partition_seed: int = 42
     dirichlet_alpha: float = 1.0
@@ -191,6 +195,7 @@ class AppConfig:
             lr_decay_rounds=reader.rounds("lr-decay-rounds"),
             lr_decay_factor=reader.positive("lr-decay-factor"),
             server_device=reader.device("server-device"),
+            central_evaluation=reader.boolean("central-evaluation"),
             seed=reader.integer("seed", minimum=0),
             partition_seed=reader.integer("partition-seed", minimum=0),
             dirichlet_alpha=reader.positive("dirichlet-alpha"),
@@ -211,6 +216,7 @@ class AppConfig:
                 "point it at the folder holding the Fashion-MNIST .gz or parquet files"
             )
         config.check_privacy()
+        config.check_evaluation()
         if config.resume_from is not None and not config.resume_from.is_dir():
             raise ConfigError(
                 f"run-config key 'resume-from' = '{config.resume_from}' is not a folder: point it at "
@@ -248,6 +254,14 @@ class AppConfig:
     @property
     def dp_on(self) -> bool:
         return self.dp_noise_multiplier > 0
+
+    def check_evaluation(self) -> None:
+        """Refuse a run that would measure its global model nowhere."""
+        if not self.central_evaluation and self.fraction_evaluate == 0:
+            raise ConfigError(
+                "run-config key 'central-evaluation' = false leaves only the clients to score the global "
+                "model, but fraction-evaluate = 0: set fraction-evaluate > 0, or central-evaluation=true"
+            )
 
     def check_privacy(self) -> None:
         """Refuse DP settings Flower's DP wrapper and accountant cannot honour."""

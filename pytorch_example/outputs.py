@@ -234,9 +234,13 @@ def _entry_problem(number: int, entry) -> str | None:
     for section in (*RESULT_SECTIONS, "replies"):
         if section in entry and not isinstance(entry[section], dict):
             return f"holds {section} = {SHOWN.repr(entry[section])}, not a record of values"
-    accuracy = entry.get("evaluate_metrics_serverapp", {}).get("accuracy")
-    if accuracy is not None and not (_is_number(accuracy) and 0 <= accuracy <= 1):
-        return f"holds central accuracy {SHOWN.repr(accuracy)}, not a number in [0, 1]"
+    for section, key, what in (
+        ("evaluate_metrics_serverapp", "accuracy", "central accuracy"),
+        ("evaluate_metrics_clientapp", "eval_acc_global", "federated accuracy"),
+    ):
+        accuracy = entry.get(section, {}).get(key)
+        if accuracy is not None and not (_is_number(accuracy) and 0 <= accuracy <= 1):
+            return f"holds {what} {SHOWN.repr(accuracy)}, not a number in [0, 1]"
     if "privacy" in entry and _releases(entry) is None:
         return f"holds privacy {SHOWN.repr(entry['privacy'])}, without a count of releases"
     return None
@@ -249,12 +253,30 @@ def _releases(entry) -> int | None:
     return releases if _is_integer(releases, low=0) else None
 
 
+def selection_accuracy(entry: dict) -> tuple[float | None, str]:
+    """What picks a run's best model in a round's results entry, and what it is: central
+    accuracy; without central evaluation, the global model's accuracy on the clients'
+    validation rows (a run has one or the other in every round: see `central-evaluation`)."""
+    central = (entry.get("evaluate_metrics_serverapp") or {}).get("accuracy")
+    if central is not None:
+        return central, "central accuracy"
+    return (entry.get("evaluate_metrics_clientapp") or {}).get("eval_acc_global"), "federated accuracy"
+
+
+# The W&B summary of the best model, by what picked it.
+BEST_WANDB_NAMES = {
+    "central accuracy": "best_centralized_accuracy",
+    "federated accuracy": "best_federated_evaluate_accuracy_global_model",
+}
+
+
 def _best_problem(saved: dict, run_dir: Path) -> str | None:
-    """The best round is the first with the highest central accuracy, and its checkpoint a
-    file of the folder, by the name it was saved under: W&B uploads that file."""
+    """The best round is the first with the highest accuracy that picks the best model,
+    and its checkpoint a file of the folder, by the name it was saved under: W&B uploads
+    that file."""
     best = float("-inf"), None
     for number, entry in enumerate(saved["round_results"], start=1):
-        accuracy = entry.get("evaluate_metrics_serverapp", {}).get("accuracy")
+        accuracy, _ = selection_accuracy(entry)
         if accuracy is not None and accuracy > best[0]:
             best = accuracy, number
     saved_best = saved.get("best_accuracy", float("-inf")), saved.get("best_round")
@@ -571,7 +593,7 @@ class RunOutputs:
             state.privacy_releases = privacy["releases"]
         state.round_results = [*state.round_results, round_result]
 
-        accuracy = round_result["evaluate_metrics_serverapp"].get("accuracy")
+        accuracy, measure = selection_accuracy(round_result)
         if accuracy is not None and accuracy > state.best_accuracy:
             checkpoint = self.run_dir / checkpoint_name(server_round, accuracy)
             save_model(checkpoint, result.arrays)
@@ -580,10 +602,11 @@ class RunOutputs:
                 server_round,
                 checkpoint.name,
             )
-            log(DEBUG, "New best central accuracy %.4f: saved %s", accuracy, checkpoint.name)
+            log(DEBUG, "New best %s %.4f: saved %s", measure, accuracy, checkpoint.name)
             if self.wandb_run is not None:
-                self.wandb_run.summary["best_centralized_accuracy"] = accuracy
-                self.wandb_run.summary["best_centralized_accuracy_round"] = server_round
+                name = BEST_WANDB_NAMES[measure]
+                self.wandb_run.summary[name] = accuracy
+                self.wandb_run.summary[f"{name}_round"] = server_round
 
         # The restart state first: a crash between the two writes loses nothing, since a
         # resumed run rewrites results.json from it.

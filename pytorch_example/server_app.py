@@ -39,8 +39,13 @@ def main(grid: Grid, context: Context) -> None:
         log(INFO, "The federation has %d SuperNodes connected", num_supernodes)
         check_federation(config, num_supernodes)
 
-        test_set = load_test_set(config.data_source)
-        if has_split(config.data_source, "train"):
+        evaluate_fn = None
+        if config.central_evaluation:
+            evaluate_fn = central_evaluation(load_test_set(config.data_source), config)
+        else:
+            log(INFO, "No central evaluation (central-evaluation=false): the best checkpoint follows "
+                "the clients' scores of the global model on their validation rows")  # fmt: skip
+        if (config.central_evaluation or config.dataset_path) and has_split(config.data_source, "train"):
             # A speed-up for a simulation: decoded and cut into partitions once, for every
             # ClientApp that holds one (those with their own data never read them).
             prepare_partitions(config.data_source, config.partitioning(num_supernodes))
@@ -59,7 +64,7 @@ def main(grid: Grid, context: Context) -> None:
             rounds.run(
                 outputs.arrays,
                 client_config=client_settings(run_config, outputs.lineage),
-                evaluate_fn=central_evaluation(test_set, config),
+                evaluate_fn=evaluate_fn,
                 first_round=outputs.next_round,
             )
     except (ConfigError, RunFailed) as err:

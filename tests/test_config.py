@@ -154,11 +154,21 @@ def test_a_resumed_run_must_share_the_data_personalisation_and_privacy_settings(
         "partition-seed": 42,
         "val-fraction": 0.2,
         "personalisation": "refit-head",
+        "central-evaluation": True,
         "dp-noise-multiplier": 0.0,
     }
     # The clipping norm only matters, and is only compared, with DP on.
     dp_config = AppConfig.from_run_config({**default_run_config(), "dp-noise-multiplier": 1.0})
     assert dp_config.resume_settings()["dp-clipping-norm"] == 0.1
+
+
+def test_a_run_that_would_measure_its_model_nowhere_is_refused():
+    settings = {**default_run_config(), "central-evaluation": False, "fraction-evaluate": 0.0}
+    with pytest.raises(
+        ConfigError, match="'central-evaluation' = false leaves only the clients .* fraction-evaluate"
+    ):
+        AppConfig.from_run_config(settings)
+    AppConfig.from_run_config({**settings, "fraction-evaluate": 0.5})
 
 
 def test_integers_are_accepted_for_float_keys():

@@ -16,6 +16,7 @@ from pytorch_example.config import DEFAULT_CACHE_DIR, LEGACY_SETTINGS, AppConfig
 from pytorch_example.outputs import (
     ResumeError,
     RunOutputs,
+    _best_problem,
     continued_run_config,
     load_resume_state,
     read_run_folder,
@@ -88,6 +89,20 @@ def test_checkpoint_only_on_a_new_best_central_accuracy(tmp_path):
     for name, value in arrays_by_round[3].items():
         torch.testing.assert_close(saved[name], value)
     assert outputs.state.best_accuracy == 0.6
+
+
+def test_without_central_evaluation_the_best_model_follows_the_clients_scores_of_it(tmp_path):
+    """central-evaluation=false: the global model's accuracy on the clients' validation
+    rows picks the best checkpoint, and a resume's checks read it the same way."""
+    outputs = RunOutputs(tmp_path, {}, wandb_project=None)
+    for server_round, accuracy in ((1, 0.3), (2, 0.5), (3, 0.4)):
+        result = Result(arrays=ArrayRecord(Net().state_dict()))
+        result.evaluate_metrics_clientapp[server_round] = MetricRecord({"eval_acc_global": accuracy})
+        outputs.record_round(server_round, result, 0.1)
+    names = sorted(path.name for path in tmp_path.glob("best_model_*.pt"))
+    assert names == ["best_model_round_1_acc_0.3000.pt", "best_model_round_2_acc_0.5000.pt"]
+    assert (outputs.state.best_accuracy, outputs.state.best_round) == (0.5, 2)
+    assert _best_problem(torch.load(tmp_path / "resume.pt", weights_only=True), tmp_path) is None
 
 
 def test_round_without_central_evaluation_saves_no_checkpoint(tmp_path):
