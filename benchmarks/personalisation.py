@@ -30,7 +30,13 @@ from pathlib import Path
 
 import numpy as np
 
-from harness.flower_processes import LocalFederation, RoundLandings, copy_app, default_run_config
+from harness.flower_processes import (
+    LocalFederation,
+    RoundLandings,
+    copy_app,
+    default_run_config,
+    trained_rounds,
+)
 from harness.synthetic_fmnist import write_idx_dataset
 
 FEDERATION = {"num-supernodes": 50, "client-resources-num-cpus": 1}
@@ -58,7 +64,7 @@ def run_once(federation: LocalFederation, app_dir: Path, work: Path, name: str, 
     if record["status"] != "finished:completed":
         raise RuntimeError(f"{name}: {record['status']} {record.get('status-details')}\n{log[-3000:]}")
     [results_file] = output_dir.glob("*/*/results.json")
-    rounds = json.loads(results_file.read_text())
+    rounds = trained_rounds(results_file)
     # From the first round's landing on: the start-up (data, Ray) is not a round's cost.
     times = [landed[number] for number in sorted(landed)]
     seconds_per_round = (times[-1] - times[0]) / max(len(times) - 1, 1)

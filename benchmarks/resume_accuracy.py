@@ -12,14 +12,13 @@ question is whether the resumed ones differ more than that.
 """
 
 import argparse
-import json
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
-from harness.flower_processes import LocalFederation, copy_app, default_run_config
+from harness.flower_processes import LocalFederation, copy_app, default_run_config, trained_rounds
 from harness.synthetic_fmnist import write_idx_dataset
 
 FEDERATION = {"num-supernodes": 50, "client-resources-num-cpus": 1}
@@ -27,7 +26,7 @@ FEDERATION = {"num-supernodes": 50, "client-resources-num-cpus": 1}
 
 def rounds_in(output_dir: Path) -> list[dict]:
     for results_file in output_dir.glob("*/*/results.json"):
-        return json.loads(results_file.read_text())
+        return trained_rounds(results_file)
     return []
 
 

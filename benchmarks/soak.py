@@ -52,6 +52,7 @@ from harness.flower_processes import (
     pairs,
     started_run_id,
     terminate,
+    trained_rounds,
 )
 from harness.synthetic_fmnist import write_idx_dataset
 from pytorch_example import task
@@ -653,7 +654,7 @@ def soak(args: argparse.Namespace, work: Path) -> bool:
     lost = sorted(set(range(1, args.rounds + 1)) - set(rounds))
     check("every round from 1 to N once in results.json", [f"lost: {lost}"] * bool(lost) +
           [f"repeated: {sorted(watch.repeated)}"] * bool(watch.repeated), checks)  # fmt: skip
-    saved = json.loads((watch.run_dir() / "results.json").read_text())
+    saved = trained_rounds(watch.run_dir() / "results.json")
     check(
         "results.json as it landed",
         [] if saved == results else ["it differs from the rounds as they landed"],

@@ -40,7 +40,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-from flwr.cli.flower_config import write_superlink_connection
+from flwr.cli.flower_config import read_flower_config, write_flower_config, write_superlink_connection
 from flwr.cli.typing import SuperLinkConnection
 from flwr.common.constant import HEARTBEAT_DEFAULT_INTERVAL, HEARTBEAT_PATIENCE
 from flwr.supercore.utils import get_flwr_home
@@ -617,9 +617,10 @@ def read_state(folder: Path) -> dict:
 
 
 def write_state(folder: Path, state: dict) -> None:
-    # Whole or not at all: `status`, and anyone reading it meanwhile, never sees half of it.
+    # Whole or not at all: `status`, and anyone reading it meanwhile, never sees half of it;
+    # its user's only, whoever writes it (`down` keeps any umask).
     partial = folder / f"{STATE_FILE}.partial"
-    partial.write_text(json.dumps(state, indent=2))
+    write_secret(partial, json.dumps(state, indent=2).encode())
     partial.replace(folder / STATE_FILE)
 
 
@@ -915,7 +916,29 @@ def down(args: argparse.Namespace) -> None:
         stopped = stop_federation(state["processes"])
         remove_worker_spool(folder / "proxy")
         write_state(folder, {**state, "processes": []})
+        removed = remove_connection(state.get("address"))
     print(f"Stopped {', '.join(stopped)}." if stopped else f"No federation from {folder} was up.")
+    if removed:
+        config_toml = get_flwr_home() / "config.toml"
+        print(f"Removed connection '{CONNECTION}' from {config_toml}; `up` adds it again.")
+
+
+def remove_connection(address: str | None) -> bool:
+    """Remove the connection `up` added to the user's Flower Config (only if it still
+    names this federation's address): a stale one would answer `flwr ls local-deployment`
+    with "Connection to the SuperLink is unavailable"."""
+    try:
+        flower_config, _ = read_flower_config()
+    except click.ClickException:
+        return False
+    connections = flower_config.get("superlink", {})
+    if address is None or connections.get(CONNECTION, {}).get("address") != address:
+        return False
+    del connections[CONNECTION]
+    if connections.get("default") == CONNECTION:
+        del connections["default"]
+    write_flower_config(flower_config)
+    return True
 
 
 def check_up_options(args: argparse.Namespace) -> None:

@@ -96,6 +96,12 @@ def isolated_env(root: Path) -> dict:
     return env
 
 
+def trained_rounds(results_file: Path) -> list[dict]:
+    """A results.json's rounds, after round 0 (the initial central scores, when the run
+    had them)."""
+    return [entry for entry in json.loads(results_file.read_text()) if entry["round"] > 0]
+
+
 class RoundLandings:
     """When each round's results.json entry first appeared under `output_dir` (by
     `time.perf_counter()`, looked for every `every_s` from a thread, until `stop()`), the
@@ -122,6 +128,8 @@ class RoundLandings:
             except (OSError, ValueError):
                 continue
             for entry in entries:
+                if entry["round"] == 0:  # the initial central evaluation, before any round
+                    continue
                 first = self.entries.setdefault(entry["round"], entry)
                 self.landed.setdefault(entry["round"], time.perf_counter())
                 if first != entry:

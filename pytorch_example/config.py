@@ -522,31 +522,63 @@ def resolve_path(value: str) -> Path:
 
 # What Flower reads from a `--run-config` string as `key=value` (flwr.common.config).
 RUN_CONFIG_PAIR = re.compile(r"(\S+?)=(\'[^\']*\'|\"[^\"]*\"|\S+)")
+CHECKED_SUPERNODES = 50  # the local-simulation federation's size, which the checker assumes
 
 
 def main() -> None:
-    """Check a `--run-config` against this project's keys and values in a second or two,
-    without starting a run: what Flower would not read, a key the app does not have, and
-    each value, as a run's first check does. The data, a `resume-from` folder and the
-    partitioner are checked by the run itself, before round 1."""
+    """Check a `--run-config` against this project's keys and values without starting a
+    run: what Flower would not read, a key the app does not have, and each value, as a
+    run's first check does. With `dataset-path` set, also the partitioner, as the run
+    does before round 1 (for `--supernodes`, default 50); a `resume-from` folder is
+    checked by the run itself."""
     parser = argparse.ArgumentParser(prog="python -m pytorch_example.config", description=main.__doc__)
-    parser.add_argument("run_config", nargs="?", default="", help='what --run-config gets, e.g. "seed=1"')
+    parser.add_argument("pairs", nargs="*", help='what --run-config gets, e.g. "seed=1" (one or more)')
+    parser.add_argument("--supernodes", type=int, default=CHECKED_SUPERNODES, help="partitions to check")
     args = parser.parse_args()
     try:
-        defaults = flatten_dict(get_project_config(Path.cwd())["tool"]["flwr"]["app"]["config"])
-        if unread := RUN_CONFIG_PAIR.sub("", args.run_config).split():
-            raise ConfigError(f"{' '.join(unread)!r} is not key=value: Flower would skip it")
-        overrides = parse_config_args([args.run_config])
-        for key in overrides.keys() - defaults.keys():
-            close = difflib.get_close_matches(key, defaults, n=1)
-            hint = f": did you mean '{close[0]}'?" if close else " (pyproject.toml, [tool.flwr.app.config])"
-            raise ConfigError(f"run-config key '{key}' is not one of this app's{hint}")
-        check_server_device(AppConfig.from_run_config({**defaults, **overrides}).server_device)
-    except (ConfigError, click.ClickException, OSError, ValueError) as err:
+        config = checked_run_config(" ".join(args.pairs))
+        checked = "keys and values"
+        if config.dataset_path is not None:  # as the run checks it before round 1
+            from pytorch_example.data import prepare_partitions  # noqa: PLC0415 (torch and datasets: slow)
+
+            prepare_partitions(config.data_source, config.partitioning(args.supernodes))
+            checked += f", and dirichlet-alpha's {args.supernodes} partitions of {config.dataset_path}"
+        else:
+            checked += "; not the partitioner, which needs dataset-path here (the checker reads no Hub)"
+    except (ConfigError, click.ClickException, OSError) as err:
         message = err.format_message() if isinstance(err, click.ClickException) else str(err)
         sys.exit(f"error: {message}")
-    print("run-config OK")
+    print(f"run-config OK: {checked}")
+
+
+def checked_run_config(pairs: str) -> "AppConfig":
+    """The run-config these `--run-config` pairs give over this project's defaults;
+    `ConfigError` naming the first key or pair a run would refuse."""
+    defaults = flatten_dict(get_project_config(Path.cwd())["tool"]["flwr"]["app"]["config"])
+    if unread := RUN_CONFIG_PAIR.sub("", pairs).split():
+        raise ConfigError(f"{' '.join(unread)!r} is not key=value: Flower would skip it")
+    for key, value in RUN_CONFIG_PAIR.findall(pairs):
+        try:
+            parse_config_args([f"{key}={value}"])
+        except click.ClickException:
+            hint = f"\"{key}='{value}'\"" if value[:1] not in "'\"" else f"{key}={value}"
+            raise ConfigError(
+                f"run-config key '{key}' = {value} is not a value Flower reads (a string needs quotes "
+                f"inside the pairs' own: --run-config {hint})"
+            ) from None
+    overrides = parse_config_args([pairs])
+    for key in overrides.keys() - defaults.keys():
+        close = difflib.get_close_matches(key, defaults, n=1)
+        hint = f": did you mean '{close[0]}'?" if close else " (pyproject.toml, [tool.flwr.app.config])"
+        raise ConfigError(f"run-config key '{key}' is not one of this app's{hint}")
+    config = AppConfig.from_run_config({**defaults, **overrides})
+    check_server_device(config.server_device)
+    return config
 
 
 if __name__ == "__main__":
-    main()
+    # This file runs as `__main__`; the data modules raise `pytorch_example.config`'s
+    # ConfigError, so run the main of that module, whose class they share.
+    from pytorch_example.config import main as checker
+
+    checker()

@@ -11,7 +11,8 @@ trained on other rows.
 """
 
 import re
-from logging import INFO
+import sys
+from logging import DEBUG, INFO
 from pathlib import Path
 
 import torch
@@ -40,7 +41,11 @@ class HeadStore:
         """The head kept on disk, or None."""
         if self.path is None or not self.path.is_file():
             return None
-        log(INFO, "Restored this client's head from %s", self.path)
+        # A SuperNode's operator reads it in its own log; a simulation (ClientApps in
+        # Ray's actors, which a SuperNode's ClientApp never imports) would print it for
+        # every client into one stream, so there the ServerApp says once how many it keeps.
+        level = DEBUG if "ray" in sys.modules else INFO
+        log(level, "Restored this client's head from %s", self.path)
         return torch.load(self.path, weights_only=True)
 
     def save(self, head: dict[str, torch.Tensor]) -> None:

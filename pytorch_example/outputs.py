@@ -21,6 +21,7 @@ import torch
 from flwr.app import ArrayRecord
 from flwr.common.logger import log
 from flwr.serverapp.strategy import Result
+from flwr.supercore.exit import add_exit_handler
 
 from pytorch_example import plots
 from pytorch_example.config import LEGACY_SETTINGS, PARTITION_PATH_KEYS, AppConfig, ConfigError
@@ -47,6 +48,8 @@ RESULT_SECTIONS = {
     "evaluate_metrics_clientapp": "evaluate_metrics_clientapp",
     "evaluate_metrics_serverapp": "evaluate_metrics_serverapp",
 }
+
+CENTRAL_SECTION = "evaluate_metrics_serverapp"  # the test set's scores, round 0's too
 
 # results.json names of the metrics -> the names they get in W&B.
 WANDB_NAMES = {
@@ -91,6 +94,14 @@ class ResumeState:
     wandb_run_id: str | None = None
     num_supernodes: int | None = None  # when the run started
     privacy_releases: int = 0  # DP rounds released, the round in progress included
+    initial_evaluation: dict | None = None  # the model's central scores before round 1
+
+    def results(self) -> list[dict]:
+        """What results.json holds: round 0 (the initial central evaluation), if the run
+        had one, then each completed round."""
+        if self.initial_evaluation is None:
+            return self.round_results
+        return [{"round": 0, "evaluate_metrics_serverapp": self.initial_evaluation}, *self.round_results]
 
 
 # resume.pt's fields: the first four in every version, the others added since.
@@ -164,6 +175,7 @@ def load_resume_state(run_dir: Path, settings: dict, model_shapes: dict[str, tup
         _fields_problem(saved)
         or _arrays_problem(saved["arrays"], model_shapes)
         or _rounds_problem(saved)
+        or _initial_problem(saved.get("initial_evaluation"))
         or _best_problem(saved, run_dir)
         or _identity_problem(saved)
         or _settings_problem(saved["settings"], settings)
@@ -225,6 +237,23 @@ def _rounds_problem(saved: dict) -> str | None:
             f"records ({releases[-1]}), so epsilon would restart too low{DAMAGED}"
         )
     return None
+
+
+def _initial_problem(initial) -> str | None:
+    """None, or round 0's central scores: an accuracy in [0, 1] and a loss."""
+    if initial is None:
+        return None
+    scores_ok = (
+        isinstance(initial, dict)
+        and set(initial) == {"accuracy", "loss"}
+        and all(_is_number(value) for value in initial.values())
+        and 0 <= initial["accuracy"] <= 1
+    )
+    return (
+        None
+        if scores_ok
+        else f"holds initial_evaluation = {SHOWN.repr(initial)}, not round 0's scores{DAMAGED}"
+    )
 
 
 def _entry_problem(number: int, entry) -> str | None:
@@ -334,9 +363,10 @@ def _privacy_problem(state: ResumeState, dp_on: bool) -> str | None:
 
 
 def _check_results_file(run_dir: Path, state: ResumeState) -> None:
-    """results.json holds resume.pt's rounds, or all but the last (resume.pt is written first)."""
+    """results.json holds resume.pt's rounds, or all but the last (resume.pt is written
+    first), after round 0 if the run had it."""
     path = run_dir / RESULTS_FILE
-    if not path.exists() and len(state.round_results) == 1:
+    if not path.exists() and len(state.round_results) == 1 and state.initial_evaluation is None:
         return  # killed between the two writes of round 1
     results = _read_json(path)
     if not isinstance(results, list):
@@ -348,9 +378,10 @@ def _check_results_file(run_dir: Path, state: ResumeState) -> None:
             f"{state.privacy_releases}, so epsilon would restart too low{DAMAGED}"
         )
     # Compared as JSON text: a NaN loss equals itself there.
-    if json.dumps(results) not in (json.dumps(state.round_results), json.dumps(state.round_results[:-1])):
+    if json.dumps(results) not in (json.dumps(state.results()), json.dumps(state.results()[:-1])):
+        first = 0 if state.initial_evaluation is not None else 1
         raise ResumeError(
-            f"its {RESULTS_FILE} holds other rounds than its {RESUME_FILE} (1 to {state.round}, or to "
+            f"its {RESULTS_FILE} holds other rounds than its {RESUME_FILE} ({first} to {state.round}, or to "
             f"{state.round - 1}){DAMAGED}"
         )
 
@@ -363,6 +394,12 @@ def _read_json(path: Path):
         return json.loads(path.read_bytes())
     except (OSError, ValueError, RecursionError) as err:
         raise ResumeError(f"its {path.name} cannot be read ({_error_line(err)}){DAMAGED}") from None
+
+
+def without_float_noise(value):
+    """A mean's last bits (0.9999999999999999 for 1.0) cut: 12 decimals keep every digit a
+    score or loss means."""
+    return round(value, 12) if isinstance(value, float) else value
 
 
 def checkpoint_name(server_round: int, accuracy: float) -> str:
@@ -425,6 +462,7 @@ class RunOutputs:
         )
         self.wandb_run = None
         self.run_lock: int | None = None  # see `lock_run_folder`
+        self.finished = False  # left the `with` block: figures drawn, W&B finished
 
     @classmethod
     def open(
@@ -494,6 +532,12 @@ class RunOutputs:
             resumed.round,
             config.num_server_rounds,
         )
+        # Where simulated clients keep their heads (heads.py), on this machine.
+        heads = config.data_cache_dir / "heads" / resumed.lineage
+        kept = len(list(heads.glob(f"*-of-{num_supernodes}.pt")))
+        log(INFO, "Each client restores its own head as it is first sampled: %d of %d kept for this run "
+            "in %s (SuperNodes with their own data keep theirs on their own disks)",
+            kept, num_supernodes, heads)  # fmt: skip
         if resumed.num_supernodes not in (None, num_supernodes):
             # Clients key their heads by partition id and count, so none loads another's.
             log(
@@ -527,7 +571,10 @@ class RunOutputs:
             self.state.wandb_run_id = self.wandb_run.id
         if self.state.round_results:
             # What the folder said when it was left, whatever happened after resume.pt.
-            save_json_atomically(self.run_dir / RESULTS_FILE, self.state.round_results)
+            save_json_atomically(self.run_dir / RESULTS_FILE, self.state.results())
+        # `flwr stop` ends this process from its signal handler, which never leaves the
+        # `with` block: Flower runs its exit handlers first, so the figures are drawn then.
+        add_exit_handler(self._draw_figures_unless_finished, run_before_force_exit=True)
         return self
 
     def __exit__(self, error_type, error, traceback) -> None:
@@ -540,10 +587,8 @@ class RunOutputs:
 
     def _finish(self, error_type) -> None:
         # Nothing here may hide the run's own outcome: each step only warns.
-        try:
-            plots.plot_run(self.run_dir)
-        except Exception as plot_error:  # noqa: BLE001
-            log(WARNING, "Could not draw the figures of %s (%s)", self.run_dir, plot_error)
+        self._draw_figures()
+        self.finished = True
         if self.wandb_run is None:
             return
         try:
@@ -556,6 +601,17 @@ class RunOutputs:
         except Exception as finish_error:  # noqa: BLE001
             log(WARNING, "W&B could not finish its run cleanly (%s)", finish_error)
 
+    def _draw_figures(self) -> None:
+        try:
+            plots.plot_run(self.run_dir)
+        except Exception as plot_error:  # noqa: BLE001
+            log(WARNING, "Could not draw the figures of %s (%s)", self.run_dir, plot_error)
+
+    def _draw_figures_unless_finished(self) -> None:
+        if not self.finished:
+            log(INFO, "The run was stopped: drawing the figures of its rounds so far in %s", self.run_dir)
+            self._draw_figures()
+
     @property
     def privacy_releases(self) -> int:
         """How many DP rounds this run has released so far (a resumed run's epsilon goes on from them)."""
@@ -565,6 +621,16 @@ class RunOutputs:
         """Note a DP round's release as soon as it happens, before the round is recorded."""
         self.state.privacy_releases = releases
         self._save_resume_state()
+
+    def record_initial_evaluation(self, metrics: dict) -> None:
+        """The model's central scores before round 1: results.json's round 0, W&B's step 0."""
+        self.state.initial_evaluation = {name: without_float_noise(value) for name, value in metrics.items()}
+        save_json_atomically(self.run_dir / RESULTS_FILE, self.state.results())
+        if self.wandb_run is not None:
+            names = WANDB_NAMES[CENTRAL_SECTION]
+            self.wandb_run.log(
+                {names[name]: value for name, value in metrics.items() if name in names}, step=0
+            )
 
     def record_round(
         self,
@@ -585,7 +651,8 @@ class RunOutputs:
         if privacy is not None:
             round_result["privacy"] = privacy
         for section, result_field in RESULT_SECTIONS.items():
-            round_result[section] = dict(getattr(result, result_field).get(server_round, {}))
+            metrics = getattr(result, result_field).get(server_round, {})
+            round_result[section] = {name: without_float_noise(value) for name, value in metrics.items()}
             log(DEBUG, "\t%s: %s", section, round_result[section])
         state = self.state
         state.round, state.arrays = server_round, result.arrays
@@ -611,7 +678,7 @@ class RunOutputs:
         # The restart state first: a crash between the two writes loses nothing, since a
         # resumed run rewrites results.json from it.
         self._save_resume_state()
-        save_json_atomically(self.run_dir / RESULTS_FILE, state.round_results)
+        save_json_atomically(self.run_dir / RESULTS_FILE, state.results())
 
         if self.wandb_run is not None:
             series = {

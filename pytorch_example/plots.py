@@ -173,8 +173,21 @@ def _gain(panel, numbers: list[int], rounds: list[dict]) -> None:
     if _has(share):
         share_axes = axes.twinx()
         share_axes.plot(numbers, share, color="black", ls="--", lw=1, label="share of clients that gain")
-        share_axes.set(ylabel="share of clients that gain", ylim=(0, 1.05), yticks=[0, 0.25, 0.5, 0.75, 1])
+        share_axes.set(ylabel="share of clients that gain", yticks=[0, 0.25, 0.5, 0.75, 1])
+        _share_zero(axes, share_axes, top=1.05)
     _legend_below(panel)
+
+
+def _share_zero(axes, share_axes, top: float) -> None:
+    """Put `share_axes`' 0 (its top at `top`) level with `axes`' 0: a share is never below
+    zero, yet on a twin axis with its own zero it would look so."""
+    low, high = axes.get_ylim()
+    low, high = min(low, 0.0), max(high, 0.0)
+    if high == low:
+        high = low + 1.0
+    axes.set_ylim(low, high)
+    zero_at = -low / (high - low)  # the height of 0 on `axes`, as a fraction
+    share_axes.set_ylim(-top * zero_at / (1 - zero_at) if zero_at < 1 else -top, top)
 
 
 def learning_rate_figure(rounds: list[dict], run_config: dict) -> Figure | None:
@@ -225,6 +238,9 @@ def main() -> None:
     parser.add_argument("run_dirs", type=Path, nargs="+", help="run folders holding a results.json")
     for run_dir in parser.parse_args().run_dirs:
         if not (run_dir / "results.json").is_file():
+            if (run_dir / "config.json").is_file():  # a run folder whose run ended before round 1 did
+                parser.exit(1, f"{run_dir}: its run recorded no round, so there is nothing to draw: "
+                            "why it ended is in its log (flwr log <run-id>)\n")  # fmt: skip
             parser.exit(1, f"{run_dir}: no results.json here: expected a run folder, outputs/<date>/<time>\n")
         for path in plot_run(run_dir):
             print(path)

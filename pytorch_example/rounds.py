@@ -92,6 +92,7 @@ class RoundLoop:
         if first_round == 1 and evaluate_fn and (initial := evaluate_fn(0, initial_arrays)) is not None:
             log(INFO, "Initial central evaluation: %s", initial)
             result.evaluate_metrics_serverapp[0] = initial
+            self.outputs.record_initial_evaluation(dict(initial))
 
         client_config = client_config or ConfigRecord()
         started = time.monotonic()

@@ -1,7 +1,7 @@
 """The ServerApp: run-config in, federated training with central evaluation, outputs out."""
 
 import sys
-from logging import ERROR, INFO
+from logging import INFO
 from pathlib import Path
 
 import torch
@@ -11,7 +11,16 @@ from flwr.serverapp import Grid, ServerApp
 
 from pytorch_example import task
 from pytorch_example.client_app import LINEAGE_KEY
-from pytorch_example.config import CLIENT_KEYS, AppConfig, ConfigError, check_server_device, project_dir
+from pytorch_example.config import (
+    CLIENT_KEYS,
+    PRIVATE_HEAD,
+    REFIT_HEAD,
+    STORED_HEAD,
+    AppConfig,
+    ConfigError,
+    check_server_device,
+    project_dir,
+)
 from pytorch_example.data import ImageSet, load_test_set, prepare_partitions
 from pytorch_example.data_cache import has_split
 from pytorch_example.gate import ReplyGate
@@ -20,6 +29,13 @@ from pytorch_example.rounds import RoundLoop, RunFailed
 from pytorch_example.trust import build_strategy, check_federation, privacy_ledger
 
 app = ServerApp()
+
+# What each `personalisation` does, for the log (client_app.py and docs/personalisation.md say it in full).
+PERSONALISATION_SAID = {
+    REFIT_HEAD: "clients train and send the whole model, and refit a head of their own at each evaluation",
+    PRIVATE_HEAD: "clients train and send the body only, and refit a head of their own at each evaluation",
+    STORED_HEAD: "clients train their own head with the body and send both (the published example)",
+}
 
 
 @app.main()
@@ -38,6 +54,8 @@ def main(grid: Grid, context: Context) -> None:
         num_supernodes = len(list(grid.get_node_ids()))
         log(INFO, "The federation has %d SuperNodes connected", num_supernodes)
         check_federation(config, num_supernodes)
+        personalisation = config.personalisation
+        log(INFO, "Personalisation '%s': %s", personalisation, PERSONALISATION_SAID[personalisation])
 
         evaluate_fn = None
         if config.central_evaluation:
@@ -67,9 +85,11 @@ def main(grid: Grid, context: Context) -> None:
                 evaluate_fn=evaluate_fn,
                 first_round=outputs.next_round,
             )
-    except (ConfigError, RunFailed) as err:
-        # One readable line first; re-raising marks the run failed with it as the reason.
-        log(ERROR, "%s", err)
+    except (ConfigError, RunFailed):
+        # Re-raised, it marks the run failed with its one line as the reason, and Flower
+        # logs it with its traceback: none, for the app's own refusals (this process
+        # ends with the run), so the reason is the line above Flower's `Exit Code`.
+        sys.tracebacklimit = 0
         raise
 
 

@@ -14,7 +14,7 @@ from collections.abc import Iterable
 from logging import INFO
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import (
     GaussianPrivacyEvent,
@@ -33,7 +33,9 @@ from flwr.serverapp.strategy import (
     MultiKrum,
     Strategy,
 )
+from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 
+from pytorch_example.client_app import ROWS_KEY
 from pytorch_example.config import AppConfig, ConfigError
 from pytorch_example.gate import (
     EQUAL_WEIGHT_KEY,
@@ -139,6 +141,7 @@ def build_strategy(config: AppConfig, num_supernodes: int) -> Strategy:
     equal_weights = weighs_replies_equally(config)
     if equal_weights:
         common["weighted_by_key"] = EQUAL_WEIGHT_KEY
+        common["train_metrics_aggr_fn"] = mean_but_rows
     norm_bound, weight_bound = influence_bounds(config)
     weights = "every reply weighs the same" if equal_weights else "replies weigh their rows"
     if weight_bound:
@@ -148,8 +151,10 @@ def build_strategy(config: AppConfig, num_supernodes: int) -> Strategy:
     elif not config.dp_on:
         weights += "; update norms unbounded (update-norm-bound=0)"
     privacy = (
-        f"DP on (noise multiplier {config.dp_noise_multiplier:g}, clipping norm {config.dp_clipping_norm:g}, "
-        f"{num_sampled} clients a round, delta {config.dp_delta:g})"
+        f"client-level DP on (noise multiplier {config.dp_noise_multiplier:g}, clipping norm "
+        f"{config.dp_clipping_norm:g}, {num_sampled} clients a round, delta {config.dp_delta:g}; the "
+        "epsilon each round reports is all this run has spent, and smaller is more private; Flower's "
+        "wrapper logs the noise as 'central DP', for the server adds it)"
         if config.dp_on
         else "DP off"
     )
@@ -173,6 +178,15 @@ def build_strategy(config: AppConfig, num_supernodes: int) -> Strategy:
     if config.aggregation == "bulyan":
         return CustomBulyan(**common, num_malicious_nodes=f)
     return CustomFedAvg(**common)
+
+
+def mean_but_rows(records: list[RecordDict], weighting_key: str) -> MetricRecord:
+    """Flower's mean of the train metrics, less the row count: with every reply weighing
+    the same, a mean of counts (900.25) counts nothing. (FedAvg's weighs by the count, and
+    Flower leaves the key it weighs by out, so no rule records one.)"""
+    metrics = aggregate_metricrecords(records, weighting_key)
+    metrics.pop(ROWS_KEY, None)
+    return metrics
 
 
 def min_replies(config: AppConfig) -> int:

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from harness.flower_processes import REPO, default_run_config
+from harness.synthetic_fmnist import write_idx_dataset
 from pytorch_example import config as config_module
 from pytorch_example.config import DEFAULT_CACHE_DIR, AppConfig, ConfigError, project_dir
 from pytorch_example.data_cache import DataError
@@ -243,25 +244,56 @@ def test_pyproject_the_typed_config_and_readme_agree_on_every_key_and_default():
     assert {key: tomllib.loads(f"default = {text}")["default"] for key, text in readme.items()} == pyproject
 
 
+OK_WITHOUT_DATA = "run-config OK: keys and values; not the partitioner, which needs dataset-path here"
+
+
 @pytest.mark.parametrize(
     ("pairs", "said"),
     [
         (
-            "num-server-rounds=3 learning_rate=0.05",
+            ["num-server-rounds=3 learning_rate=0.05"],
             "error: run-config key 'learning_rate' is not one of this app's: did you mean 'learning-rate'?",
         ),
         (
-            "learning-rate=-0.1",
+            ["learning-rate=-0.1"],
             "error: run-config key 'learning-rate' = -0.1 is invalid: expected a number in (0.0, inf)",
         ),
-        ("seed=3 learning-rate 0.05", "error: 'learning-rate 0.05' is not key=value: Flower would skip it"),
-        ("num-server-rounds=3 learning-rate=0.05", "run-config OK"),
+        (["seed=3 learning-rate 0.05"], "error: 'learning-rate 0.05' is not key=value: Flower would skip it"),
+        (
+            ["seed=3", "aggregation=median"],  # Flower itself names no key for this one
+            "error: run-config key 'aggregation' = median is not a value Flower reads (a string needs "
+            "quotes inside the pairs' own: --run-config \"aggregation='median'\")",
+        ),
+        (["num-server-rounds=3 learning-rate=0.05"], OK_WITHOUT_DATA),
+        (["num-server-rounds=3", "aggregation='median'"], OK_WITHOUT_DATA),
     ],
 )
 def test_the_config_check_says_in_one_line_what_a_run_would_refuse(pairs, said):
     checked = subprocess.run(
-        [sys.executable, "-m", "pytorch_example.config", pairs], cwd=REPO, capture_output=True, text=True
+        [sys.executable, "-m", "pytorch_example.config", *pairs], cwd=REPO, capture_output=True, text=True
     )
     assert (checked.stdout + checked.stderr).strip().startswith(said)
     assert len((checked.stdout + checked.stderr).strip().splitlines()) == 1
-    assert checked.returncode == (0 if said == "run-config OK" else 1)
+    assert checked.returncode == (0 if said.startswith("run-config OK") else 1)
+
+
+def test_with_the_data_at_hand_the_config_check_refuses_an_alpha_the_partitioner_cannot_meet(tmp_path):
+    data = write_idx_dataset(tmp_path / "data", num_train=1000, num_test=100)
+
+    def check(alpha: float) -> subprocess.CompletedProcess:
+        pairs = f"dataset-path='{data}' data-cache-dir='{tmp_path / 'cache'}' dirichlet-alpha={alpha}"
+        return subprocess.run(
+            [sys.executable, "-m", "pytorch_example.config", pairs, "--supernodes", "20"],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+        )
+
+    refused = check(0.01)
+    assert refused.returncode == 1
+    assert refused.stderr.strip().startswith("error: run-config key 'dirichlet-alpha' = 0.01: alpha 0.01")
+    assert len(refused.stderr.strip().splitlines()) == 1
+    accepted = check(1.0)
+    assert accepted.returncode == 0, accepted.stderr
+    said = f"run-config OK: keys and values, and dirichlet-alpha's 20 partitions of {data}"
+    assert accepted.stdout.strip() == said

@@ -11,7 +11,14 @@ import torch
 from harness import mountns
 from harness.attacks import ATTACKS_CLIENT_APP
 from harness.deployment import Deployment
-from harness.flower_processes import LocalFederation, copy_app, pairs, started_run_id, wait_until
+from harness.flower_processes import (
+    LocalFederation,
+    copy_app,
+    pairs,
+    started_run_id,
+    trained_rounds,
+    wait_until,
+)
 from harness.sent_log import SENT_LOG_CLIENT_APP, read_sent_log
 from harness.wandb_offline import read_offline_run
 from pytorch_example.config import DataSource, Partitioning
@@ -55,7 +62,7 @@ def test_a_run_whose_clientapps_all_fail_ends_failed(idx_dataset, tmp_path):
     assert "2 round(s) in a row trained nothing" in details
     assert "node config partition-id=5 num-partitions=2: partition 5 does not exist" in details
     [run_dir] = [path for path in (tmp_path / "outputs").glob("*/*") if path.is_dir()]
-    results = json.loads((run_dir / "results.json").read_text())
+    results = trained_rounds(run_dir / "results.json")
     assert [entry["train_metrics"] for entry in results] == [{}, {}]
     assert not (run_dir / "final_model.pt").exists()
     [wandb_run] = (run_dir / "wandb").glob("offline-run-*")
@@ -82,7 +89,7 @@ def test_a_supernode_killed_mid_run_costs_its_replies_and_comes_back_with_its_he
         )
 
         def rounds_done() -> int:
-            return sum(len(json.loads(path.read_text())) for path in output_dir.glob("*/*/results.json"))
+            return sum(len(trained_rounds(path)) for path in output_dir.glob("*/*/results.json"))
 
         wait_until(lambda: rounds_done() >= 1)
         federation.kill_supernode(1)  # it evaluated in round 1: its refit head is on its disk
@@ -94,7 +101,7 @@ def test_a_supernode_killed_mid_run_costs_its_replies_and_comes_back_with_its_he
         federation.stop()
     assert record["status"] == "finished:completed", record
     [results_file] = output_dir.glob("*/*/results.json")
-    results = json.loads(results_file.read_text())
+    results = trained_rounds(results_file)
     assert [entry["round"] for entry in results] == [1, 2, 3, 4]
     # The dead node's messages came back as errors; the others' replies were aggregated.
     assert results[1]["replies"]["train"]["failed"] >= 1 and results[1]["train_metrics"]
@@ -120,7 +127,7 @@ def test_a_supernode_sending_nan_weights_is_left_out_and_dp_rounds_go_on(idx_dat
     )
     assert record["status"] == "finished:completed", log
     [run_dir] = [path for path in (tmp_path / "outputs").glob("*/*") if path.is_dir()]
-    results = json.loads((run_dir / "results.json").read_text())
+    results = trained_rounds(run_dir / "results.json")
     for entry in results:
         assert entry["replies"]["train"] == {
             "expected": 2, "received": 2, "failed": 0, "dropped": 1, "clipped": 0, "capped": 0
@@ -136,7 +143,7 @@ def test_a_supernode_sending_nan_weights_is_left_out_and_dp_rounds_go_on(idx_dat
 
 def rounds_landed(output_dir: Path) -> list[int]:
     results = list(output_dir.glob("*/*/results.json"))
-    return [entry["round"] for entry in json.loads(results[0].read_text())] if results else []
+    return [entry["round"] for entry in trained_rounds(results[0])] if results else []
 
 
 @pytest.mark.skipif(not mountns.available(), reason="needs root and util-linux's unshare")
@@ -214,7 +221,7 @@ def test_supernodes_holding_only_their_own_data_run_stop_and_resume(idx_dataset,
         deployment.close()
     assert runs[resumed_id]["status"] == "finished:completed", runs[resumed_id]
     [results_file] = outputs.glob("*/*/results.json")
-    results = json.loads(results_file.read_text())
+    results = trained_rounds(results_file)
     assert [entry["round"] for entry in results] == [1, 2, 3], done.stdout + done.stderr
     # Every round trained and evaluated on both SuperNodes' own rows.
     assert all(entry["replies"]["train"]["received"] == 2 and entry["train_metrics"] for entry in results)

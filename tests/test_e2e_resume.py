@@ -1,11 +1,11 @@
 """End to end: a run whose SuperLink is SIGKILLed mid-run, resumed in its own folder."""
 
-import json
+import re
 import time
 
 import pytest
 
-from harness.flower_processes import LocalFederation, copy_app
+from harness.flower_processes import LocalFederation, copy_app, trained_rounds
 from harness.wandb_offline import read_offline_run
 
 pytestmark = pytest.mark.e2e
@@ -13,7 +13,7 @@ pytestmark = pytest.mark.e2e
 
 def completed_rounds(output_dir) -> list[int]:
     for results_file in output_dir.glob("*/*/results.json"):
-        return [entry["round"] for entry in json.loads(results_file.read_text())]
+        return [entry["round"] for entry in trained_rounds(results_file)]
     return []
 
 
@@ -59,9 +59,12 @@ def test_a_killed_run_resumes_with_every_round_exactly_once(idx_dataset, tmp_pat
     assert f"Resuming with the settings in {run_dir / 'config.json'}: num-server-rounds=5" in log
     # Nothing of the killed run went on: it left off where results.json said it had.
     assert f"Resuming {run_dir} after round {len(before)} of 5" in log
-    # Clients that trained before the crash go on with their own heads, from their disk.
-    assert "Restored this client's head from" in log
-    results = json.loads((run_dir / "results.json").read_text())
+    # Clients that trained before the crash go on with their own heads, from their disk,
+    # said in one line, not one per client.
+    kept = re.search(r"Each client restores its own head as it is first sampled: (\d) of 4 kept", log)
+    assert kept and int(kept.group(1)) > 0, log[-3000:]
+    assert "Restored this client's head" not in log
+    results = trained_rounds(run_dir / "results.json")
     assert [entry["round"] for entry in results] == [1, 2, 3, 4, 5]
     assert [entry["learning_rate"] for entry in results] == [0.02, 0.02, 0.02, 0.01, 0.01]
     # The best-checkpoint logic kept its best across the crash: each one beats all before it.
@@ -94,7 +97,7 @@ def test_a_run_resumed_on_a_larger_federation_gives_no_client_another_clients_he
         federation.stop()
     assert record["status"] == "finished:completed", log
     assert "This run started with 4 SuperNodes and goes on with 6" in log
-    assert "Restored this client's head" not in log
+    assert "Each client restores its own head as it is first sampled: 0 of 6 kept" in log
     assert sorted(path.name for path in lineage.iterdir()) == sorted(
         [f"partition-{i}-of-4.pt" for i in range(4)] + [f"partition-{i}-of-6.pt" for i in range(6)]
     )

@@ -16,7 +16,7 @@ from flwr.serverapp import (
 )
 
 from harness.attacks import ATTACK_RUN_CONFIG, ATTACKS_CLIENT_APP
-from harness.flower_processes import copy_app
+from harness.flower_processes import copy_app, trained_rounds
 from harness.sent_log import SENT_LOG_CLIENT_APP, read_sent_log
 from harness.wandb_offline import read_offline_run
 from pytorch_example.task import HEAD_KEYS, Net
@@ -53,7 +53,11 @@ def test_simulation_writes_every_output(superlink, app_dir, idx_dataset, tmp_pat
     assert record["status"] == "finished:completed", log
 
     [run_dir] = [path for path in output_dir.glob("*/*") if path.is_dir()]
-    results = json.loads((run_dir / "results.json").read_text())
+    initial, *results = json.loads((run_dir / "results.json").read_text())
+    # Round 0: the initial model's central scores, near chance.
+    assert set(initial) == {"round", "evaluate_metrics_serverapp"} and initial["round"] == 0
+    assert set(initial["evaluate_metrics_serverapp"]) == {"accuracy", "loss"}
+    assert initial["evaluate_metrics_serverapp"]["accuracy"] < 0.3
     assert [entry["round"] for entry in results] == [1, 2, 3]
     for entry in results:
         assert set(entry) == RESULT_KEYS
@@ -180,13 +184,18 @@ def test_bad_flag_fails_the_run_with_one_line(superlink, app_dir, tmp_path):
     )
     assert record["status"] == "finished:failed"
     assert "'fraction-train' = 1.5 is invalid" in record["status-details"]
-    assert "ERROR" in log and "run-config key 'fraction-train' = 1.5 is invalid" in log
+    # The reason, with no traceback, is the last line before Flower's own exit lines.
+    lines = [line for line in log.splitlines() if line.strip()]
+    exit_line = next(index for index, line in enumerate(lines) if "Exit Code: 700" in line)
+    reason = lines[exit_line - 1]
+    assert "ConfigError: run-config key 'fraction-train' = 1.5 is invalid" in reason, lines[: exit_line + 1]
+    assert "Traceback" not in log
     assert not output_dir.exists()
 
 
 def results_of(output_dir) -> list[dict]:
     [results_file] = output_dir.glob("*/*/results.json")
-    return json.loads(results_file.read_text())
+    return trained_rounds(results_file)
 
 
 def test_one_supernode_cannot_end_or_set_the_default_run_by_what_it_sends(

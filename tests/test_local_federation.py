@@ -34,6 +34,7 @@ from harness.flower_processes import (
     isolated_env,
     pairs,
     started_run_id,
+    trained_rounds,
 )
 
 
@@ -201,7 +202,7 @@ def assert_two_rounds_ran(done: subprocess.CompletedProcess, tmp_path: Path) -> 
     assert done.returncode == 0, log
     assert "Sampled 2 nodes (out of 2)" in log
     [results_file] = (tmp_path / "outputs").glob("*/*/results.json")
-    assert [entry["round"] for entry in json.loads(results_file.read_text())] == [1, 2]
+    assert [entry["round"] for entry in trained_rounds(results_file)] == [1, 2]
 
 
 @pytest.fixture
@@ -340,8 +341,15 @@ def test_up_run_down_then_a_restart_still_lists_the_run(deployment, idx_dataset,
     running = deployment.pids()
     assert len(running) > len(deployment.state()["processes"])  # Flower's SuperExecs too
     done = deployment.script("down")
-    assert done.stdout.strip() == "Stopped supernode-0, supernode-1, superlink."
+    config_toml = deployment.root / "flwr-home" / "config.toml"
+    assert done.stdout.strip().splitlines() == [
+        "Stopped supernode-0, supernode-1, superlink.",
+        f"Removed connection 'local-deployment' from {config_toml}; `up` adds it again.",
+    ]
     assert not [pid for pid in running if local_federation.start_time(pid)]  # gone, or a zombie
+    assert open_to_others(deployment.folder) == []  # federation.json, rewritten by `down`, included
+    with open(config_toml, "rb") as file:
+        assert "local-deployment" not in tomllib.load(file)["superlink"]
 
     # The same folder: the same database, keys already registered. A fixed port, as a
     # SuperNode of another machine's needs (free again at once after a kill: the
@@ -540,7 +548,7 @@ def run_under_burst(
         time.sleep(1)
     assert record["status"] == "finished:completed", record
     [results_file] = (tmp_path / "outputs").glob("*/*/results.json")
-    assert [entry["round"] for entry in json.loads(results_file.read_text())] == [1, 2]
+    assert [entry["round"] for entry in trained_rounds(results_file)] == [1, 2]
     return json.loads(bursting.stdout)
 
 

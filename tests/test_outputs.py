@@ -2,6 +2,7 @@
 
 import hashlib
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from pytorch_example.outputs import (
     load_resume_state,
     read_run_folder,
 )
+from pytorch_example.plots import plot_run
 from pytorch_example.task import Net
 
 
@@ -74,6 +76,17 @@ def test_results_json_has_the_reference_shape_after_every_round(tmp_path):
         "evaluate_metrics_serverapp": {"accuracy": 0.5, "loss": 1.2},
     }
     assert saved[1]["evaluate_metrics_clientapp"]["eval_acc_global"] == 0.3
+
+
+def test_results_json_holds_no_float_noise(tmp_path):
+    outputs = RunOutputs(tmp_path, {}, wandb_project=None)
+    result = result_after_round(Result(), 1, 0.1 + 0.2)  # 0.30000000000000004
+    result.evaluate_metrics_clientapp[1]["eval_acc_global"] = 0.9999999999999999  # a mean of 1.0s
+    outputs.record_round(1, result, 0.1)
+    [saved] = json.loads((tmp_path / "results.json").read_text())
+    assert saved["evaluate_metrics_serverapp"]["accuracy"] == 0.3
+    assert saved["evaluate_metrics_clientapp"]["eval_acc_global"] == 1.0
+    assert saved["evaluate_metrics_clientapp"]["eval_acc_std"] == 0.2
 
 
 def test_checkpoint_only_on_a_new_best_central_accuracy(tmp_path):
@@ -192,9 +205,10 @@ SETTINGS = {"dataset-name": "zalando-datasets/fashion_mnist", "dirichlet-alpha":
 DP = {"dp-noise-multiplier": 1.0}
 
 
-def run_folder(tmp_path: Path, rounds=((1, 0.3), (2, 0.6)), **settings) -> Path:
+def run_folder(tmp_path: Path, rounds=((1, 0.3), (2, 0.6)), initial: dict | None = None, **settings) -> Path:
     """A run folder as a run of 5 rounds leaves it when killed after `rounds`: opened by
-    `RunOutputs.open`, each round recorded, its privacy too with DP on."""
+    `RunOutputs.open`, its `initial` central scores (round 0) and each round recorded,
+    its privacy too with DP on."""
     run_config = {
         **default_run_config(),
         "num-server-rounds": 5,
@@ -204,6 +218,8 @@ def run_folder(tmp_path: Path, rounds=((1, 0.3), (2, 0.6)), **settings) -> Path:
     }
     config = AppConfig.from_run_config(run_config)
     with RunOutputs.open(config, run_config, 4, ArrayRecord(Net().state_dict())) as outputs:
+        if initial is not None:
+            outputs.record_initial_evaluation(initial)
         for server_round, accuracy in rounds:
             privacy = {"epsilon": 1.5 * server_round, "delta": 1e-5, "releases": server_round}
             outputs.record_round(
@@ -611,3 +627,42 @@ def test_a_resume_that_leaves_out_both_paths_names_both_and_one_that_names_the_d
     run_dir = run_folder(tmp_path / "default", **{"data-cache-dir": str(DEFAULT_CACHE_DIR)})
     with resume(run_dir) as outputs:
         assert outputs.next_round == 3
+
+
+def test_round_0_holds_the_initial_central_scores_and_a_resume_keeps_it(tmp_path):
+    run_dir = run_folder(tmp_path, initial={"accuracy": 0.0828, "loss": 2.3025850929940455})
+    results = json.loads((run_dir / "results.json").read_text())
+    assert [entry["round"] for entry in results] == [0, 1, 2]
+    assert results[0] == {
+        "round": 0,
+        "evaluate_metrics_serverapp": {"accuracy": 0.0828, "loss": 2.302585092994},
+    }
+    assert read_run_folder(run_dir, MODEL_SHAPES).state.best_round == 2  # round 0 is no model to keep
+    with resume(run_dir) as outputs:
+        outputs.record_round(3, result_after_round(Result(), 3, 0.7), 0.1)
+    results = json.loads((run_dir / "results.json").read_text())
+    assert [entry["round"] for entry in results] == [0, 1, 2, 3]
+    assert "central.png" in {path.name for path in plot_run(run_dir)}
+
+
+@pytest.mark.parametrize(
+    ("initial", "message"),
+    [
+        (
+            {"accuracy": 7.0, "loss": 2.3},
+            "holds initial_evaluation = {'accuracy': 7.0, 'loss': 2.3}, not round 0",
+        ),
+        ({"accuracy": 0.1}, "not round 0's scores"),
+        ([0.1, 2.3], "not round 0's scores"),
+    ],
+)
+def test_a_folder_with_a_damaged_round_0_is_refused(tmp_path, initial, message):
+    run_dir = run_folder(tmp_path, initial={"accuracy": 0.1, "loss": 2.3})
+    edit_state(run_dir, initial_evaluation=initial)
+    assert_refused(run_dir, re.escape(message))
+
+
+def test_results_json_without_round_0_of_a_run_that_had_it_is_refused(tmp_path):
+    run_dir = run_folder(tmp_path, initial={"accuracy": 0.1, "loss": 2.3})
+    edit_json(run_dir / "results.json", lambda rounds: rounds[1:])
+    assert_refused(run_dir, re.escape("holds other rounds than its resume.pt (0 to 2, or to 1)"))

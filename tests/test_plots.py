@@ -194,3 +194,35 @@ def test_the_command_redraws_a_folder_and_refuses_one_without_results(tmp_path):
     assert refused.returncode == 1
     expected = f"{tmp_path}: no results.json here: expected a run folder, outputs/<date>/<time>"
     assert refused.stderr.strip() == expected
+
+    (run_dir / "results.json").unlink()  # a run that ended before its first round did
+    (run_dir / "config.json").write_text(json.dumps(DP_CONFIG))
+    unrecorded = redraw(run_dir)
+    assert unrecorded.returncode == 1
+    assert unrecorded.stderr.strip() == (
+        f"{run_dir}: its run recorded no round, so there is nothing to draw: why it ended is in its log "
+        "(flwr log <run-id>)"
+    )
+
+
+@pytest.mark.parametrize("gain_low", [-20.0, 0.0, 5.0])
+def test_the_gain_and_its_share_draw_their_zero_at_one_height(gain_low):
+    """The share of clients that gain (0 to 1) sits on a twin of the gain's axis (points,
+    below zero when the own model loses): a share drawn below the gain's zero would read
+    as negative."""
+    rounds = [
+        {
+            **entry,
+            "evaluate_metrics_clientapp": {
+                **entry["evaluate_metrics_clientapp"],
+                **GAINS,
+                "eval_gain_points_min": gain_low,
+            },
+        }  # fmt: skip
+        for entry in OLDER_RESULTS
+    ]
+    _, gain, share = personalisation_figure(rounds, {}).axes
+    zero_heights = [axes.transData.transform((1, 0))[1] for axes in (gain, share)]
+    assert zero_heights[0] == pytest.approx(zero_heights[1], abs=1e-6)
+    assert share.get_ylim()[1] == pytest.approx(1.05)
+    assert gain.get_ylim()[0] <= min(gain_low, 0.0)

@@ -458,3 +458,19 @@ def test_a_dp_release_is_saved_before_the_round_is_evaluated(tmp_path):
         run_rounds(tmp_path, dp_config(), ScriptedGrid(4, killed_in_round_2_evaluation))
     saved = torch.load(tmp_path / "resume.pt", weights_only=True)
     assert (saved["round"], saved["privacy_releases"]) == (1, 2)
+
+
+@pytest.mark.parametrize("overrides", [{}, {"aggregation": "median"}, {"dp_noise_multiplier": 1e-9}])
+def test_no_rule_records_a_mean_of_row_counts_as_a_row_count(tmp_path, overrides):
+    """Replies of 100 to 400 rows: under rules that weigh every reply the same, Flower's
+    mean would record 250.0 "num-examples"; FedAvg, which weighs by them, records none."""
+
+    def rows_by_node(server_round, message):
+        content = trained(message)
+        if is_train(message):
+            content["metrics"]["num-examples"] = 100 * message.metadata.dst_node_id
+        return content
+
+    config = config_for(num_server_rounds=1, fraction_train=1.0, **overrides)
+    result = run_rounds(tmp_path, config, ScriptedGrid(4, rows_by_node))
+    assert set(result.train_metrics_clientapp[1]) == {"train_loss"}
