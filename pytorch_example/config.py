@@ -56,6 +56,7 @@ RESUME_MUST_MATCH = (
     "dp-noise-multiplier",
     "dp-clipping-norm",
     "dp-delta",
+    "dp-population",
 )
 # The keys added after resume-from existed, with what a run folder made before them was run
 # with: the published example's stored heads, a refit on all train rows, FedAvg and no DP
@@ -76,6 +77,7 @@ LEGACY_SETTINGS = {
     "dp-clipping-norm": 0.1,
     "dp-delta": 1e-5,
     "dp-max-epsilon": 0.0,
+    "dp-population": 0,
     "central-evaluation": True,
 }
 
@@ -148,6 +150,7 @@ class AppConfig:
     dp_clipping_norm: float = 0.1
     dp_delta: float = 1e-5
     dp_max_epsilon: float = 0.0
+    dp_population: int = 0
     lr_decay_rounds: tuple[int, ...] = (5,)
     lr_decay_factor: float = 0.5
     server_device: str = "cpu"
@@ -192,6 +195,7 @@ class AppConfig:
             dp_clipping_norm=reader.positive("dp-clipping-norm"),
             dp_delta=reader.number("dp-delta", low=0.0, high=1.0, low_open=True, high_open=True),
             dp_max_epsilon=reader.nonnegative("dp-max-epsilon"),
+            dp_population=reader.integer("dp-population", minimum=0),
             lr_decay_rounds=reader.rounds("lr-decay-rounds"),
             lr_decay_factor=reader.positive("lr-decay-factor"),
             server_device=reader.device("server-device"),
@@ -270,6 +274,11 @@ class AppConfig:
                 f"run-config key 'dp-max-epsilon' = {self.dp_max_epsilon:g} bounds nothing while "
                 "dp-noise-multiplier = 0 (DP off): set dp-noise-multiplier > 0, or dp-max-epsilon = 0"
             )
+        if self.dp_population and not self.dp_on:
+            raise ConfigError(
+                f"run-config key 'dp-population' = {self.dp_population} credits DP's sampling while "
+                "dp-noise-multiplier = 0 (DP off): set dp-noise-multiplier > 0, or dp-population = 0"
+            )
         if self.dp_on and self.aggregation != FEDAVG:
             raise ConfigError(
                 f"run-config key 'aggregation' = '{self.aggregation}' cannot run with DP "
@@ -290,7 +299,7 @@ class AppConfig:
     def resume_settings(self) -> dict:
         """The run-config values a resumed run must share with the run it continues (the
         clipping norm and delta only with DP on: without DP they change nothing)."""
-        dp_only = ("dp-clipping-norm", "dp-delta")
+        dp_only = ("dp-clipping-norm", "dp-delta", "dp-population")
         keys = [key for key in RESUME_MUST_MATCH if self.dp_on or key not in dp_only]
         return {key: self.run_config_value(key) for key in keys}
 

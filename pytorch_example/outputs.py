@@ -94,6 +94,7 @@ class ResumeState:
     wandb_run_id: str | None = None
     num_supernodes: int | None = None  # when the run started
     privacy_releases: int = 0  # DP rounds released, the round in progress included
+    privacy_credited: int = 0  # of those, the rounds whose sampling epsilon credits (privacy.py)
     initial_evaluation: dict | None = None  # the model's central scores before round 1
 
     def results(self) -> list[dict]:
@@ -228,6 +229,9 @@ def _rounds_problem(saved: dict) -> str | None:
     privacy_releases = saved.get("privacy_releases", 0)
     if not _is_integer(privacy_releases, low=0, high=last_round + 1):
         return f"holds privacy_releases = {SHOWN.repr(privacy_releases)}, not 0 to {last_round + 1}{DAMAGED}"
+    credited = saved.get("privacy_credited", 0)
+    if not _is_integer(credited, low=0, high=privacy_releases):
+        return f"holds privacy_credited = {SHOWN.repr(credited)}, not 0 to {privacy_releases}{DAMAGED}"
     releases = [_releases(entry) for entry in round_results if "privacy" in entry]
     if releases != sorted(releases):
         return f"records DP releases that go backwards ({releases}){DAMAGED}"
@@ -272,6 +276,10 @@ def _entry_problem(number: int, entry) -> str | None:
             return f"holds {what} {SHOWN.repr(accuracy)}, not a number in [0, 1]"
     if "privacy" in entry and _releases(entry) is None:
         return f"holds privacy {SHOWN.repr(entry['privacy'])}, without a count of releases"
+    if "privacy" in entry and not _is_integer(
+        entry["privacy"].get("credited", 0), low=0, high=_releases(entry)
+    ):
+        return f"holds privacy {SHOWN.repr(entry['privacy'])}, crediting more rounds than it released"
     return None
 
 
@@ -613,13 +621,19 @@ class RunOutputs:
             self._draw_figures()
 
     @property
-    def privacy_releases(self) -> int:
-        """How many DP rounds this run has released so far (a resumed run's epsilon goes on from them)."""
-        return self.state.privacy_releases
+    def privacy_releases(self) -> tuple[int, int]:
+        """The DP rounds this run has released so far, and how many of them had their
+        sampling credited (a resumed run's epsilon goes on from them)."""
+        return self.state.privacy_releases, self.state.privacy_credited
 
-    def save_privacy_releases(self, releases: int) -> None:
+    @property
+    def started_with(self) -> int | None:
+        """The SuperNodes connected when the run started (None in a folder from before that was kept)."""
+        return self.state.num_supernodes
+
+    def save_privacy_releases(self, releases: int, credited: int) -> None:
         """Note a DP round's release as soon as it happens, before the round is recorded."""
-        self.state.privacy_releases = releases
+        self.state.privacy_releases, self.state.privacy_credited = releases, credited
         self._save_resume_state()
 
     def record_initial_evaluation(self, metrics: dict) -> None:
@@ -657,7 +671,7 @@ class RunOutputs:
         state = self.state
         state.round, state.arrays = server_round, result.arrays
         if privacy is not None:
-            state.privacy_releases = privacy["releases"]
+            state.privacy_releases, state.privacy_credited = privacy["releases"], privacy["credited"]
         state.round_results = [*state.round_results, round_result]
 
         accuracy, measure = selection_accuracy(round_result)
@@ -689,6 +703,7 @@ class RunOutputs:
             }
             if privacy is not None:
                 series["privacy_epsilon"] = privacy["epsilon"]
+                series["privacy_credited_rounds"] = privacy["credited"]
             self.wandb_run.log({**series, "learning_rate": learning_rate}, step=server_round)
         return round_result
 

@@ -213,6 +213,11 @@ def privacy_figure(rounds: list[dict], run_config: dict) -> Figure | None:
     axes = figure.subplots()
     epsilon = [entry.get("privacy", {}).get("epsilon", math.nan) for entry in rounds]
     label = f"epsilon at delta={spent[-1]['delta']:g}"
+    if "credited" in spent[-1]:  # how it was accounted (privacy.py), in folders that say
+        credited, releases = spent[-1]["credited"], spent[-1]["releases"]
+        label += (
+            f", sampling credited in {credited} of {releases} rounds" if credited else ", no sampling credit"
+        )
     axes.plot([entry["round"] for entry in rounds], epsilon, color="tab:purple", marker="o", label=label)
     cap = run_config.get("dp-max-epsilon")
     if isinstance(cap, int | float) and cap > 0:

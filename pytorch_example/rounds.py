@@ -19,7 +19,8 @@ from flwr.serverapp.strategy import Result, Strategy
 from pytorch_example.config import AppConfig
 from pytorch_example.gate import ReplyGate
 from pytorch_example.outputs import RunOutputs
-from pytorch_example.trust import PrivacyLedger, too_few_replies
+from pytorch_example.privacy import PrivacyLedger
+from pytorch_example.trust import too_few_replies
 
 # A speed-up: how often the ServerApp asks for replies. Flower's own `send_and_receive`
 # waits 3 s between asks in a deployment (100 ms in simulation), which a round pays twice
@@ -35,6 +36,10 @@ Counts = dict[str, dict[str, int]]
 
 class RunFailed(RuntimeError):
     """The run cannot go on; the message is one line for the user."""
+
+
+class PrivacyBudgetReached(Exception):
+    """This round would take epsilon past `dp-max-epsilon`: the run ends before it."""
 
 
 class RoundLoop:
@@ -102,13 +107,14 @@ class RoundLoop:
             for server_round in range(first_round, num_rounds + 1):
                 round_started = time.monotonic()
                 log(DEBUG, "[ROUND %s/%s]", server_round, num_rounds)
-                if self.privacy is not None and self.privacy.next_round_would_exceed():
+                counts: Counts = {}
+                try:
+                    why_untrained = self._train(server_round, result, client_config, counts)
+                except PrivacyBudgetReached:
                     limit = self.config.dp_max_epsilon
                     log(WARNING, "Round %d not run, so the run ends here: one more DP round would take "
                         "epsilon past dp-max-epsilon = %g", server_round, limit)  # fmt: skip
                     break
-                counts: Counts = {}
-                why_untrained = self._train(server_round, result, client_config, counts)
                 # The clients' evaluation is mostly waiting on messages, so the ServerApp's
                 # cores are free for the central evaluation meanwhile.
                 central = background.submit(evaluate_fn, server_round, result.arrays) if evaluate_fn else None
@@ -158,7 +164,7 @@ class RoundLoop:
                     self.privacy.release()
                     # Saved before the noisy model goes out to be evaluated: a run killed
                     # later in this round still counts this release when resumed.
-                    self.outputs.save_privacy_releases(self.privacy.releases)
+                    self.outputs.save_privacy_releases(self.privacy.releases, self.privacy.credited)
         if why_untrained is not None and messages:
             log(WARNING, "Round %s trained nothing (%s): the global model stays as it was",
                 server_round, why_untrained)  # fmt: skip
@@ -193,8 +199,15 @@ class RoundLoop:
         if getattr(flower, f"fraction_{phase}") > 0:
             self._wait_for_nodes(max(flower.min_available_nodes, getattr(flower, f"min_{phase}_nodes")))
         configure = self.strategy.configure_train if phase == "train" else self.strategy.configure_evaluate
+        connected = len(list(self.grid.get_node_ids()))
         # A copy each time: the strategy adds the round's own entries to it.
         messages = list(configure(server_round, arrays, ConfigRecord(dict(client_config)), self.grid))
+        if phase == "train" and self.privacy is not None:
+            # How the sample was drawn decides how the round is accounted: checked before
+            # anything is sent, so a round that would pass dp-max-epsilon never runs.
+            self.privacy.draw(connected, len(list(self.grid.get_node_ids())))
+            if self.privacy.next_round_would_exceed():
+                raise PrivacyBudgetReached
         replies = send_and_receive(self.grid, messages, self.config.round_timeout)
         usable = self.gate.screen(phase, replies, server_round)
         counts[phase] = reply_counts(messages, replies, usable)
@@ -258,8 +271,15 @@ def log_progress(
         clock(eta_s),
         "-" if central is None else f"{central:.4f}",
         "-" if personal is None else f"{personal:.4f}",
-        "" if privacy is None else f" | epsilon {privacy['epsilon']:.2f} (delta {privacy['delta']:g})",
+        "" if privacy is None else f" | epsilon {privacy['epsilon']:.2f} ({epsilon_terms(privacy)})",
     )
+
+
+def epsilon_terms(privacy: dict) -> str:
+    """`delta 1e-05`, and how many of the rounds so far had their sampling credited."""
+    credited, releases = privacy.get("credited", 0), privacy["releases"]
+    credit = "sampling credited" if credited == releases else f"sampling credited in {credited} of {releases}"
+    return f"delta {privacy['delta']:g}" + (f", {credit}" if credited else "")
 
 
 def clock(seconds: float) -> str:

@@ -25,8 +25,9 @@ from pytorch_example.data import ImageSet, load_test_set, prepare_partitions
 from pytorch_example.data_cache import has_split
 from pytorch_example.gate import ReplyGate
 from pytorch_example.outputs import RunOutputs, continued_run_config
+from pytorch_example.privacy import known_population, privacy_ledger
 from pytorch_example.rounds import RoundLoop, RunFailed
-from pytorch_example.trust import build_strategy, check_federation, privacy_ledger
+from pytorch_example.trust import build_strategy, check_federation
 
 app = ServerApp()
 
@@ -54,6 +55,9 @@ def main(grid: Grid, context: Context) -> None:
         num_supernodes = len(list(grid.get_node_ids()))
         log(INFO, "The federation has %d SuperNodes connected", num_supernodes)
         check_federation(config, num_supernodes)
+        sample_size = config.train_sample_size(num_supernodes)
+        # DP's budget, checked before a new run's folder is made (as a new run would start).
+        privacy_ledger(config, known_population(config, grid, num_supernodes), sample_size)
         personalisation = config.personalisation
         log(INFO, "Personalisation '%s': %s", personalisation, PERSONALISATION_SAID[personalisation])
 
@@ -71,7 +75,11 @@ def main(grid: Grid, context: Context) -> None:
         initial_arrays = ArrayRecord(task.Net().state_dict())
         outputs = RunOutputs.open(config, run_config, num_supernodes, initial_arrays)
         strategy = build_strategy(config, num_supernodes)
-        privacy = privacy_ledger(config, num_supernodes, outputs.privacy_releases)
+        privacy = None
+        if config.dp_on:  # a resumed run goes on from what its folder spent, as it was accounted
+            population = known_population(config, grid, outputs.started_with)
+            privacy = privacy_ledger(config, population, sample_size, *outputs.privacy_releases)
+            log(INFO, "DP's epsilon: %s", privacy.accounting())
         gate = ReplyGate.for_run(config, initial_arrays)
         rounds = RoundLoop(config, strategy, grid, outputs, gate, privacy)
 

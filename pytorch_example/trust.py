@@ -1,10 +1,10 @@
-"""Trusting the clients less: the robust rules, client-level DP with its epsilon, what a
-round's replies must number for each, and how far the gate lets one reply move the model.
+"""Trusting the clients less: the robust rules, client-level DP's mechanism, and what a
+round's replies must number for each.
 
 `aggregation` swaps `CustomFedAvg`'s weighted mean for one of Flower's robust rules:
 each class below is `CustomFedAvg` composed with Flower's. `dp-noise-multiplier` wraps
-the strategy in Flower's server-side fixed clipping, and `PrivacyLedger` accounts for
-the mechanism as the app runs it (docs/trust.md).
+the strategy in Flower's server-side fixed clipping; privacy.py accounts for the
+mechanism as the app runs it (docs/trust.md).
 """
 
 import dataclasses
@@ -17,12 +17,7 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import (
-    GaussianPrivacyEvent,
     Grid,
-    NeighboringRelation,
-    PrivacyConfig,
-    RdpAccountant,
-    SamplingMethod,
 )
 from flwr.serverapp.strategy import (
     Bulyan,
@@ -287,92 +282,13 @@ def sample_problem(config: AppConfig, num_supernodes: int) -> tuple[str, str] | 
 
 
 def check_federation(config: AppConfig, num_supernodes: int) -> None:
-    """Refuse, in one line, settings that cannot work on a federation of this size."""
+    """Refuse, in one line, settings that cannot work on a federation of this size (DP's
+    budget is checked with its account, privacy.py)."""
     if num_supernodes > 0:
         check_sample(config, num_supernodes)
-    if config.dp_on:
-        if num_supernodes < 2:
-            raise ConfigError(
-                "run-config key 'dp-noise-multiplier' > 0 scales its noise to the clients a round "
-                f"samples, fixed when the run starts, but {num_supernodes} SuperNode(s) are connected: "
-                "start 2 or more"
-            )
-        privacy_ledger(config, num_supernodes, releases=0)
-
-
-def privacy_ledger(config: AppConfig, num_supernodes: int, releases: int) -> "PrivacyLedger | None":
-    """The run's epsilon account, `releases` DP rounds in (a resumed run goes on from
-    what its folder spent); None without DP. `ConfigError` if no round is left to run."""
-    if not config.dp_on:
-        return None
-    ledger = PrivacyLedger(config, num_supernodes, releases)
-    ledger.check_budget()
-    return ledger
-
-
-class PrivacyLedger:
-    """Epsilon for DP as the app runs it, `releases` DP rounds in.
-
-    The mechanism: each round, exactly n of the connected SuperNodes train; each update
-    is clipped to C = `dp-clipping-norm`; the mean gets Gaussian noise of standard
-    deviation sigma x C / n (sigma = `dp-noise-multiplier`), i.e. sigma x C on the sum.
-    Neighbouring federations differ in one client's data. With a fixed-size sample,
-    adding one client to those connected can replace one sampled update by another, so
-    the sum moves by up to 2C: the noise is sigma / 2 in units of that sensitivity.
-    No credit is taken for sampling: the population it would need is not fixed (SuperNodes
-    come and go, a resumed run may have another), and Flower's accountant counts
-    no-amplification releases for any population. Flower's `RdpAccountant` composes the
-    releases; Flower's DP wrapper adds the noise and keeps no account of its own.
-    """
-
-    def __init__(self, config: AppConfig, num_supernodes: int, releases: int) -> None:
-        try:
-            self.accountant = RdpAccountant(
-                PrivacyConfig(
-                    target_delta=config.dp_delta,
-                    population_size=num_supernodes,
-                    neighboring_relation=NeighboringRelation.ADD_OR_REMOVE_ONE,
-                    sampling_method=SamplingMethod.NO_AMPLIFICATION,
-                )
-            )
-        except ImportError:
-            raise ConfigError(
-                "run-config key 'dp-noise-multiplier' > 0 needs Flower's privacy accountant: "
-                'pip install "flwr[dp]"'
-            ) from None
-        self.config = config
-        self.event = GaussianPrivacyEvent(
-            noise_multiplier=config.dp_noise_multiplier / 2,
-            sample_size=config.train_sample_size(num_supernodes),
-            population_size=num_supernodes,
+    if config.dp_on and num_supernodes < 2:
+        raise ConfigError(
+            "run-config key 'dp-noise-multiplier' > 0 scales its noise to the clients a round "
+            f"samples, fixed when the run starts, but {num_supernodes} SuperNode(s) are connected: "
+            "start 2 or more"
         )
-        if releases:
-            self.accountant.compose(self.event, count=releases)
-
-    @property
-    def releases(self) -> int:
-        return self.accountant.num_releases
-
-    def next_round_would_exceed(self) -> bool:
-        """Whether one more DP round would take epsilon past `dp-max-epsilon` (if set)."""
-        limit = self.config.dp_max_epsilon
-        return bool(limit) and self.accountant.would_exceed(self.event, max_epsilon=limit)
-
-    def check_budget(self) -> None:
-        """`ConfigError` if `dp-max-epsilon` leaves no round to run."""
-        if self.next_round_would_exceed():
-            spent = self.spent()["epsilon"] if self.releases else 0.0
-            raise ConfigError(
-                f"run-config key 'dp-max-epsilon' = {self.config.dp_max_epsilon:g} leaves no round to "
-                f"run: epsilon is {spent:.3g} after {self.releases} round(s) and one more round would "
-                "pass it (raise dp-max-epsilon or dp-noise-multiplier)"
-            )
-
-    def release(self) -> None:
-        """Count a round whose noisy model left the aggregation."""
-        self.accountant.compose(self.event)
-
-    def spent(self) -> dict:
-        """Epsilon so far at `dp-delta`, and the releases it counts."""
-        epsilon = self.accountant.get_epsilon(self.config.dp_delta) if self.releases else 0.0
-        return {"epsilon": epsilon, "delta": self.config.dp_delta, "releases": self.releases}

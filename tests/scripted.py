@@ -8,9 +8,10 @@ from harness.local_grid import LocalGrid
 from pytorch_example.config import AppConfig
 from pytorch_example.gate import ReplyGate
 from pytorch_example.outputs import RunOutputs
+from pytorch_example.privacy import privacy_ledger
 from pytorch_example.rounds import RoundLoop
 from pytorch_example.task import Net
-from pytorch_example.trust import build_strategy, privacy_ledger
+from pytorch_example.trust import build_strategy
 
 MAX_TRAIN_ROWS = 1000  # the most train rows a client of these tests holds
 MAX_VAL_ROWS = 250
@@ -104,6 +105,8 @@ def run_rounds(
     outputs = RunOutputs(run_dir, {}, wandb_project=None)
     outputs.state.privacy_releases = privacy_releases
     gate = ReplyGate.for_run(config, start)
-    privacy = privacy_ledger(config, num_nodes, privacy_releases)
+    # As in a deployment: sampling credited only where dp-population declares the population.
+    sample_size = config.train_sample_size(num_nodes)
+    privacy = privacy_ledger(config, config.dp_population or None, sample_size, privacy_releases)
     rounds = RoundLoop(config, build_strategy(config, num_nodes), grid, outputs, gate, privacy)
     return rounds.run(start, first_round=first_round)

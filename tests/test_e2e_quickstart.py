@@ -141,7 +141,8 @@ def test_the_quick_start_then_configure_and_resume_run_as_written_in_order(tmp_p
         configured_dir = completed(configure, list(range(1, 6)))
         rounds = trained_rounds(configured_dir / "results.json")
         assert [entry["replies"]["train"]["expected"] for entry in rounds] == [25] * 5
-        assert rounds[-1]["evaluate_metrics_serverapp"]["accuracy"] > 0.5  # it learns
+        # It learns, and the generated set is as hard as docs' figures: not solved outright.
+        assert 0.5 < rounds[-1]["evaluate_metrics_serverapp"]["accuracy"] < 0.99
 
         # The stopped run, resumed as README writes it, goes on after its last round.
         done_before = len(trained_rounds(stopped_dir / "results.json"))

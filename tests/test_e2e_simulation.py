@@ -7,13 +7,8 @@ import tomllib
 
 import pytest
 import torch
-from flwr.serverapp import (
-    GaussianPrivacyEvent,
-    NeighboringRelation,
-    PrivacyConfig,
-    RdpAccountant,
-    SamplingMethod,
-)
+from dp_accounting import dp_event, rdp
+from dp_accounting.privacy_accountant import NeighboringRelation
 
 from harness.attacks import ATTACK_RUN_CONFIG, ATTACKS_CLIENT_APP
 from harness.flower_processes import copy_app, trained_rounds
@@ -53,6 +48,8 @@ def test_simulation_writes_every_output(superlink, app_dir, idx_dataset, tmp_pat
     assert record["status"] == "finished:completed", log
 
     [run_dir] = [path for path in output_dir.glob("*/*") if path.is_dir()]
+    # The settings a user compares runs by, said in the log: personalisation among them.
+    assert "Personalisation 'refit-head': clients train and send the whole model" in log
     initial, *results = json.loads((run_dir / "results.json").read_text())
     # Round 0: the initial model's central scores, near chance.
     assert set(initial) == {"round", "evaluate_metrics_serverapp"} and initial["round"] == 0
@@ -236,12 +233,12 @@ def test_one_supernode_cannot_end_or_set_the_default_run_by_what_it_sends(
 
 
 def epsilon_after(releases: int, noise_multiplier: float, delta: float) -> float:
-    """Flower's accountant as the app configures it, after `releases` private rounds."""
-    accountant = RdpAccountant(
-        PrivacyConfig(delta, 4, NeighboringRelation.ADD_OR_REMOVE_ONE, SamplingMethod.NO_AMPLIFICATION)
-    )
-    # Noise sigma x C on a sum that one client can move by 2C: sigma / 2 in its units.
-    accountant.compose(GaussianPrivacyEvent(noise_multiplier / 2, 4, 4), count=releases)
+    """Google's dp_accounting, independently of the app, after `releases` rounds that each
+    sample 2 of a simulation's 4 SuperNodes: the sample credited (the population is the
+    simulation's, fixed), the noise sigma x C on a sum one client can move by 2C."""
+    accountant = rdp.RdpAccountant(neighboring_relation=NeighboringRelation.REPLACE_ONE)
+    sampled = dp_event.SampledWithoutReplacementDpEvent(4, 2, dp_event.GaussianDpEvent(noise_multiplier / 2))
+    accountant.compose(sampled, releases)
     return accountant.get_epsilon(delta)
 
 
@@ -250,18 +247,21 @@ def test_a_dp_run_reports_epsilon_each_round_and_stops_at_its_budget(
 ):
     budget = (epsilon_after(2, 1.0, 1e-5) + epsilon_after(3, 1.0, 1e-5)) / 2  # fits 2 rounds, not 3
     output_dir = tmp_path / "outputs"
-    run_config = {**base_run_config, "num-server-rounds": 4, "fraction-train": 1.0, "fraction-evaluate": 0.5}
-    # Noise of 1 x clipping norm / 4 clients per weight: at a norm of 1 it wrecks the model
+    run_config = {**base_run_config, "num-server-rounds": 4, "fraction-train": 0.5, "fraction-evaluate": 0.5}
+    # Noise of 1 x clipping norm / 2 clients per weight: at a norm of 1 it wrecks the model
     # in one round and the clients diverge; epsilon does not depend on the norm.
     run_config |= {"dp-noise-multiplier": 1.0, "dp-clipping-norm": 0.01, "dp-max-epsilon": budget}
     log, record = superlink.run(app_dir, run_config, federation_config={"num-supernodes": 4})
     assert record["status"] == "finished:completed", log
+    assert "DP's epsilon: sampling credited: a uniform 2 of a fixed population of 4 SuperNodes" in log
     results = results_of(output_dir)
     assert [entry["round"] for entry in results] == [1, 2]
     epsilons = [entry["privacy"]["epsilon"] for entry in results]
     assert epsilons == pytest.approx([epsilon_after(1, 1.0, 1e-5), epsilon_after(2, 1.0, 1e-5)])
     assert epsilons[0] < epsilons[1] <= budget
-    assert re.search(r"Round 2/4: .* \| epsilon [\d.]+ \(delta 1e-05\)", log)
+    assert re.search(r"Round 2/4: .* \| epsilon [\d.]+ \(delta 1e-05, sampling credited\)", log)
+    # What epsilon means, said where DP is said to be on.
+    assert "the epsilon each round reports is all this run has spent, and smaller is more private" in log
     assert "Round 3 not run, so the run ends here" in log
     assert (next(output_dir.glob("*/*")) / "final_model.pt").exists()
 

@@ -221,7 +221,7 @@ def run_folder(tmp_path: Path, rounds=((1, 0.3), (2, 0.6)), initial: dict | None
         if initial is not None:
             outputs.record_initial_evaluation(initial)
         for server_round, accuracy in rounds:
-            privacy = {"epsilon": 1.5 * server_round, "delta": 1e-5, "releases": server_round}
+            privacy = {"epsilon": 1.5 * server_round, "delta": 1e-5, "releases": server_round, "credited": 0}
             outputs.record_round(
                 server_round,
                 result_after_round(Result(), server_round, accuracy),
@@ -367,7 +367,7 @@ def test_a_dp_run_resumes_only_with_its_delta_and_goes_on_from_its_releases(kill
     settings = torch.load(run_dir / "resume.pt", weights_only=True)["settings"]
     edit_state(run_dir, settings={key: value for key, value in settings.items() if key != "dp-delta"})
     with resume(run_dir) as outputs:
-        assert outputs.privacy_releases == 2 and outputs.state.settings == settings
+        assert outputs.privacy_releases == (2, 0) and outputs.state.settings == settings
 
 
 def test_a_folder_made_before_personalisation_and_dp_existed_resumes_as_stored_head(tmp_path):
@@ -567,9 +567,9 @@ def test_a_dp_folder_that_understates_its_releases_is_refused(killed_dp_run, dam
 
 def test_epsilon_is_recorded_each_round_and_a_resumed_run_counts_its_releases(tmp_path, offline_wandb):
     with RunOutputs(tmp_path, {}, "pytorch-example-tests", resume_settings=SETTINGS) as outputs:
-        assert outputs.privacy_releases == 0
+        assert outputs.privacy_releases == (0, 0)
         for server_round, epsilon in ((1, 2.5), (2, 3.75)):
-            privacy = {"epsilon": epsilon, "delta": 1e-5, "releases": server_round}
+            privacy = {"epsilon": epsilon, "delta": 1e-5, "releases": server_round, "credited": 0}
             outputs.record_round(
                 server_round, result_after_round(Result(), server_round, 0.3), 0.1, {}, privacy
             )
@@ -578,7 +578,7 @@ def test_epsilon_is_recorded_each_round_and_a_resumed_run_counts_its_releases(tm
     [run_folder] = (tmp_path / "wandb").glob("offline-run-*")
     assert [row["privacy_epsilon"] for row in read_offline_run(run_folder).history] == [2.5, 3.75]
     state = load_resume_state(tmp_path, SETTINGS, MODEL_SHAPES)
-    assert RunOutputs(tmp_path, {}, None, SETTINGS, resumed=state).privacy_releases == 2
+    assert RunOutputs(tmp_path, {}, None, SETTINGS, resumed=state).privacy_releases == (2, 0)
 
 
 def test_a_folder_whose_run_is_still_going_is_refused_and_free_once_it_ends(killed_run):

@@ -10,6 +10,7 @@ import re
 import pytest
 import torch
 from dp_accounting import dp_event, rdp
+from dp_accounting.privacy_accountant import NeighboringRelation
 from flwr.app import ArrayRecord, ConfigRecord
 from hypothesis import assume, given
 from hypothesis import settings as hypothesis_settings
@@ -17,9 +18,10 @@ from hypothesis import strategies as st
 
 from harness.flower_processes import default_run_config
 from pytorch_example.config import AppConfig, ConfigError
+from pytorch_example.privacy import privacy_ledger
 from pytorch_example.rounds import RunFailed
 from pytorch_example.task import Net
-from pytorch_example.trust import build_strategy, check_federation, check_sample, privacy_ledger
+from pytorch_example.trust import build_strategy, check_federation, check_sample
 from tests.scripted import ScriptedGrid, config_for, is_train, run_rounds, shifted, trained
 
 
@@ -429,10 +431,10 @@ def test_settings_a_federation_cannot_serve_are_refused_in_one_line():
     with pytest.raises(
         ConfigError, match=r"'dp-max-epsilon' = 1 leaves no round to run: epsilon is 0 after 0"
     ):
-        check_federation(dp_config(dp_max_epsilon=1.0), 4)
-    two_rounds = privacy_ledger(dp_config(), 4, releases=2).spent()["epsilon"]
+        privacy_ledger(dp_config(dp_max_epsilon=1.0), None, 4)
+    two_rounds = privacy_ledger(dp_config(), None, 4, releases=2).spent()["epsilon"]
     with pytest.raises(ConfigError, match=rf"leaves no round to run: epsilon is {two_rounds:.3g} after 2"):
-        privacy_ledger(dp_config(dp_max_epsilon=two_rounds + 0.1), 4, releases=2)
+        privacy_ledger(dp_config(dp_max_epsilon=two_rounds + 0.1), None, 4, releases=2)
 
 
 def test_dp_samples_the_same_number_of_clients_as_supernodes_come_and_go():
@@ -474,3 +476,54 @@ def test_no_rule_records_a_mean_of_row_counts_as_a_row_count(tmp_path, overrides
     config = config_for(num_server_rounds=1, fraction_train=1.0, **overrides)
     result = run_rounds(tmp_path, config, ScriptedGrid(4, rows_by_node))
     assert set(result.train_metrics_clientapp[1]) == {"train_loss"}
+
+
+def sampled_epsilon(population: int, sample: int, credited: int, plain: int, sigma: float = 1.0) -> float:
+    """Google's dp_accounting, independently of the app: `credited` rounds of a uniform
+    `sample` of `population` without replacement and `plain` rounds of the Gaussian alone,
+    each at sigma / 2 (one update replaced by another moves the sum by 2C)."""
+    accountant = rdp.RdpAccountant(neighboring_relation=NeighboringRelation.REPLACE_ONE)
+    gaussian = dp_event.GaussianDpEvent(sigma / 2)
+    if credited:
+        accountant.compose(dp_event.SampledWithoutReplacementDpEvent(population, sample, gaussian), credited)
+    if plain:
+        accountant.compose(gaussian, plain)
+    return accountant.get_epsilon(1e-5)
+
+
+def test_with_the_population_declared_epsilon_credits_each_rounds_uniform_sample(tmp_path, caplog):
+    config = dp_config(fraction_train=0.5, dp_population=8)  # 4 of 8 a round
+    with caplog.at_level(logging.INFO, logger="flwr"):
+        run_rounds(tmp_path, config, ScriptedGrid(8, all_move_by_one))
+    results = results_of(tmp_path)
+    assert [entry["privacy"]["credited"] for entry in results] == [1, 2, 3]
+    for releases, epsilon in enumerate(epsilons(results), start=1):
+        assert epsilon == pytest.approx(sampled_epsilon(8, 4, releases, 0), rel=1e-9)
+    assert epsilons(results)[-1] < sampled_epsilon(8, 4, 0, 3)  # (little, at half the population a round)
+
+
+class LosesANodeInRound2(ScriptedGrid):
+    """8 SuperNodes, but 7 while round 2's sample is drawn."""
+
+    def __init__(self) -> None:
+        super().__init__(8, self.moved)
+
+    def moved(self, server_round, message):
+        if not is_train(message):  # after a round's train phase, the count for the next one
+            self.node_ids = list(range(1, 8)) if server_round == 1 else list(range(1, 9))
+        return all_move_by_one(server_round, message)
+
+
+def test_a_round_drawn_from_other_supernodes_than_the_declared_population_is_not_credited(tmp_path):
+    run_rounds(tmp_path, dp_config(fraction_train=0.5, dp_population=8), LosesANodeInRound2())
+    results = results_of(tmp_path)
+    assert [entry["privacy"]["credited"] for entry in results] == [1, 1, 2]
+    expected = [sampled_epsilon(8, 4, 1, 0), sampled_epsilon(8, 4, 1, 1), sampled_epsilon(8, 4, 2, 1)]
+    assert epsilons(results) == pytest.approx(expected, rel=1e-9)
+
+
+def test_without_a_declared_population_no_round_is_credited(tmp_path):
+    run_rounds(tmp_path, dp_config(fraction_train=0.5), ScriptedGrid(8, all_move_by_one))
+    results = results_of(tmp_path)
+    assert [entry["privacy"]["credited"] for entry in results] == [0, 0, 0]
+    assert epsilons(results) == pytest.approx([sampled_epsilon(8, 4, 0, n) for n in (1, 2, 3)], rel=1e-9)

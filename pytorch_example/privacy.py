@@ -1,0 +1,149 @@
+"""Client-level DP's epsilon, as the app runs the mechanism (trust.py adds the noise).
+
+The mechanism: each round, a uniform sample of exactly m of the connected SuperNodes
+trains; each update is clipped to C = `dp-clipping-norm`; the mean over the m gets
+Gaussian noise of standard deviation sigma x C / m (sigma = `dp-noise-multiplier`), so
+sigma x C on the sum. A sampled client whose reply is missing or left out adds a zero
+update. Neighbouring federations differ in one client's data (one replaced by another):
+the sum moves by up to 2C, so each round is a Gaussian of sigma / 2 in units of that
+sensitivity.
+
+When the population is fixed and known, the sample also hides whether a client took
+part, and the round is accounted as `SampledWithoutReplacementDpEvent(N, m, Gaussian)`
+(Google's `dp_accounting`, RDP, `REPLACE_ONE`): "sampling credited". That holds in a
+simulation, whose SuperNodes are those `options.num-supernodes` makes, and in a
+deployment whose operator declares N with `dp-population`, in each round in which
+exactly N SuperNodes were connected while the sample was drawn. Any other round (fewer
+or more connected, a simulation resumed on another size) is the plain Gaussian, as
+when nothing is declared: the sample is then uniform over a set that is not the one
+accounted for. A reply left out keeps the credit: which clients are sampled does not
+depend on anyone's data, and a missing update is a zero one, within the same 2C.
+"""
+
+from dp_accounting import dp_event
+from dp_accounting.privacy_accountant import NeighboringRelation
+from dp_accounting.rdp import RdpAccountant
+from flwr.serverapp import Grid
+
+from pytorch_example.config import AppConfig, ConfigError
+
+
+def known_population(config: AppConfig, grid: Grid, started_with: int) -> int | None:
+    """The fixed population a DP run's sampling is credited against, or None: in a
+    simulation, the SuperNodes it made when the run started (`started_with`); in a
+    deployment, `dp-population` if declared."""
+    # The Simulation Engine's grid: its SuperNodes are made once, and never come or go.
+    from flwr.superlink.grid.inmemory_grid import InMemoryGrid  # noqa: PLC0415 (Flower's own)
+
+    if not isinstance(grid, InMemoryGrid):
+        return config.dp_population or None
+    if config.dp_population and config.dp_population != started_with:
+        raise ConfigError(
+            f"run-config key 'dp-population' = {config.dp_population} but this simulation's run started "
+            f"with {started_with} SuperNodes, which is its population: use dp-population=0"
+        )
+    return started_with
+
+
+def privacy_ledger(
+    config: AppConfig, population: int | None, sample_size: int, releases: int = 0, credited: int = 0
+) -> "PrivacyLedger | None":
+    """The run's epsilon account, `releases` DP rounds in, `credited` of them with their
+    sampling credited (a resumed run goes on from what its folder spent); None without DP.
+    `ConfigError` if no round is left to run."""
+    if not config.dp_on:
+        return None
+    ledger = PrivacyLedger(config, population, sample_size, releases, credited)
+    ledger.check_budget()
+    return ledger
+
+
+class PrivacyLedger:
+    """Epsilon at `dp-delta` after each released round, each accounted as it ran."""
+
+    def __init__(
+        self,
+        config: AppConfig,
+        population: int | None,
+        sample_size: int,
+        releases: int = 0,
+        credited: int = 0,
+    ) -> None:
+        self.config = config
+        self.population = population
+        self.sample_size = sample_size
+        self.accountant = RdpAccountant(neighboring_relation=NeighboringRelation.REPLACE_ONE)
+        self.plain = dp_event.GaussianDpEvent(config.dp_noise_multiplier / 2)
+        self.sampled = None
+        if population is not None and sample_size < population:
+            self.sampled = dp_event.SampledWithoutReplacementDpEvent(population, sample_size, self.plain)
+        self.releases, self.credited = 0, 0
+        self._compose(self.sampled, credited)
+        self._compose(self.plain, releases - credited)
+        # This round's: credited until a draw says otherwise (`draw`).
+        self.round_credited = self.sampled is not None
+
+    def _compose(self, event, count: int) -> None:
+        if count:
+            self.accountant.compose(event, count)
+            self.releases += count
+            self.credited += count if event is self.sampled else 0
+
+    @property
+    def round_event(self):
+        return self.sampled if self.round_credited else self.plain
+
+    def draw(self, connected_before: int, connected_after: int) -> None:
+        """Note the SuperNodes connected just before and after this round's sample was
+        drawn: it is credited only if both are the population."""
+        self.round_credited = (
+            self.sampled is not None and connected_before == connected_after == self.population
+        )
+
+    def next_round_would_exceed(self) -> bool:
+        """Whether this round would take epsilon past `dp-max-epsilon` (if set)."""
+        limit = self.config.dp_max_epsilon
+        if not limit:
+            return False
+        trial = RdpAccountant(neighboring_relation=NeighboringRelation.REPLACE_ONE)
+        for event, count in ((self.sampled, self.credited), (self.plain, self.releases - self.credited)):
+            if count:
+                trial.compose(event, count)
+        trial.compose(self.round_event)
+        return trial.get_epsilon(self.config.dp_delta) > limit
+
+    def check_budget(self) -> None:
+        """`ConfigError` if `dp-max-epsilon` leaves no round to run."""
+        if self.next_round_would_exceed():
+            spent = self.spent()["epsilon"]
+            raise ConfigError(
+                f"run-config key 'dp-max-epsilon' = {self.config.dp_max_epsilon:g} leaves no round to "
+                f"run: epsilon is {spent:.3g} after {self.releases} round(s) and one more round would "
+                "pass it (raise dp-max-epsilon or dp-noise-multiplier)"
+            )
+
+    def release(self) -> None:
+        """Count a round whose noisy model left the aggregation, as its draw was."""
+        self._compose(self.round_event, 1)
+
+    def spent(self) -> dict:
+        """Epsilon so far at `dp-delta`, the releases it counts, and how many of them had
+        their sampling credited."""
+        # A Python float: resume.pt takes no numpy scalar (torch.load's weights_only).
+        epsilon = float(self.accountant.get_epsilon(self.config.dp_delta)) if self.releases else 0.0
+        return {"epsilon": epsilon, "delta": self.config.dp_delta, "releases": self.releases,
+                "credited": self.credited}  # fmt: skip
+
+    def accounting(self) -> str:
+        """How this run's epsilon is accounted, and why, in one clause."""
+        if self.sampled is not None:
+            return (
+                f"sampling credited: a uniform {self.sample_size} of a fixed population of {self.population} "
+                "SuperNodes, in each round that had exactly them connected"
+            )
+        if self.population is not None:
+            return f"no sampling credit: every one of the {self.population} SuperNodes trains each round"
+        return (
+            "no sampling credit: the population is not known (set dp-population to the SuperNodes "
+            "this deployment holds)"
+        )
