@@ -107,7 +107,9 @@ def test_simulation_writes_every_output(superlink, app_dir, idx_dataset, tmp_pat
     # No W&B credentials in the test's HOME: the run is logged offline, next to the rest.
     [wandb_run] = (run_dir / "wandb").glob("offline-run-*")
     logged = read_offline_run(wandb_run)
-    assert logged.exit_code == 0 and len(logged.history) == 3
+    assert logged.exit_code == 0 and [step["_step"] for step in logged.history] == [0, 1, 2, 3]
+    # Step 0: the initial model's central scores, as results.json's round 0.
+    assert logged.history[0]["centralized_accuracy"] == initial["evaluate_metrics_serverapp"]["accuracy"]
     assert not list(run_dir.rglob(".*.tmp"))
     assert "The federation has 4 SuperNodes connected" in log
     assert (

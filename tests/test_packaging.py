@@ -34,3 +34,8 @@ def test_the_fab_holds_the_app_package_only(tmp_path):
     names = set(zipfile.ZipFile(fab).namelist()) - {".info/CONTENT", "pyproject.toml"}
     app_files = {f"pytorch_example/{path.name}" for path in (REPO / "pytorch_example").glob("*.py")}
     assert names == app_files
+
+
+def test_readme_reads_in_one_sitting():
+    """README is the first hour's guide; the depth lives in docs/."""
+    assert len((REPO / "README.md").read_text().splitlines()) <= 250
