@@ -425,11 +425,13 @@ def _is_number(value) -> bool:
 
 
 def _is_regular_file(path: Path) -> bool:
-    """A plain file, not a link to one elsewhere."""
+    """A plain file of the folder's own: not a symbolic link, nor a hard link (another name
+    of a file that may lie anywhere, which W&B would upload as the best model)."""
     try:
-        return stat.S_ISREG(path.lstat().st_mode)
+        status = path.lstat()
     except OSError:
         return False
+    return stat.S_ISREG(status.st_mode) and status.st_nlink == 1
 
 
 def _error_line(err: Exception) -> str:
@@ -782,7 +784,9 @@ def lock_run_folder(run_dir: Path, create: bool) -> int | None:
     of this version wrote it). `ResumeError` when another process holds the lock (a run
     still going there) or the lock file cannot be opened."""
     try:
-        descriptor = os.open(run_dir / RUN_LOCK_FILE, os.O_RDONLY | (os.O_CREAT if create else 0), 0o600)
+        # Never through a link: a dangling one would have the lock create its target.
+        flags = os.O_RDONLY | os.O_NOFOLLOW | (os.O_CREAT if create else 0)
+        descriptor = os.open(run_dir / RUN_LOCK_FILE, flags, 0o600)
     except FileNotFoundError:
         if create:
             raise

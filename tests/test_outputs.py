@@ -2,6 +2,7 @@
 
 import hashlib
 import json
+import os
 import re
 import shutil
 from pathlib import Path
@@ -430,6 +431,19 @@ def link_best_checkpoint_elsewhere(run_dir: Path) -> None:
     checkpoint.symlink_to(run_dir / "resume.pt")
 
 
+def hard_link_best_checkpoint_elsewhere(run_dir: Path) -> None:
+    checkpoint = run_dir / "best_model_round_2_acc_0.6000.pt"
+    checkpoint.unlink()
+    elsewhere = run_dir.parent / "elsewhere.pt"
+    elsewhere.write_bytes(b"not this run's model")
+    os.link(elsewhere, checkpoint)
+
+
+def lock_linked_to_a_missing_file(run_dir: Path) -> None:
+    (run_dir / ".run.lock").unlink()
+    (run_dir / ".run.lock").symlink_to(run_dir.parent / "made-by-the-lock")
+
+
 def config_without(key: str):
     return lambda run_dir: edit_json(
         run_dir / "config.json", lambda config: {name: value for name, value in config.items() if name != key}
@@ -464,6 +478,14 @@ def state_with(**fields):
             link_best_checkpoint_elsewhere,
             "best_model_round_2_acc_0.6000.pt, which is not a file in the folder",
             id="checkpoint a link",
+        ),
+        pytest.param(
+            hard_link_best_checkpoint_elsewhere,
+            "best_model_round_2_acc_0.6000.pt, which is not a file in the folder",
+            id="checkpoint a hard link",
+        ),
+        pytest.param(
+            lock_linked_to_a_missing_file, r"cannot be locked for this run \(\.run\.lock", id="lock a link"
         ),
         pytest.param(
             lambda run_dir: (run_dir / "best_model_round_2_acc_0.6000.pt").unlink(),
@@ -666,3 +688,9 @@ def test_results_json_without_round_0_of_a_run_that_had_it_is_refused(tmp_path):
     run_dir = run_folder(tmp_path, initial={"accuracy": 0.1, "loss": 2.3})
     edit_json(run_dir / "results.json", lambda rounds: rounds[1:])
     assert_refused(run_dir, re.escape("holds other rounds than its resume.pt (0 to 2, or to 1)"))
+
+
+def test_a_lock_file_that_links_elsewhere_creates_nothing_there(killed_run):
+    lock_linked_to_a_missing_file(killed_run)
+    assert_refused(killed_run, r"cannot be locked for this run \(\.run\.lock")
+    assert not (killed_run.parent / "made-by-the-lock").exists()
