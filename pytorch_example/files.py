@@ -9,10 +9,12 @@ from typing import BinaryIO
 
 
 def save_atomically(path: Path, write: Callable[[BinaryIO], None]) -> None:
-    """Write to a private temporary file, then rename: readers see all or nothing."""
+    """Write to a private temporary file, then rename: readers see all or nothing, and
+    the file is its user's only whatever the umask (models, heads and scores of a
+    federation's members)."""
     temporary = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
     try:
-        with open(temporary, "wb") as file:
+        with os.fdopen(os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") as file:
             write(file)
         os.replace(temporary, path)
     finally:

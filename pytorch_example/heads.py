@@ -51,5 +51,5 @@ class HeadStore:
     def save(self, head: dict[str, torch.Tensor]) -> None:
         if self.path is None:
             return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         save_atomically(self.path, lambda file: torch.save(head, file))

@@ -7,6 +7,7 @@ loader, `read_run_folder`, which checks all it reads before anything is written.
 
 import fcntl
 import json
+import math
 import os
 import re
 import reprlib
@@ -274,6 +275,11 @@ def _entry_problem(number: int, entry) -> str | None:
         accuracy = entry.get(section, {}).get(key)
         if accuracy is not None and not (_is_number(accuracy) and 0 <= accuracy <= 1):
             return f"holds {what} {SHOWN.repr(accuracy)}, not a number in [0, 1]"
+    for section in RESULT_SECTIONS:
+        for name, value in entry.get(section, {}).items():
+            low, high = metric_range(name)
+            if not (_is_number(value) and low <= value <= high):  # NaN is in no range
+                return f"holds {section} {name} = {SHOWN.repr(value)}, not a number in [{low}, {high}]"
     if "privacy" in entry and _releases(entry) is None:
         return f"holds privacy {SHOWN.repr(entry['privacy'])}, without a count of releases"
     if "privacy" in entry and not _is_integer(
@@ -281,6 +287,18 @@ def _entry_problem(number: int, entry) -> str | None:
     ):
         return f"holds privacy {SHOWN.repr(entry['privacy'])}, crediting more rounds than it released"
     return None
+
+
+def metric_range(name: str) -> tuple[float, float]:
+    """What a results.json metric can be, by its name: a loss is never negative (a
+    diverged model's may be infinite), a score is a share, a gain is in points."""
+    if name.endswith("loss") or "loss_" in name:
+        return 0.0, math.inf
+    if "gain_points" in name:
+        return -100.0, 100.0
+    if "acc" in name or name.endswith("share"):
+        return 0.0, 1.0
+    return 0.0, math.inf  # a count (an older folder's mean of row counts)
 
 
 def _releases(entry) -> int | None:
@@ -367,6 +385,9 @@ def _privacy_problem(state: ResumeState, dp_on: bool) -> str | None:
         return f"records DP releases, but its {CONFIG_FILE} has DP off (dp-noise-multiplier = 0)"
     if dp_on and not all(recorded):
         return f"lacks the privacy spent in some rounds, though its {CONFIG_FILE} has DP on"
+    trained = sum(1 for entry in state.round_results if entry.get("train_metrics"))
+    if dp_on and trained > state.privacy_releases:
+        return f"records {trained} round(s) that trained under DP, but {state.privacy_releases} release(s)"
     return None
 
 
@@ -811,7 +832,8 @@ def create_run_dir(output_dir: Path) -> Path:
     for attempt in range(100):
         run_dir = base if attempt == 0 else base.with_name(f"{base.name}-{attempt}")
         try:
-            run_dir.mkdir(parents=True)
+            run_dir.parent.mkdir(parents=True, exist_ok=True)
+            run_dir.mkdir(mode=0o700)  # its user's only, as every file in it
             return run_dir
         except FileExistsError:
             continue

@@ -241,7 +241,7 @@ def epsilon_after(releases: int, noise_multiplier: float, delta: float) -> float
     accountant = rdp.RdpAccountant(neighboring_relation=NeighboringRelation.REPLACE_ONE)
     sampled = dp_event.SampledWithoutReplacementDpEvent(4, 2, dp_event.GaussianDpEvent(noise_multiplier / 2))
     accountant.compose(sampled, releases)
-    return accountant.get_epsilon(delta)
+    return float(accountant.get_epsilon(delta))
 
 
 def test_a_dp_run_reports_epsilon_each_round_and_stops_at_its_budget(

@@ -2,9 +2,11 @@
 
 import hashlib
 import json
+import math
 import os
 import re
 import shutil
+import stat
 from pathlib import Path
 
 import pytest
@@ -29,7 +31,7 @@ from pytorch_example.task import Net
 
 def result_after_round(result: Result, server_round: int, accuracy: float) -> Result:
     result.arrays = ArrayRecord(Net().state_dict())
-    result.train_metrics_clientapp[server_round] = MetricRecord({"train_loss": 2.0 - server_round})
+    result.train_metrics_clientapp[server_round] = MetricRecord({"train_loss": 2.0 / server_round})
     result.evaluate_metrics_clientapp[server_round] = MetricRecord(
         {
             "eval_loss": 1.5,
@@ -72,7 +74,7 @@ def test_results_json_has_the_reference_shape_after_every_round(tmp_path):
         "round": 2,
         "learning_rate": 0.1,
         "replies": {},
-        "train_metrics": {"train_loss": 0.0},
+        "train_metrics": {"train_loss": 1.0},
         "evaluate_metrics_clientapp": dict(result.evaluate_metrics_clientapp[2]),
         "evaluate_metrics_serverapp": {"accuracy": 0.5, "loss": 1.2},
     }
@@ -143,7 +145,7 @@ def test_wandb_run_holds_config_series_summary_and_best_model(tmp_path, offline_
     assert [row["_step"] for row in run.history] == [1, 2, 3]
     assert {name: value for name, value in run.history[1].items() if not name.startswith("_")} == {
         "learning_rate": 0.1,
-        "train_loss": pytest.approx(0.0),
+        "train_loss": pytest.approx(1.0),
         "federated_evaluate_loss": 1.5,
         "federated_evaluate_accuracy": 0.4,
         "federated_evaluate_loss_global_model": 1.9,
@@ -404,6 +406,26 @@ def lower_all_releases(run_dir: Path) -> None:
     edit_state(run_dir, privacy_releases=0, round_results=round_results)
 
 
+def every_file_says_no_release(run_dir: Path) -> None:
+    """resume.pt and results.json agree that no DP round was released, though both rounds trained."""
+    lower_all_releases(run_dir)
+    edit_json(run_dir / "results.json", lambda rounds: [
+        {**entry, "privacy": {**entry["privacy"], "releases": 0}} for entry in rounds
+    ])  # fmt: skip
+
+
+def with_metric(section: str, name: str, value):
+    """resume.pt and results.json agree on a crafted metric in round 1."""
+
+    def craft(run_dir: Path) -> None:
+        round_results = torch.load(run_dir / "resume.pt", weights_only=True)["round_results"]
+        round_results[0][section] = {**round_results[0][section], name: value}
+        edit_state(run_dir, round_results=round_results)
+        (run_dir / "results.json").write_text(json.dumps(round_results))
+
+    return craft
+
+
 def truncate_config(run_dir: Path) -> None:
     text = (run_dir / "config.json").read_text()
     (run_dir / "config.json").write_text(text[: len(text) // 2])
@@ -554,6 +576,21 @@ def state_with(**fields):
         pytest.param(
             lambda run_dir: (run_dir / "results.json").unlink(), "holds no results.json", id="no results"
         ),
+        pytest.param(
+            with_metric("evaluate_metrics_clientapp", "eval_acc", 1e9),
+            r"evaluate_metrics_clientapp eval_acc = 1000000000.0, not a number in \[0.0, 1.0\]",
+            id="own accuracy 1e9",
+        ),
+        pytest.param(
+            with_metric("train_metrics", "train_loss", -2.0),
+            r"train_metrics train_loss = -2.0, not a number in \[0.0, inf\]",
+            id="negative train loss",
+        ),
+        pytest.param(
+            with_metric("evaluate_metrics_serverapp", "loss", math.nan),
+            r"evaluate_metrics_serverapp loss = nan, not a number in \[0.0, inf\]",
+            id="NaN central loss",
+        ),
     ],
 )
 def test_a_damaged_or_crafted_folder_is_refused_and_left_as_it_was(killed_run, damage, message):
@@ -571,10 +608,15 @@ def test_a_damaged_or_crafted_folder_is_refused_and_left_as_it_was(killed_run, d
         ),
         pytest.param(
             lower_all_releases,
-            r"results.json says 2 DP round\(s\) were released, its resume.pt only 0",
+            r"resume.pt records 2 round\(s\) that trained under DP, but 0 release\(s\)",
             id="resume.pt and its rounds",
         ),
         pytest.param(state_with(privacy_releases=4), "privacy_releases = 4, not 0 to 3", id="too many"),
+        pytest.param(
+            every_file_says_no_release,
+            r"records 2 round\(s\) that trained under DP, but 0 release\(s\)",
+            id="every file says none",
+        ),
         pytest.param(
             state_with(privacy_releases=0, round_results=[]),
             "resume.pt holds round_results that are not rounds 1 to 2",
@@ -694,3 +736,17 @@ def test_a_lock_file_that_links_elsewhere_creates_nothing_there(killed_run):
     lock_linked_to_a_missing_file(killed_run)
     assert_refused(killed_run, r"cannot be locked for this run \(\.run\.lock")
     assert not (killed_run.parent / "made-by-the-lock").exists()
+
+
+def test_a_run_folder_is_its_users_only_whatever_the_umask(tmp_path):
+    previous = os.umask(0o022)
+    try:
+        run_dir = run_folder(tmp_path, initial={"accuracy": 0.1, "loss": 2.3})
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE(run_dir.stat().st_mode) == 0o700
+    files = [path for path in run_dir.rglob("*") if path.is_file()]
+    assert {"results.json", "resume.pt", "config.json", "central.png"} <= {path.name for path in files}
+    assert {
+        path.name: oct(stat.S_IMODE(path.stat().st_mode)) for path in files if path.stat().st_mode & 0o077
+    } == {}
