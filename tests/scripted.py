@@ -2,6 +2,7 @@
 
 from pathlib import Path
 
+import torch
 from flwr.app import ArrayRecord, Error, Message, MetricRecord, RecordDict
 
 from harness.local_grid import LocalGrid
@@ -98,6 +99,7 @@ def run_rounds(
     first_round: int = 1,
     privacy_releases: int = 0,
     initial: ArrayRecord | None = None,
+    evaluate_fn=None,
 ):
     """The app's round loop, strategy and gate over `grid`, recording into `run_dir`."""
     num_nodes = len(grid.node_ids)
@@ -109,4 +111,10 @@ def run_rounds(
     sample_size = config.train_sample_size(num_nodes)
     privacy = privacy_ledger(config, config.dp_population or None, sample_size, privacy_releases)
     rounds = RoundLoop(config, build_strategy(config, num_nodes), grid, outputs, gate, privacy)
-    return rounds.run(start, first_round=first_round)
+    return rounds.run(start, first_round=first_round, evaluate_fn=evaluate_fn)
+
+
+def mean_shift(start: ArrayRecord, end: ArrayRecord) -> float:
+    """How far `end` lies from `start`, the mean over every weight."""
+    before, after = start.to_torch_state_dict(), end.to_torch_state_dict()
+    return float(torch.cat([(after[key] - before[key]).flatten() for key in before]).mean())

@@ -169,7 +169,8 @@ def test_a_run_that_would_measure_its_model_nowhere_is_refused():
         ConfigError, match="'central-evaluation' = false leaves only the clients .* fraction-evaluate"
     ):
         AppConfig.from_run_config(settings)
-    AppConfig.from_run_config({**settings, "fraction-evaluate": 0.5})
+    accepted = AppConfig.from_run_config({**settings, "fraction-evaluate": 0.5})
+    assert (accepted.central_evaluation, accepted.fraction_evaluate) == (False, 0.5)
 
 
 def test_integers_are_accepted_for_float_keys():

@@ -226,7 +226,11 @@ def test_an_alpha_the_partitioner_cannot_satisfy_names_one_that_works(tmp_path):
         data.partition_rows(labels, settings[1])
     assert caught.value.key == "dirichlet-alpha"
     suggested = float(str(caught.value).split("use ")[1].split(" or more")[0])
-    assert data.partition_rows(labels, changed(*settings, dirichlet_alpha=suggested)[1])
+    rows = data.partition_rows(labels, changed(*settings, dirichlet_alpha=suggested)[1])
+    # It works: 50 partitions, each at the partitioner's minimum or more, every row once.
+    sizes = [len(rows[f"train-{i}"]) + len(rows[f"val-{i}"]) for i in range(50)]
+    assert len(rows) == 100 and min(sizes) >= data.MIN_PARTITION_SIZE
+    assert np.array_equal(np.sort(np.concatenate(list(rows.values()))), np.arange(len(labels)))
 
 
 def test_too_many_partitions_for_the_data_is_said_at_once(tmp_path):

@@ -13,9 +13,11 @@ import pytest
 import torch
 from flwr.app import ArrayRecord, MetricRecord
 from flwr.serverapp.strategy import Result
+from PIL import Image
 
 from harness.flower_processes import default_run_config
 from harness.wandb_offline import read_offline_run
+from pytorch_example import plots
 from pytorch_example.config import DEFAULT_CACHE_DIR, LEGACY_SETTINGS, AppConfig, ConfigError
 from pytorch_example.outputs import (
     ResumeError,
@@ -23,6 +25,7 @@ from pytorch_example.outputs import (
     _best_problem,
     continued_run_config,
     load_resume_state,
+    lock_run_folder,
     read_run_folder,
 )
 from pytorch_example.plots import plot_run
@@ -171,7 +174,12 @@ def test_figures_are_drawn_when_the_run_ends(tmp_path):
         for server_round in (1, 2):
             outputs.record_round(server_round, result_after_round(result, server_round, 0.5), 0.1)
     for name in ("central.png", "personalisation.png", "learning_rate.png"):
-        assert (tmp_path / name).read_bytes().startswith(b"\x89PNG")
+        # A whole PNG of the figure's size, drawn from the two rounds recorded.
+        with Image.open(tmp_path / name) as image:
+            image.verify()
+        assert Image.open(tmp_path / name).size[0] >= 700
+    central = plots.central_figure(json.loads((tmp_path / "results.json").read_text()), {})
+    assert list(central.axes[0].get_lines()[0].get_ydata()) == [0.5, 0.5]
 
 
 @pytest.mark.parametrize(
@@ -486,6 +494,11 @@ def state_with(**fields):
         pytest.param(
             state_with(lineage="../../.."), r"resume.pt holds lineage '\.\./\.\./\.\.'", id="lineage"
         ),
+        pytest.param(  # a run id, then a path: the whole of it must be the run id
+            state_with(lineage="0123456789abcdef0123456789abcdef/../.."),
+            "resume.pt holds lineage '0123456789abcdef0123456789abcdef/../..', not a run id",
+            id="lineage after a run id",
+        ),
         pytest.param(
             state_with(best_checkpoint="/etc/passwd"),
             "resume.pt names best_checkpoint '/etc/passwd'",
@@ -750,3 +763,26 @@ def test_a_run_folder_is_its_users_only_whatever_the_umask(tmp_path):
     assert {
         path.name: oct(stat.S_IMODE(path.stat().st_mode)) for path in files if path.stat().st_mode & 0o077
     } == {}
+
+
+def test_a_folder_whose_config_has_dp_off_but_whose_rounds_record_releases_is_refused(killed_dp_run):
+    """config.json and resume.pt's settings both edited to DP off: resumed so, it would
+    train without noise a run whose rounds record epsilon."""
+    edit_json(killed_dp_run / "config.json", lambda config: {**config, "dp-noise-multiplier": 0.0})
+    settings = torch.load(killed_dp_run / "resume.pt", weights_only=True)["settings"]
+    dp_only = ("dp-clipping-norm", "dp-delta", "dp-population")
+    edit_state(killed_dp_run, settings={**{k: v for k, v in settings.items() if k not in dp_only},
+                                        "dp-noise-multiplier": 0.0})  # fmt: skip
+    assert_refused(killed_dp_run, "records DP releases, but its config.json has DP off")
+
+
+def test_a_new_run_holds_its_folders_lock_for_as_long_as_it_runs(tmp_path):
+    run_config = {**default_run_config(), "output-dir": str(tmp_path), "use-wandb": False}
+    config = AppConfig.from_run_config(run_config)
+    with RunOutputs.open(config, run_config, 4, ArrayRecord(Net().state_dict())) as outputs:
+        try:
+            os.close(lock_run_folder(outputs.run_dir, create=False))
+            raise AssertionError("a second run got the lock of a folder whose run is going")
+        except ResumeError as refusal:
+            assert "is the folder of a run that is still going" in str(refusal)
+    os.close(lock_run_folder(outputs.run_dir, create=False))  # free once the run has ended

@@ -16,7 +16,16 @@ from pytorch_example.outputs import RunOutputs
 from pytorch_example.rounds import RoundLoop, RunFailed, clock
 from pytorch_example.task import HEAD_KEYS, Net
 from pytorch_example.trust import build_strategy
-from tests.scripted import ScriptedGrid, config_for, honest, is_train, run_rounds, shifted, trained
+from tests.scripted import (
+    ScriptedGrid,
+    config_for,
+    honest,
+    is_train,
+    mean_shift,
+    run_rounds,
+    shifted,
+    trained,
+)
 
 
 def results_of(run_dir) -> list[dict]:
@@ -40,6 +49,10 @@ def test_every_round_is_recorded_with_its_learning_rate(tmp_path):
     assert [entry["learning_rate"] for entry in results] == [0.02, 0.01, 0.01]
     train_configs = [config for kind, config in grid.sent if kind.startswith("train")]
     assert [config["lr"] for config in train_configs] == [0.02, 0.02, 0.01, 0.01, 0.01, 0.01]
+    # Evaluate messages too: clients refit their heads at the round's rate.
+    evaluate_configs = [config for kind, config in grid.sent if kind.startswith("evaluate")]
+    rates = {(config["server-round"], config["lr"]) for config in evaluate_configs}
+    assert rates == {(1, 0.02), (2, 0.01), (3, 0.01)}
     assert (tmp_path / "final_model.pt").exists()
 
 
@@ -312,3 +325,24 @@ def test_a_round_whose_mean_overflows_trains_nothing_and_keeps_the_model(tmp_pat
     assert "the aggregate of the usable replies holds NaN or Inf" in caplog.text
     saved = torch.load(tmp_path / "resume.pt", weights_only=True)["arrays"]
     assert all(torch.equal(saved[key], value) for key, value in start.to_torch_state_dict().items())
+
+
+def test_central_evaluation_scores_each_rounds_aggregate(tmp_path):
+    """Every node moves every weight by 1e-4 a round: the model scored after round r is r
+    steps from the start (round 0, the start itself), and the results record its scores."""
+    start = ArrayRecord(Net().state_dict())
+    scored: dict[int, float] = {}
+
+    def evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord:
+        scored[server_round] = mean_shift(start, arrays)
+        return MetricRecord({"accuracy": 0.1 * server_round, "loss": 1.0})
+
+    def moves(server_round, message):
+        return shifted(message, 1e-4) if is_train(message) else trained(message)
+
+    run_rounds(
+        tmp_path, config_for(fraction_train=1.0), ScriptedGrid(4, moves), initial=start, evaluate_fn=evaluate
+    )
+    assert scored == pytest.approx({0: 0.0, 1: 1e-4, 2: 2e-4, 3: 3e-4}, rel=1e-3, abs=1e-9)
+    recorded = json.loads((tmp_path / "results.json").read_text())
+    assert [entry["evaluate_metrics_serverapp"]["accuracy"] for entry in recorded] == [0.0, 0.1, 0.2, 0.3]

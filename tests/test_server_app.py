@@ -18,8 +18,11 @@ from pytorch_example.task import Net
 from tests.scripted import ScriptedGrid, honest
 
 
-def test_cpu_is_always_a_valid_server_device():
-    check_server_device("cpu")  # no error: that is the claim
+def test_cpu_is_always_a_valid_server_device_and_a_missing_gpu_is_refused_in_one_line():
+    check_server_device("cpu")  # no error, with or without a GPU
+    missing = f"cuda:{torch.cuda.device_count()}"  # one past the last this machine has
+    with pytest.raises(ConfigError, match=rf"'server-device' = '{missing}' but the ServerApp sees"):
+        check_server_device(missing)
 
 
 def test_the_messages_carry_the_clients_settings_and_none_of_the_servers_paths(tmp_path):

@@ -22,16 +22,11 @@ from pytorch_example.privacy import privacy_ledger
 from pytorch_example.rounds import RunFailed
 from pytorch_example.task import Net
 from pytorch_example.trust import build_strategy, check_federation, check_sample
-from tests.scripted import ScriptedGrid, config_for, is_train, run_rounds, shifted, trained
+from tests.scripted import ScriptedGrid, config_for, is_train, mean_shift, run_rounds, shifted, trained
 
 
 def results_of(run_dir) -> list[dict]:
     return json.loads((run_dir / "results.json").read_text())
-
-
-def mean_shift(start: ArrayRecord, end: ArrayRecord) -> float:
-    before, after = start.to_torch_state_dict(), end.to_torch_state_dict()
-    return float(torch.cat([(after[key] - before[key]).flatten() for key in before]).mean())
 
 
 def honest_but_node_1(attack_shift: float, attack_rows: int = 10):
@@ -197,8 +192,15 @@ def test_each_aggregation_against_one_update_scaled_a_hundredfold(tmp_path, aggr
         assert shift > 0.1
     elif rule == "fedavg":  # node 1's update cut to 2 x the median, 0.013: (0.075 + 0.026) / 7
         assert shift == pytest.approx((0.075 + 2 * 0.013) / 7, rel=1e-4)
-    else:  # a robust rule stays among the honest 0.010..0.015
-        assert 0.0099 < shift < 0.0151
+    else:  # node 1's cut update is 0.026; the honest ones 0.010..0.015
+        expected = {
+            "median": [0.013],  # the middle of the seven
+            "trimmed-mean": [0.013],  # 0.011..0.015: one cut at each end
+            "multi-krum": [0.0125],  # the six honest: all but the one farthest from the rest
+            "krum": [0.012, 0.013],  # one honest update whole: these two tie as nearest the rest
+            "bulyan": [0.012, 0.013],  # Krum's picks, trimmed around their median
+        }[rule]
+        assert any(shift == pytest.approx(value, rel=1e-4) for value in expected), shift
 
 
 def test_under_fedavg_a_row_count_weighs_no_more_than_its_round_allows(tmp_path):
@@ -527,3 +529,46 @@ def test_without_a_declared_population_no_round_is_credited(tmp_path):
     results = results_of(tmp_path)
     assert [entry["privacy"]["credited"] for entry in results] == [0, 0, 0]
     assert epsilons(results) == pytest.approx([sampled_epsilon(8, 4, 0, n) for n in (1, 2, 3)], rel=1e-9)
+
+
+def shift_by_node(shifts: dict[int, float]):
+    """Node n moves every weight by `shifts[n]` (evaluate replies as trained)."""
+
+    def answer(server_round, message):
+        if not is_train(message):
+            return trained(message)
+        return shifted(message, shifts[message.metadata.dst_node_id])
+
+    return answer
+
+
+@pytest.mark.parametrize(("trim_fraction", "kept"), [(0.1, range(2, 10)), (0.3, range(4, 8))])
+def test_trimmed_mean_cuts_trim_fraction_of_the_replies_at_each_end(tmp_path, trim_fraction, kept):
+    """Node k of 10 moves every weight by k^2 x 1e-5: the trimmed mean is the mean of the
+    kept nodes' shifts, so each trim-fraction gives its own (the bound off: it would cut
+    the largest)."""
+    config = config_for(aggregation="trimmed-mean", trim_fraction=trim_fraction, update_norm_bound=0.0,
+                        num_server_rounds=1, fraction_train=1.0)  # fmt: skip
+    start = ArrayRecord(Net().state_dict())
+    shifts = {k: k * k * 1e-5 for k in range(1, 11)}
+    result = run_rounds(tmp_path, config, ScriptedGrid(10, shift_by_node(shifts)), initial=start)
+    expected = sum(shifts[k] for k in kept) / len(kept)
+    assert mean_shift(start, result.arrays) == pytest.approx(expected, rel=1e-4)
+
+
+def test_krum_takes_one_reply_whole_where_multi_krum_averages(tmp_path):
+    """7 nodes move every weight by 0, 10, 17, 20, 22, 30, 40 (x 1e-5): the sums of squared
+    distances to their 4 nearest rank 20 first (213), then 22 (237) and 17 (252), no tie.
+    Krum takes 20 whole; Multi-Krum keeping 3 averages 20, 22 and 17."""
+    shifts = {
+        node: shift * 1e-5 for node, shift in zip(range(1, 8), (0, 10, 17, 20, 22, 30, 40), strict=True)
+    }
+    start = ArrayRecord(Net().state_dict())
+    moved = {}
+    for rule in ("krum", "multi-krum"):
+        (tmp_path / rule).mkdir()
+        config = config_for(aggregation=rule, num_server_rounds=1, fraction_train=1.0, multi_krum_keep=3)
+        result = run_rounds(tmp_path / rule, config, ScriptedGrid(7, shift_by_node(shifts)), initial=start)
+        moved[rule] = mean_shift(start, result.arrays)
+    assert moved["krum"] == pytest.approx(20e-5, rel=1e-4)
+    assert moved["multi-krum"] == pytest.approx((20e-5 + 22e-5 + 17e-5) / 3, rel=1e-4)
