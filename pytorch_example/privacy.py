@@ -59,7 +59,9 @@ def privacy_ledger(
 
 
 class PrivacyLedger:
-    """Epsilon at `dp-delta` after each released round, each accounted as it ran."""
+    """Epsilon at `dp-delta` after each released round, each accounted as it ran: the
+    counts of credited and plain rounds are all it keeps, and epsilon is composed from
+    them when asked (milliseconds, once a round)."""
 
     def __init__(
         self,
@@ -72,26 +74,24 @@ class PrivacyLedger:
         self.config = config
         self.population = population
         self.sample_size = sample_size
-        self.accountant = RdpAccountant(neighboring_relation=NeighboringRelation.REPLACE_ONE)
         self.plain = dp_event.GaussianDpEvent(config.dp_noise_multiplier / 2)
         self.sampled = None
         if population is not None and sample_size < population:
             self.sampled = dp_event.SampledWithoutReplacementDpEvent(population, sample_size, self.plain)
-        self.releases, self.credited = 0, 0
-        self._compose(self.sampled, credited)
-        self._compose(self.plain, releases - credited)
+        self.releases, self.credited = releases, credited
         # This round's: credited until a draw says otherwise (`draw`).
         self.round_credited = self.sampled is not None
 
-    def _compose(self, event, count: int) -> None:
-        if count:
-            self.accountant.compose(event, count)
-            self.releases += count
-            self.credited += count if event is self.sampled else 0
-
-    @property
-    def round_event(self):
-        return self.sampled if self.round_credited else self.plain
+    def _epsilon(self, credited: int, plain: int) -> float:
+        """Epsilon after `credited` sampled rounds and `plain` uncredited ones (a Python
+        float: resume.pt takes no numpy scalar)."""
+        if not credited + plain:
+            return 0.0
+        accountant = RdpAccountant(neighboring_relation=NeighboringRelation.REPLACE_ONE)
+        for event, count in ((self.sampled, credited), (self.plain, plain)):
+            if count:
+                accountant.compose(event, count)
+        return float(accountant.get_epsilon(self.config.dp_delta))
 
     def draw(self, connected_before: int, connected_after: int) -> None:
         """Note the SuperNodes connected just before and after this round's sample was
@@ -103,14 +103,8 @@ class PrivacyLedger:
     def next_round_would_exceed(self) -> bool:
         """Whether this round would take epsilon past `dp-max-epsilon` (if set)."""
         limit = self.config.dp_max_epsilon
-        if not limit:
-            return False
-        trial = RdpAccountant(neighboring_relation=NeighboringRelation.REPLACE_ONE)
-        for event, count in ((self.sampled, self.credited), (self.plain, self.releases - self.credited)):
-            if count:
-                trial.compose(event, count)
-        trial.compose(self.round_event)
-        return trial.get_epsilon(self.config.dp_delta) > limit
+        credited = self.credited + self.round_credited
+        return bool(limit) and self._epsilon(credited, self.releases + 1 - credited) > limit
 
     def check_budget(self) -> None:
         """`ConfigError` if `dp-max-epsilon` leaves no round to run."""
@@ -124,13 +118,13 @@ class PrivacyLedger:
 
     def release(self) -> None:
         """Count a round whose noisy model left the aggregation, as its draw was."""
-        self._compose(self.round_event, 1)
+        self.releases += 1
+        self.credited += self.round_credited
 
     def spent(self) -> dict:
         """Epsilon so far at `dp-delta`, the releases it counts, and how many of them had
         their sampling credited."""
-        # A Python float: resume.pt takes no numpy scalar (torch.load's weights_only).
-        epsilon = float(self.accountant.get_epsilon(self.config.dp_delta)) if self.releases else 0.0
+        epsilon = self._epsilon(self.credited, self.releases - self.credited)
         return {"epsilon": epsilon, "delta": self.config.dp_delta, "releases": self.releases,
                 "credited": self.credited}  # fmt: skip
 
