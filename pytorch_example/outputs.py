@@ -245,20 +245,20 @@ def _rounds_problem(saved: dict) -> str | None:
 
 
 def _initial_problem(initial) -> str | None:
-    """None, or round 0's central scores: an accuracy in [0, 1] and a loss."""
+    """None, or round 0's central scores: an accuracy and a loss, each in its range."""
     if initial is None:
         return None
     scores_ok = (
         isinstance(initial, dict)
         and set(initial) == {"accuracy", "loss"}
-        and all(_is_number(value) for value in initial.values())
-        and 0 <= initial["accuracy"] <= 1
+        and all(
+            _is_number(value) and metric_range(name)[0] <= value <= metric_range(name)[1]
+            for name, value in initial.items()
+        )  # fmt: skip
     )
-    return (
-        None
-        if scores_ok
-        else f"holds initial_evaluation = {SHOWN.repr(initial)}, not round 0's scores{DAMAGED}"
-    )
+    if scores_ok:
+        return None
+    return f"holds initial_evaluation = {SHOWN.repr(initial)}, not round 0's scores{DAMAGED}"
 
 
 def _entry_problem(number: int, entry) -> str | None:

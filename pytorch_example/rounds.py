@@ -199,10 +199,11 @@ class RoundLoop:
         if getattr(flower, f"fraction_{phase}") > 0:
             self._wait_for_nodes(max(flower.min_available_nodes, getattr(flower, f"min_{phase}_nodes")))
         configure = self.strategy.configure_train if phase == "train" else self.strategy.configure_evaluate
-        connected = len(list(self.grid.get_node_ids()))
+        accounted = phase == "train" and self.privacy is not None
+        connected = len(list(self.grid.get_node_ids())) if accounted else 0
         # A copy each time: the strategy adds the round's own entries to it.
         messages = list(configure(server_round, arrays, ConfigRecord(dict(client_config)), self.grid))
-        if phase == "train" and self.privacy is not None:
+        if accounted:
             # How the sample was drawn decides how the round is accounted: checked before
             # anything is sent, so a round that would pass dp-max-epsilon never runs.
             self.privacy.draw(connected, len(list(self.grid.get_node_ids())))
