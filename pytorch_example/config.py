@@ -35,6 +35,11 @@ REFIT_HEAD = "refit-head"
 PRIVATE_HEAD = "private-head"
 STORED_HEAD = "stored-head"
 PERSONALISATIONS = (REFIT_HEAD, PRIVATE_HEAD, STORED_HEAD)
+PERSONALISATION_SAID = {  # for the ServerApp's log
+    REFIT_HEAD: "clients train and send the whole model, and refit a head of their own at each evaluation",
+    PRIVATE_HEAD: "clients train and send the body only, and refit a head of their own at each evaluation",
+    STORED_HEAD: "clients train their own head with the body and send both (the published example)",
+}
 
 # How the server combines the train replies (trust.py maps each to a Flower strategy).
 FEDAVG = "fedavg"

@@ -20,9 +20,12 @@ accounted for. A reply left out keeps the credit: which clients are sampled does
 depend on anyone's data, and a missing update is a zero one, within the same 2C.
 """
 
+from logging import INFO
+
 from dp_accounting import dp_event
 from dp_accounting.privacy_accountant import NeighboringRelation
 from dp_accounting.rdp import RdpAccountant
+from flwr.common.logger import log
 from flwr.serverapp import Grid
 
 from pytorch_example.config import AppConfig, ConfigError
@@ -43,6 +46,23 @@ def known_population(config: AppConfig, grid: Grid, started_with: int) -> int | 
             f"with {started_with} SuperNodes, which is its population: use dp-population=0"
         )
     return started_with
+
+
+def run_ledger(config: AppConfig, grid: Grid, num_supernodes: int, outputs=None) -> "PrivacyLedger | None":
+    """This run's epsilon account on `grid`, None without DP; `ConfigError` if no round is
+    left to run. Without `outputs`, as a new run would start (the check before its folder
+    is made); with them (`RunOutputs`), from what the run's folder spent, as it was
+    accounted, said in the log."""
+    if not config.dp_on:
+        return None
+    started_with, spent = num_supernodes, (0, 0)
+    if outputs is not None:
+        started_with, spent = outputs.started_with, outputs.privacy_releases
+    population = known_population(config, grid, started_with)
+    ledger = privacy_ledger(config, population, config.train_sample_size(num_supernodes), *spent)
+    if outputs is not None:
+        log(INFO, "DP's epsilon: %s", ledger.accounting())
+    return ledger
 
 
 def privacy_ledger(

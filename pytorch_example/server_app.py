@@ -13,9 +13,7 @@ from pytorch_example import task
 from pytorch_example.client_app import LINEAGE_KEY
 from pytorch_example.config import (
     CLIENT_KEYS,
-    PRIVATE_HEAD,
-    REFIT_HEAD,
-    STORED_HEAD,
+    PERSONALISATION_SAID,
     AppConfig,
     ConfigError,
     check_server_device,
@@ -25,18 +23,11 @@ from pytorch_example.data import ImageSet, load_test_set, prepare_partitions
 from pytorch_example.data_cache import has_split
 from pytorch_example.gate import ReplyGate
 from pytorch_example.outputs import RunOutputs, continued_run_config
-from pytorch_example.privacy import known_population, privacy_ledger
+from pytorch_example.privacy import run_ledger
 from pytorch_example.rounds import RoundLoop, RunFailed
 from pytorch_example.trust import build_strategy, check_federation
 
 app = ServerApp()
-
-# What each `personalisation` does, for the log (client_app.py and docs/personalisation.md say it in full).
-PERSONALISATION_SAID = {
-    REFIT_HEAD: "clients train and send the whole model, and refit a head of their own at each evaluation",
-    PRIVATE_HEAD: "clients train and send the body only, and refit a head of their own at each evaluation",
-    STORED_HEAD: "clients train their own head with the body and send both (the published example)",
-}
 
 
 @app.main()
@@ -55,9 +46,7 @@ def main(grid: Grid, context: Context) -> None:
         num_supernodes = len(list(grid.get_node_ids()))
         log(INFO, "The federation has %d SuperNodes connected", num_supernodes)
         check_federation(config, num_supernodes)
-        sample_size = config.train_sample_size(num_supernodes)
-        # DP's budget, checked before a new run's folder is made (as a new run would start).
-        privacy_ledger(config, known_population(config, grid, num_supernodes), sample_size)
+        run_ledger(config, grid, num_supernodes)  # DP's budget, before a new run's folder is made
         personalisation = config.personalisation
         log(INFO, "Personalisation '%s': %s", personalisation, PERSONALISATION_SAID[personalisation])
 
@@ -75,11 +64,7 @@ def main(grid: Grid, context: Context) -> None:
         initial_arrays = ArrayRecord(task.Net().state_dict())
         outputs = RunOutputs.open(config, run_config, num_supernodes, initial_arrays)
         strategy = build_strategy(config, num_supernodes)
-        privacy = None
-        if config.dp_on:  # a resumed run goes on from what its folder spent, as it was accounted
-            population = known_population(config, grid, outputs.started_with)
-            privacy = privacy_ledger(config, population, sample_size, *outputs.privacy_releases)
-            log(INFO, "DP's epsilon: %s", privacy.accounting())
+        privacy = run_ledger(config, grid, num_supernodes, outputs)
         gate = ReplyGate.for_run(config, initial_arrays)
         rounds = RoundLoop(config, strategy, grid, outputs, gate, privacy)
 
