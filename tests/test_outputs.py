@@ -19,16 +19,9 @@ from harness.flower_processes import default_run_config
 from harness.wandb_offline import read_offline_run
 from pytorch_example import plots
 from pytorch_example.config import DEFAULT_CACHE_DIR, LEGACY_SETTINGS, AppConfig, ConfigError
-from pytorch_example.outputs import (
-    ResumeError,
-    RunOutputs,
-    _best_problem,
-    continued_run_config,
-    load_resume_state,
-    lock_run_folder,
-    read_run_folder,
-)
+from pytorch_example.outputs import RunOutputs, continued_run_config, lock_run_folder
 from pytorch_example.plots import plot_run
+from pytorch_example.run_folder import ResumeError, _best_problem, load_resume_state, read_run_folder
 from pytorch_example.task import Net
 
 
