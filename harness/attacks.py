@@ -35,9 +35,10 @@ from flwr.clientapp import ClientApp
 
 from harness.synthetic_fmnist import NUM_CLASSES
 from pytorch_example import client_app
-from pytorch_example.config import AppConfig, NodeConfig
+from pytorch_example.config import AppConfig
 from pytorch_example.data import ImageSet, Partition
 from pytorch_example.files import save_atomically
+from pytorch_example.node_data import NodeConfig
 
 ATTACKS_CLIENT_APP = "harness.attacks:app"
 # Run-config keys `copy_app` adds for a simulation with attackers.

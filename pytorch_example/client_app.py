@@ -22,10 +22,10 @@ from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from pytorch_example import task
-from pytorch_example.config import PRIVATE_HEAD, STORED_HEAD, AppConfig, NodeConfig
+from pytorch_example.config import PRIVATE_HEAD, STORED_HEAD, AppConfig
 from pytorch_example.data import Partition, load_partition
 from pytorch_example.heads import HeadStore
-from pytorch_example.node_data import load_node_partition
+from pytorch_example.node_data import NodeConfig, load_node_partition
 
 # The keys of the messages this ClientApp reads and the replies it sends.
 LR_KEY = "lr"  # in train and evaluate messages: the round's learning rate

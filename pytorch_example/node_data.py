@@ -1,5 +1,7 @@
-"""The folder a SuperNode's own data comes in: read by the SuperNode its operator points
-at it, and written from simulation's partitions, one per SuperNode, by the export.
+"""What a SuperNode's `--node-config` says of its client (`NodeConfig`: a simulation
+partition, or a folder of its own data), and that folder: read by the SuperNode its
+operator points at it, and written from simulation's partitions, one per SuperNode, by
+the export.
 
     python -m pytorch_example.node_data export --num-partitions N --out DIR
         [--dataset-path FOLDER] [--dirichlet-alpha 1.0] [--partition-seed 42]
@@ -24,10 +26,12 @@ import os
 import shutil
 import sys
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+from flwr.app import UserConfig
 
 from pytorch_example import data_cache
 from pytorch_example.config import DEFAULT_CACHE_DIR, AppConfig, ConfigError, DataSource, Partitioning
@@ -37,6 +41,63 @@ from pytorch_example.files import save_atomically
 NODE_CONFIG_KEY = "dataset-path"  # where a SuperNode's --node-config names its folder
 VALIDATION_SPLITS = ("validation", "test")
 ROWS_KEY_FILE = "rows.sha256"  # beside the decoded arrays: a hash of the rows themselves
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    """What a SuperNode's `--node-config` says of its client: either the simulation's
+    partition it holds (`partition-id` of `num-partitions`, cut from the run's data), or
+    its own data folder (`dataset-path`); where it keeps its head (`head-dir`; None: under
+    its cache) and its cache (`data-cache-dir`; None: the run-config's for a partition,
+    ~/.cache/pytorch-example on its own machine for its own data)."""
+
+    partition_id: int | None
+    num_partitions: int | None
+    head_dir: Path | None
+    dataset_path: Path | None = None
+    cache_dir: Path | None = None
+
+    @classmethod
+    def from_node_config(cls, node_config: UserConfig) -> "NodeConfig":
+        """Validate `node_config`; raise `ConfigError` in one line on bad input."""
+        head_dir, dataset_path, cache_dir = (
+            node_path(node_config, key) for key in ("head-dir", "dataset-path", "data-cache-dir")
+        )
+        if dataset_path is not None:
+            if given := [key for key in ("partition-id", "num-partitions") if key in node_config]:
+                raise ConfigError(
+                    f"node config keys 'dataset-path' and '{given[0]}': a SuperNode holds its own data "
+                    "folder or a simulation partition, not both: drop one"
+                )
+            return cls(None, None, head_dir, dataset_path, cache_dir)
+        values = {}
+        for key in ("partition-id", "num-partitions"):
+            value = node_config.get(key)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ConfigError(
+                    f"node config key '{key}' is missing or not an integer >= 0: start the SuperNode with "
+                    '--node-config "dataset-path=\'<its data folder>\'" (or "partition-id=<i> '
+                    "num-partitions=<n>\" for a partition of the run's data)"
+                )
+            values[key] = value
+        partition_id, num_partitions = values["partition-id"], values["num-partitions"]
+        if partition_id >= num_partitions:
+            raise ConfigError(
+                f"node config partition-id={partition_id} num-partitions={num_partitions}: partition "
+                f"{partition_id} does not exist: the train split is cut into {num_partitions} partitions, "
+                f"0..{num_partitions - 1}"
+            )
+        return cls(partition_id, num_partitions, head_dir, cache_dir=cache_dir)
+
+
+def node_path(node_config: UserConfig, key: str) -> Path | None:
+    """Node config `key` as an absolute path, None when not set."""
+    value = node_config.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value.strip():
+        raise ConfigError(f"node config key '{key}' = {value!r} is invalid: expected a folder")
+    return Path(value).expanduser().absolute()
 
 
 def node_data_error(folder: Path, reason: str) -> ConfigError:

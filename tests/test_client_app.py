@@ -19,9 +19,9 @@ from pytorch_example.client_app import (
     put_own_head,
     train,
 )
-from pytorch_example.config import PERSONALISATIONS, AppConfig, ConfigError, NodeConfig
+from pytorch_example.config import PERSONALISATIONS, AppConfig, ConfigError
 from pytorch_example.data import ImageSet, Partition, load_partition
-from pytorch_example.node_data import export, load_node_partition
+from pytorch_example.node_data import NodeConfig, export, load_node_partition
 from pytorch_example.task import HEAD_KEYS, Net
 from pytorch_example.task import train as train_model
 
