@@ -502,7 +502,7 @@ def main() -> None:
             checked += f", and dirichlet-alpha's {args.supernodes} partitions of {config.dataset_path}"
         else:
             checked += "; not the partitioner, which needs dataset-path here (the checker reads no Hub)"
-    except (ConfigError, click.ClickException, OSError) as err:
+    except (ConfigError, click.ClickException, OSError, ValueError) as err:  # a broken pyproject.toml too
         message = err.format_message() if isinstance(err, click.ClickException) else str(err)
         sys.exit(f"error: {message}")
     print(f"run-config OK: {checked}")
