@@ -344,7 +344,7 @@ class Chaos:
         self.federation.kill_node(node)
         # Whether the killed round had released its noisy model (DP): then that release
         # is a real one, and the resumed run counts it on top of its rounds.
-        saved = torch.load(self.watch.run_dir() / "resume.pt", weights_only=False)
+        saved = torch.load(self.watch.run_dir() / "resume.pt", weights_only=True)
         recorded = saved["round_results"]
         released_before = recorded[-1]["privacy"]["releases"] if recorded else 0
         self.extra_releases.append((saved["privacy_releases"] - released_before, len(recorded)))
@@ -489,7 +489,7 @@ def privacy_problems(
     problems, expected = [], 0
     for entry in results:
         expected += sum(extra for extra, recorded in kills if recorded == entry["round"] - 1)
-        expected += 1 if entry.get("train_metrics") else 0
+        expected += 1 if entry.get("train_metrics_clientapp") else 0
         privacy = entry.get("privacy") or {}
         if privacy.get("releases") != expected:
             problems.append(

@@ -38,6 +38,7 @@ from pytorch_example import client_app
 from pytorch_example.config import AppConfig
 from pytorch_example.data import ImageSet, Partition
 from pytorch_example.files import save_atomically
+from pytorch_example.names import ROWS_KEY
 from pytorch_example.node_data import NodeConfig
 
 ATTACKS_CLIENT_APP = "harness.attacks:app"
@@ -282,5 +283,5 @@ def train(msg: Message, context: Context) -> Message:
 def evaluate(msg: Message, context: Context) -> Message:
     reply = client_app.evaluate(msg, context)
     if attack_of(context) == EVALUATE_WITHOUT_ROWS and not reply.has_error():
-        del reply.content["metrics"][client_app.ROWS_KEY]
+        del reply.content["metrics"][ROWS_KEY]
     return reply

@@ -15,7 +15,8 @@ from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
 from pytorch_example import client_app
-from pytorch_example.config import DEFAULT_CACHE_DIR, AppConfig
+from pytorch_example.config import AppConfig
+from pytorch_example.files import DEFAULT_CACHE_DIR
 from pytorch_example.node_data import NodeConfig
 
 SENT_LOG_CLIENT_APP = "harness.sent_log:app"

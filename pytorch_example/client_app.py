@@ -25,14 +25,17 @@ from pytorch_example import task
 from pytorch_example.config import PRIVATE_HEAD, STORED_HEAD, AppConfig
 from pytorch_example.data import Partition, load_partition
 from pytorch_example.heads import HeadStore
+from pytorch_example.names import (
+    GLOBAL_ACCURACY,
+    GLOBAL_LOSS,
+    LINEAGE_KEY,
+    LR_KEY,
+    OWN_ACCURACY,
+    OWN_LOSS,
+    ROWS_KEY,
+    TRAIN_LOSS,
+)
 from pytorch_example.node_data import NodeConfig, load_node_partition
-
-# The keys of the messages this ClientApp reads and the replies it sends.
-LR_KEY = "lr"  # in train and evaluate messages: the round's learning rate
-LINEAGE_KEY = "lineage"  # in every message: the run (and its resumptions) heads are kept for
-ROWS_KEY = "num-examples"  # in every reply: the rows trained on or scored
-TRAIN_METRIC_KEYS = ("train_loss", ROWS_KEY)
-EVALUATE_METRIC_KEYS = ("eval_loss", "eval_acc", "eval_loss_global", "eval_acc_global", ROWS_KEY)
 
 HEAD_STATE_KEY = "classification-head"
 REFIT_STREAM = 1  # the refit's random draws, apart from training's in the same round
@@ -87,7 +90,7 @@ def train(msg: Message, context: Context) -> Message:
     arrays = net.state_dict()
     if personalisation == PRIVATE_HEAD:
         arrays = {key: value for key, value in arrays.items() if key not in task.HEAD_KEYS}
-    metrics = {"train_loss": train_loss, ROWS_KEY: len(client.partition.train)}
+    metrics = {TRAIN_LOSS: train_loss, ROWS_KEY: len(client.partition.train)}
     return Message(
         RecordDict({"arrays": ArrayRecord(arrays), "metrics": MetricRecord(metrics)}), reply_to=msg
     )
@@ -114,10 +117,10 @@ def evaluate(msg: Message, context: Context) -> Message:
     if has_own_head or config.personalisation != STORED_HEAD:
         own_loss, own_acc = task.score(net.fc2, val_features, val.labels)
     metrics = {
-        "eval_loss": own_loss,
-        "eval_acc": own_acc,
-        "eval_loss_global": global_loss,
-        "eval_acc_global": global_acc,
+        OWN_LOSS: own_loss,
+        OWN_ACCURACY: own_acc,
+        GLOBAL_LOSS: global_loss,
+        GLOBAL_ACCURACY: global_acc,
         ROWS_KEY: len(val),
     }
     return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)

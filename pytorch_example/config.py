@@ -5,29 +5,28 @@ and the ClientApp turn `context.run_config` into an `AppConfig` here, so a bad v
 stops the run with one line that names the key, the value and the fix.
 """
 
-import argparse
-import difflib
-import functools
-import json
 import math
 import re
-import sys
 from dataclasses import dataclass, field, fields
-from importlib.metadata import PackageNotFoundError, distribution
 from pathlib import Path
-from urllib.parse import unquote, urlparse
 
-import click
-import torch
 from flwr.app import UserConfig
-from flwr.common.config import flatten_dict, get_project_config, parse_config_args
 
-DISTRIBUTION_NAME = "pytorchexample"
-DEFAULT_CACHE_DIR = Path.home() / ".cache" / "pytorch-example"
+from pytorch_example.files import DEFAULT_CACHE_DIR, resolve_path
 
 
 class ConfigError(ValueError):
     """A run-config value the app cannot use; the message is one line for the user."""
+
+
+def is_count(value) -> bool:
+    """An int, and not a bool: TOML's and JSON's `true` is a bool that Python counts as 1."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def is_number(value) -> bool:
+    """An int or a float, and not a bool."""
+    return isinstance(value, int | float) and not isinstance(value, bool)
 
 
 # How a client makes its own model, and what it sends (client_app.py says each in full).
@@ -44,48 +43,6 @@ PERSONALISATION_SAID = {  # for the ServerApp's log
 # How the server combines the train replies (trust.py maps each to a Flower strategy).
 FEDAVG = "fedavg"
 AGGREGATIONS = (FEDAVG, "trimmed-mean", "median", "krum", "multi-krum", "bulyan")
-
-# What decides each client's data and the model's meaning: a run resumed with other
-# values would silently mix two experiments, so it is refused.
-RESUME_MUST_MATCH = (
-    "dataset-name",
-    "dataset-path",
-    "dirichlet-alpha",
-    "partition-seed",
-    "val-fraction",
-    "personalisation",
-    # What picks the best model: central accuracy, or without it the federated one.
-    "central-evaluation",
-    # The privacy a run's epsilon accounts for: another noise, clipping norm or delta would be
-    # another mechanism, or another epsilon.
-    "dp-noise-multiplier",
-    "dp-clipping-norm",
-    "dp-delta",
-    "dp-population",
-)
-# The keys added after resume-from existed, with what a run folder made before them was run
-# with: the published example's stored heads, a refit on all train rows, FedAvg and no DP
-# (the other values, unused by those, are the keys' first defaults).
-LEGACY_SETTINGS = {
-    "personalisation": STORED_HEAD,
-    "head-refit-epochs": 5,
-    "head-refit-rows": 0,
-    "aggregation": FEDAVG,
-    "update-norm-bound": 0.0,
-    # They weighed a reply by at most the largest partition's rows, which the server no
-    # longer computes: the bound by the round takes its place.
-    "update-weight-bound": 3.0,
-    "trim-fraction": 0.2,
-    "num-malicious": 1,
-    "multi-krum-keep": 0,
-    "dp-noise-multiplier": 0.0,
-    "dp-clipping-norm": 0.1,
-    "dp-delta": 1e-5,
-    "dp-max-epsilon": 0.0,
-    "dp-population": 0,
-    "central-evaluation": True,
-}
-
 
 # The run-config keys a ClientApp reads, which every train and evaluate message carries
 # (a resumed run's are those of the run it continues): its steps, batches, head refit,
@@ -301,22 +258,10 @@ class AppConfig:
         """How many SuperNodes FedAvg samples to train: `fraction-train` of them, at least 2."""
         return max(int(num_supernodes * self.fraction_train), 2)
 
-    def resume_settings(self) -> dict:
-        """The run-config values a resumed run must share with the run it continues (the
-        clipping norm and delta only with DP on: without DP they change nothing)."""
-        dp_only = ("dp-clipping-norm", "dp-delta", "dp-population")
-        keys = [key for key in RESUME_MUST_MATCH if self.dp_on or key not in dp_only]
-        return {key: self.run_config_value(key) for key in keys}
-
     def run_config_value(self, key: str):
         """The typed value of run-config `key`, paths as strings."""
         value = getattr(self, key.replace("-", "_"))
         return str(value) if isinstance(value, Path) else value
-
-    def resume_error(self, err: Exception) -> ConfigError:
-        """`err`, what is wrong with the `resume-from` folder, as one line naming the key."""
-        line = " ".join(str(err).split())
-        return ConfigError(f"run-config key 'resume-from' = '{self.resume_from}' {line}")
 
     @property
     def data_source(self) -> DataSource:
@@ -353,7 +298,7 @@ class _Reader:
 
     def integer(self, key: str, minimum: int) -> int:
         value = self._get(key)
-        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        if not is_count(value) or value < minimum:
             raise self._fail(key, value, f"an integer >= {minimum}")
         return value
 
@@ -366,7 +311,7 @@ class _Reader:
         high_open: bool = False,
     ) -> float:
         value = self._get(key)
-        in_range = isinstance(value, (int, float)) and not isinstance(value, bool)
+        in_range = is_number(value)
         if in_range:
             in_range = (value > low if low_open else value >= low) and (
                 value < high if high_open else value <= high
@@ -379,11 +324,7 @@ class _Reader:
     def multiple(self, key: str) -> float:
         """A factor of at least 1, or 0 for none."""
         value = self._get(key)
-        if (
-            isinstance(value, bool)
-            or not isinstance(value, int | float)
-            or not (value == 0 or 1 <= value < math.inf)
-        ):
+        if not is_number(value) or not (value == 0 or 1 <= value < math.inf):
             raise self._fail(key, value, "0 (no bound) or a number >= 1")
         return float(value)
 
@@ -439,103 +380,3 @@ class _Reader:
         if not isinstance(value, str):
             raise self._fail(key, value, 'a path, or "" for the default')
         return resolve_path(value) if value.strip() else None
-
-
-def check_server_device(server_device: str) -> None:
-    """Fail with one line when `server-device` names a GPU this ServerApp cannot see."""
-    if server_device == "cpu":
-        return
-    index = int(server_device.partition(":")[2] or 0)
-    if index >= torch.cuda.device_count():
-        raise ConfigError(
-            f"run-config key 'server-device' = '{server_device}' but the ServerApp sees "
-            f'{torch.cuda.device_count()} CUDA device(s): use server-device="cpu"'
-        )
-
-
-@functools.cache  # where the app is installed does not change while a process runs
-def project_dir() -> Path:
-    """The folder this app was installed from with `pip install -e .`, else the cwd.
-
-    A local SuperLink runs the ServerApp in whatever folder the SuperLink was started
-    from, so relative paths in the run-config are anchored to the project instead.
-    """
-    try:
-        direct_url = distribution(DISTRIBUTION_NAME).read_text("direct_url.json")
-    except PackageNotFoundError:
-        direct_url = None
-    if direct_url:
-        info = json.loads(direct_url)
-        if info.get("dir_info", {}).get("editable") and info.get("url", "").startswith("file:"):
-            return Path(unquote(urlparse(info["url"]).path))
-    return Path.cwd()
-
-
-def resolve_path(value: str) -> Path:
-    """Absolute paths as given (with `~` expanded); relative ones under `project_dir()`."""
-    path = Path(value).expanduser()
-    return path if path.is_absolute() else project_dir() / path
-
-
-# What Flower reads from a `--run-config` string as `key=value` (flwr.common.config).
-RUN_CONFIG_PAIR = re.compile(r"(\S+?)=(\'[^\']*\'|\"[^\"]*\"|\S+)")
-CHECKED_SUPERNODES = 50  # the local-simulation federation's size, which the checker assumes
-
-
-def main() -> None:
-    """Check a `--run-config` against this project's keys and values without starting a
-    run: what Flower would not read, a key the app does not have, and each value, as a
-    run's first check does. With `dataset-path` set, also the partitioner, as the run
-    does before round 1 (for `--supernodes`, default 50); a `resume-from` folder is
-    checked by the run itself."""
-    parser = argparse.ArgumentParser(prog="python -m pytorch_example.config", description=main.__doc__)
-    parser.add_argument("pairs", nargs="*", help='what --run-config gets, e.g. "seed=1" (one or more)')
-    parser.add_argument("--supernodes", type=int, default=CHECKED_SUPERNODES, help="partitions to check")
-    args = parser.parse_args()
-    try:
-        config = checked_run_config(" ".join(args.pairs))
-        checked = "keys and values"
-        if config.dataset_path is not None:  # as the run checks it before round 1
-            from pytorch_example.data import prepare_partitions  # noqa: PLC0415 (torch and datasets: slow)
-
-            prepare_partitions(config.data_source, config.partitioning(args.supernodes))
-            checked += f", and dirichlet-alpha's {args.supernodes} partitions of {config.dataset_path}"
-        else:
-            checked += "; not the partitioner, which needs dataset-path here (the checker reads no Hub)"
-    except (ConfigError, click.ClickException, OSError, ValueError) as err:  # a broken pyproject.toml too
-        message = err.format_message() if isinstance(err, click.ClickException) else str(err)
-        sys.exit(f"error: {message}")
-    print(f"run-config OK: {checked}")
-
-
-def checked_run_config(pairs: str) -> "AppConfig":
-    """The run-config these `--run-config` pairs give over this project's defaults;
-    `ConfigError` naming the first key or pair a run would refuse."""
-    defaults = flatten_dict(get_project_config(Path.cwd())["tool"]["flwr"]["app"]["config"])
-    if unread := RUN_CONFIG_PAIR.sub("", pairs).split():
-        raise ConfigError(f"{' '.join(unread)!r} is not key=value: Flower would skip it")
-    for key, value in RUN_CONFIG_PAIR.findall(pairs):
-        try:
-            parse_config_args([f"{key}={value}"])
-        except click.ClickException:
-            hint = f"\"{key}='{value}'\"" if value[:1] not in "'\"" else f"{key}={value}"
-            raise ConfigError(
-                f"run-config key '{key}' = {value} is not a value Flower reads (a string needs quotes "
-                f"inside the pairs' own: --run-config {hint})"
-            ) from None
-    overrides = parse_config_args([pairs])
-    for key in overrides.keys() - defaults.keys():
-        close = difflib.get_close_matches(key, defaults, n=1)
-        hint = f": did you mean '{close[0]}'?" if close else " (pyproject.toml, [tool.flwr.app.config])"
-        raise ConfigError(f"run-config key '{key}' is not one of this app's{hint}")
-    config = AppConfig.from_run_config({**defaults, **overrides})
-    check_server_device(config.server_device)
-    return config
-
-
-if __name__ == "__main__":
-    # This file runs as `__main__`; the data modules raise `pytorch_example.config`'s
-    # ConfigError, so run the main of that module, whose class they share.
-    from pytorch_example.config import main as checker
-
-    checker()

@@ -1,11 +1,42 @@
-"""Writing files all or nothing: what a concurrent reader or a crash sees is whole."""
+"""Where the app's files lie (its project folder, its cache), and writing them all or
+nothing: what a concurrent reader or a crash sees is whole."""
 
+import functools
 import json
 import os
 import uuid
 from collections.abc import Callable
+from importlib.metadata import PackageNotFoundError, distribution
 from pathlib import Path
 from typing import BinaryIO
+from urllib.parse import unquote, urlparse
+
+DISTRIBUTION_NAME = "pytorchexample"
+DEFAULT_CACHE_DIR = Path.home() / ".cache" / "pytorch-example"
+
+
+@functools.cache  # where the app is installed does not change while a process runs
+def project_dir() -> Path:
+    """The folder this app was installed from with `pip install -e .`, else the cwd.
+
+    A local SuperLink runs the ServerApp in whatever folder the SuperLink was started
+    from, so relative paths in the run-config are anchored to the project instead.
+    """
+    try:
+        direct_url = distribution(DISTRIBUTION_NAME).read_text("direct_url.json")
+    except PackageNotFoundError:
+        direct_url = None
+    if direct_url:
+        info = json.loads(direct_url)
+        if info.get("dir_info", {}).get("editable") and info.get("url", "").startswith("file:"):
+            return Path(unquote(urlparse(info["url"]).path))
+    return Path.cwd()
+
+
+def resolve_path(value: str) -> Path:
+    """Absolute paths as given (with `~` expanded); relative ones under `project_dir()`."""
+    path = Path(value).expanduser()
+    return path if path.is_absolute() else project_dir() / path
 
 
 def save_atomically(path: Path, write: Callable[[BinaryIO], None]) -> None:

@@ -12,6 +12,7 @@ the round's median.
 """
 
 import math
+import reprlib
 from dataclasses import dataclass
 from logging import INFO, WARNING
 
@@ -19,8 +20,8 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, Message, MetricRecord
 from flwr.common.logger import log
 
-from pytorch_example.client_app import EVALUATE_METRIC_KEYS, ROWS_KEY, TRAIN_METRIC_KEYS
-from pytorch_example.config import FEDAVG, PRIVATE_HEAD, AppConfig
+from pytorch_example.config import FEDAVG, PRIVATE_HEAD, AppConfig, is_count, is_number
+from pytorch_example.names import EVALUATE_METRIC_KEYS, ROWS_KEY, TRAIN_METRIC_KEYS
 from pytorch_example.task import HEAD_KEYS
 
 # The largest loss a reply may report: no cross-entropy this model reaches, and small
@@ -30,6 +31,11 @@ MAX_LOSS = 1e30
 # counts stay exact. What a count may weigh is bounded by its round instead (`bound`):
 # the server knows nothing of a member's data.
 MAX_ROWS = 10**9
+# What a SuperNode sent, as a warning shows it: escaped (a terminal's control codes print
+# as `\x1b`) and short (8 names of 80 characters at most), whatever it sent.
+SENT = reprlib.Repr()
+SENT.maxstring = SENT.maxother = 80
+SENT.maxlist = 8
 # What the server weighs a reply by when the client's own word on its rows must not
 # count: under the robust rules and DP, every reply weighs 1 (the gate stamps it).
 EQUAL_WEIGHT_KEY = "equal-weight"
@@ -120,7 +126,8 @@ class ReplyGate:
             return problem
         arrays = reply.content["arrays"]
         if list(arrays.keys()) != list(self.arrays):
-            return f"its arrays {list(arrays.keys())[:8]} are not the expected {list(self.arrays)}, in order"
+            sent = SENT.repr(list(arrays.keys()))
+            return f"its arrays {sent} are not the expected {list(self.arrays)}, in order"
         decoded = {}
         for key, array in arrays.items():
             shape, dtype = self.arrays[key]
@@ -239,7 +246,7 @@ def records_problem(reply: Message, expected: dict[str, type]) -> str | None:
     """Why a reply's records are not exactly `expected` (names and kinds), or None."""
     if not reply.has_content() or sorted(reply.content.keys()) != sorted(expected):
         names = sorted(reply.content.keys()) if reply.has_content() else []
-        return f"it holds the records {names[:8]}, not {sorted(expected)}"
+        return f"it holds the records {SENT.repr(names)}, not {sorted(expected)}"
     for name, kind in expected.items():
         if not isinstance(reply.content[name], kind):
             return f"its '{name}' record is not a {kind.__name__}"
@@ -251,16 +258,16 @@ def metrics_problem(metrics: MetricRecord, keys: tuple[str, ...]) -> str | None:
     scores (`*_acc*`) in [0, 1], losses from 0 to `MAX_LOSS`, the row count an integer
     in 1..`MAX_ROWS`."""
     if sorted(metrics.keys()) != sorted(keys):
-        return f"its metrics {sorted(metrics.keys())[:8]} are not {sorted(keys)}"
+        return f"its metrics {SENT.repr(sorted(metrics.keys()))} are not {sorted(keys)}"
     for key in keys:
         value = metrics[key]
         if key == ROWS_KEY:
-            if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_ROWS:
-                return f"{key} = {value!r} is not an integer from 1 to {MAX_ROWS:,}"
-        elif isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-            return f"{key} = {value!r} is not a finite number"
+            if not is_count(value) or not 1 <= value <= MAX_ROWS:
+                return f"{key} = {SENT.repr(value)} is not an integer from 1 to {MAX_ROWS:,}"
+        elif not is_number(value) or not math.isfinite(value):
+            return f"{key} = {SENT.repr(value)} is not a finite number"
         elif "_acc" in key and not 0 <= value <= 1:
-            return f"{key} = {value!r} is not a score in [0, 1]"
+            return f"{key} = {SENT.repr(value)} is not a score in [0, 1]"
         elif not 0 <= value <= MAX_LOSS:
-            return f"{key} = {value!r} is not a loss (0 to {MAX_LOSS:g})"
+            return f"{key} = {SENT.repr(value)} is not a loss (0 to {MAX_LOSS:g})"
     return None

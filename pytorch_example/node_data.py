@@ -34,9 +34,9 @@ import torch
 from flwr.app import UserConfig
 
 from pytorch_example import data_cache
-from pytorch_example.config import DEFAULT_CACHE_DIR, AppConfig, ConfigError, DataSource, Partitioning
+from pytorch_example.config import AppConfig, ConfigError, DataSource, Partitioning, is_count
 from pytorch_example.data import ImageSet, Partition, load_partition
-from pytorch_example.files import save_atomically
+from pytorch_example.files import DEFAULT_CACHE_DIR, save_atomically
 
 NODE_CONFIG_KEY = "dataset-path"  # where a SuperNode's --node-config names its folder
 VALIDATION_SPLITS = ("validation", "test")
@@ -73,7 +73,7 @@ class NodeConfig:
         values = {}
         for key in ("partition-id", "num-partitions"):
             value = node_config.get(key)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            if not is_count(value) or value < 0:
                 raise ConfigError(
                     f"node config key '{key}' is missing or not an integer >= 0: start the SuperNode with "
                     '--node-config "dataset-path=\'<its data folder>\'" (or "partition-id=<i> '

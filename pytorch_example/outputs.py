@@ -1,15 +1,11 @@
-"""The run folder and all a run leaves in it: config.json, results.json, resume.pt,
-best checkpoints, the final model, figures, and its Weights & Biases run. A run opens
-its folder here (new, or resumed), the strategy hands over each finished round, and
-only this module writes into the folder. A folder read back to resume passes one
-loader, run_folder.py's `read_run_folder`, which checks all it reads before anything
-is written.
+"""All a run leaves in its folder: config.json, results.json, resume.pt, best
+checkpoints, the final model, figures, and its Weights & Biases run. The folder comes
+from run_folder.py (new, or resumed and checked); the round loop hands over each
+finished round, and only this module writes into the folder.
 """
 
-import fcntl
 import os
 import uuid
-from datetime import datetime
 from logging import DEBUG, INFO, WARNING
 from pathlib import Path
 
@@ -20,53 +16,18 @@ from flwr.serverapp.strategy import Result
 from flwr.supercore.exit import add_exit_handler
 
 from pytorch_example import plots
-from pytorch_example.config import PARTITION_PATH_KEYS, AppConfig, ConfigError
+from pytorch_example.config import AppConfig
 from pytorch_example.files import save_atomically, save_json_atomically
-from pytorch_example.run_folder import (
-    CENTRAL_SECTION,
+from pytorch_example.names import CENTRAL_SECTION, RESULT_SECTIONS, wandb_series
+from pytorch_example.run_files import (
     CONFIG_FILE,
-    RESULT_SECTIONS,
     RESULTS_FILE,
     RESUME_FILE,
-    ResumeError,
     ResumeState,
     checkpoint_name,
-    read_run_folder,
     selection_accuracy,
 )
-from pytorch_example.task import Net
-
-# Held by the process of the run writing into the folder (see `lock_run_folder`).
-RUN_LOCK_FILE = ".run.lock"
-# results.json names of the metrics -> the names they get in W&B.
-WANDB_NAMES = {
-    "train_metrics": {"train_loss": "train_loss"},
-    "evaluate_metrics_clientapp": {
-        "eval_loss": "federated_evaluate_loss",
-        "eval_acc": "federated_evaluate_accuracy",
-        "eval_loss_global": "federated_evaluate_loss_global_model",
-        "eval_acc_global": "federated_evaluate_accuracy_global_model",
-        "eval_acc_min": "federated_evaluate_accuracy_min",
-        "eval_acc_median": "federated_evaluate_accuracy_median",
-        "eval_acc_max": "federated_evaluate_accuracy_max",
-        "eval_acc_std": "federated_evaluate_accuracy_std",
-        "eval_gain_share": "federated_evaluate_gain_share",
-        "eval_gain_points_mean": "federated_evaluate_gain_points_mean",
-        "eval_gain_points_min": "federated_evaluate_gain_points_min",
-        "eval_gain_points_max": "federated_evaluate_gain_points_max",
-    },
-    "evaluate_metrics_serverapp": {
-        "loss": "centralized_loss",
-        "accuracy": "centralized_accuracy",
-    },
-}
-
-
-# The W&B summary of the best model, by what picked it.
-BEST_WANDB_NAMES = {
-    "central accuracy": "best_centralized_accuracy",
-    "federated accuracy": "best_federated_evaluate_accuracy_global_model",
-}
+from pytorch_example.run_folder import Resumed, create_run_dir, lock_run_folder, resume_settings
 
 
 def without_float_noise(value):
@@ -90,7 +51,7 @@ class RunOutputs:
         run_dir: Path,
         run_config: dict,
         wandb_project: str | None,
-        resume_settings: dict | None = None,
+        settings: dict | None = None,
         resumed: ResumeState | None = None,
         num_supernodes: int | None = None,
     ) -> None:
@@ -102,7 +63,7 @@ class RunOutputs:
             round=0,
             arrays=ArrayRecord(),
             lineage=uuid.uuid4().hex,
-            settings=resume_settings or {},
+            settings=settings or {},
             num_supernodes=num_supernodes,
         )
         self.wandb_run = None
@@ -111,88 +72,27 @@ class RunOutputs:
 
     @classmethod
     def open(
-        cls, config: AppConfig, run_config: dict, num_supernodes: int, initial_arrays: ArrayRecord
-    ) -> "RunOutputs":
-        """This run's folder: a new `<output-dir>/<date>/<time>`, or with `resume-from`
-        that folder, continued after its last completed round. A folder this run cannot
-        continue (damaged, altered, or made with other settings) raises `ConfigError`,
-        in one line, and is left as it was."""
-        wandb_project = config.wandb_project if config.use_wandb else None
-        if config.resume_from is None:
-            run_dir = create_run_dir(config.output_dir)
-            log(INFO, "Outputs of this run go to %s", run_dir)
-            outputs = cls(
-                run_dir, run_config, wandb_project, config.resume_settings(), num_supernodes=num_supernodes
-            )
-            outputs.state.arrays = initial_arrays
-            outputs.run_lock = lock_run_folder(run_dir, create=True)
-            return outputs
-        run_lock = None
-        try:
-            # Locked before it is read: a run still going could write between the two.
-            run_lock = lock_run_folder(config.resume_from, create=False)
-            outputs = cls._continued(config, run_config, num_supernodes, initial_arrays, wandb_project)
-            # A folder of a version without the lock file gets one now.
-            outputs.run_lock = run_lock or lock_run_folder(config.resume_from, create=True)
-            return outputs
-        except BaseException as err:
-            if run_lock is not None:
-                os.close(run_lock)  # refused, or failed: the folder stays free
-            if isinstance(err, ResumeError):
-                raise config.resume_error(err) from None
-            raise
-
-    @classmethod
-    def _continued(
         cls,
         config: AppConfig,
         run_config: dict,
         num_supernodes: int,
         initial_arrays: ArrayRecord,
-        wandb_project: str | None,
+        resumed: Resumed | None = None,
     ) -> "RunOutputs":
-        """The outputs of the run `resume-from` names, checked; else `ResumeError` or `ConfigError`."""
-        model_shapes = {key: tuple(array.shape) for key, array in initial_arrays.items()}
-        folder = read_run_folder(config.resume_from, model_shapes)
-        settings = config.resume_settings()
-        if changed := [
-            f"{key} was {folder.config.run_config_value(key)!r}"
-            for key, value in settings.items()
-            if folder.config.run_config_value(key) != value
-        ]:
-            raise config.resume_error(
-                f"was made with other data, personalisation or privacy settings ({', '.join(changed)}): "
-                "run with those"
-            )
-        resumed = folder.state
-        resumed.settings = settings  # an older folder's state lacks the keys added since
-        if resumed.round >= config.num_server_rounds:
-            raise config.resume_error(
-                f"already finished round {resumed.round}: raise num-server-rounds above it to go on"
-            )
-        log(
-            INFO,
-            "Resuming %s after round %d of %d",
-            config.resume_from,
-            resumed.round,
-            config.num_server_rounds,
-        )
-        # Where simulated clients keep their heads (heads.py), on this machine.
-        heads = config.data_cache_dir / "heads" / resumed.lineage
-        kept = len(list(heads.glob(f"*-of-{num_supernodes}.pt")))
-        log(INFO, "Each client restores its own head as it is first sampled: %d of %d kept for this run "
-            "in %s (SuperNodes with their own data keep theirs on their own disks)",
-            kept, num_supernodes, heads)  # fmt: skip
-        if resumed.num_supernodes not in (None, num_supernodes):
-            # Clients key their heads by partition id and count, so none loads another's.
-            log(
-                WARNING,
-                "This run started with %d SuperNodes and goes on with %d: the clients hold other rows "
-                "than before, so each starts with a new head",
-                resumed.num_supernodes,
-                num_supernodes,
-            )
-        return cls(config.resume_from, run_config, wandb_project, resumed=resumed)
+        """This run's outputs: in a new `<output-dir>/<date>/<time>` folder, or `resumed`'s
+        (run_folder.py's `resume_run`), after its last completed round."""
+        wandb_project = config.wandb_project if config.use_wandb else None
+        if resumed is not None:
+            outputs = cls(config.resume_from, run_config, wandb_project, resumed=resumed.state)
+            outputs.run_lock = resumed.lock
+            return outputs
+        run_dir = create_run_dir(config.output_dir)
+        log(INFO, "Outputs of this run go to %s", run_dir)
+        settings = resume_settings(config)
+        outputs = cls(run_dir, run_config, wandb_project, settings, num_supernodes=num_supernodes)
+        outputs.state.arrays = initial_arrays
+        outputs.run_lock = lock_run_folder(run_dir, create=True)
+        return outputs
 
     @property
     def lineage(self) -> str:
@@ -278,10 +178,7 @@ class RunOutputs:
         self.state.initial_evaluation = {name: without_float_noise(value) for name, value in metrics.items()}
         save_json_atomically(self.run_dir / RESULTS_FILE, self.state.results())
         if self.wandb_run is not None:
-            names = WANDB_NAMES[CENTRAL_SECTION]
-            self.wandb_run.log(
-                {names[name]: value for name, value in metrics.items() if name in names}, step=0
-            )
+            self.wandb_run.log(wandb_series({"round": 0, CENTRAL_SECTION: metrics}), step=0)
 
     def record_round(
         self,
@@ -301,8 +198,8 @@ class RunOutputs:
         round_result = {"round": server_round, "learning_rate": learning_rate, "replies": replies or {}}
         if privacy is not None:
             round_result["privacy"] = privacy
-        for section, result_field in RESULT_SECTIONS.items():
-            metrics = getattr(result, result_field).get(server_round, {})
+        for section in RESULT_SECTIONS:
+            metrics = getattr(result, section).get(server_round, {})
             round_result[section] = {name: without_float_noise(value) for name, value in metrics.items()}
             log(DEBUG, "\t%s: %s", section, round_result[section])
         state = self.state
@@ -320,9 +217,9 @@ class RunOutputs:
                 server_round,
                 checkpoint.name,
             )
-            log(DEBUG, "New best %s %.4f: saved %s", measure, accuracy, checkpoint.name)
+            log(DEBUG, "New best %s %.4f: saved %s", measure.words, accuracy, checkpoint.name)
             if self.wandb_run is not None:
-                name = BEST_WANDB_NAMES[measure]
+                name = f"best_{measure.wandb}"
                 self.wandb_run.summary[name] = accuracy
                 self.wandb_run.summary[f"{name}_round"] = server_round
 
@@ -332,16 +229,7 @@ class RunOutputs:
         save_json_atomically(self.run_dir / RESULTS_FILE, state.results())
 
         if self.wandb_run is not None:
-            series = {
-                WANDB_NAMES[section][name]: value
-                for section, names in WANDB_NAMES.items()
-                for name, value in round_result[section].items()
-                if name in names
-            }
-            if privacy is not None:
-                series["privacy_epsilon"] = privacy["epsilon"]
-                series["privacy_credited_rounds"] = privacy["credited"]
-            self.wandb_run.log({**series, "learning_rate": learning_rate}, step=server_round)
+            self.wandb_run.log(wandb_series(round_result), step=server_round)
         return round_result
 
     def _save_resume_state(self) -> None:
@@ -364,94 +252,6 @@ class RunOutputs:
         final_model = self.run_dir / "final_model.pt"
         save_model(final_model, arrays)
         log(INFO, "Final model saved to %s", final_model)
-
-
-def continued_run_config(run_config: dict, config: AppConfig) -> dict:
-    """The run-config a resumed run goes on with: that of the run it continues (its
-    folder's config.json), but for the keys this command sets to other than their
-    defaults. So `resume-from` alone continues a run as it was started. A folder this
-    run cannot continue raises `ConfigError`, in one line, before anything is written."""
-    model_shapes = {key: tuple(array.shape) for key, array in Net().state_dict().items()}
-    try:
-        saved = read_run_folder(config.resume_from, model_shapes).run_config
-    except ResumeError as err:
-        raise config.resume_error(err) from None
-    defaults = AppConfig()
-    taken = {
-        key: value
-        for key, value in saved.items()
-        if key in run_config
-        and key != "resume-from"
-        and value != run_config[key]
-        and config.run_config_value(key) == defaults.run_config_value(key)
-    }
-    saved_paths = {key: taken[key] for key in PARTITION_PATH_KEYS if key in taken}
-    if missing := {key: value for key, value in saved_paths.items() if not same_path(key, value, config)}:
-        # A simulation's ClientApps read where the images (and their heads) lie from their
-        # own run-config, this command's: they would cut other partitions, or lose their heads.
-        named = " ".join(f"{key}='{value}'" for key, value in missing.items())
-        raise ConfigError(
-            f"run-config key '{next(iter(missing))}': the run in {config.resume_from} ran with {named}, "
-            f"which a simulation's ClientApps read from this command's run-config: add {named} to "
-            "--run-config"
-        )
-    if taken:
-        settings = " ".join(f"{key}={value!r}" for key, value in taken.items())
-        log(
-            INFO,
-            "Resuming with the settings in %s: %s (--run-config overrides them)",
-            config.resume_from / CONFIG_FILE,
-            settings,
-        )
-    return {**run_config, **taken}
-
-
-def same_path(key: str, saved: str, config: AppConfig) -> bool:
-    """Whether a path key's saved value reads as the same folder as `config`'s (a saved
-    '~/.cache/pytorch-example' and a default "" do)."""
-    saved_config = AppConfig.from_run_config({**config.as_run_config(), key: saved})
-    return saved_config.run_config_value(key) == config.run_config_value(key)
-
-
-def lock_run_folder(run_dir: Path, create: bool) -> int | None:
-    """Lock `run_dir` for this process, for as long as it lives (the lock goes with it,
-    however it ends). None when the folder has no lock file and `create` is False (no run
-    of this version wrote it). `ResumeError` when another process holds the lock (a run
-    still going there) or the lock file cannot be opened."""
-    try:
-        # Never through a link: a dangling one would have the lock create its target.
-        flags = os.O_RDONLY | os.O_NOFOLLOW | (os.O_CREAT if create else 0)
-        descriptor = os.open(run_dir / RUN_LOCK_FILE, flags, 0o600)
-    except FileNotFoundError:
-        if create:
-            raise
-        return None
-    except OSError as err:
-        raise ResumeError(f"cannot be locked for this run ({RUN_LOCK_FILE}: {err.strerror})") from None
-    try:
-        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(descriptor)
-        raise ResumeError(
-            "is the folder of a run that is still going: two runs would write over each other "
-            "(`flwr stop <run-id>` ends it; `flwr ls` lists the runs)"
-        ) from None
-    return descriptor
-
-
-def create_run_dir(output_dir: Path) -> Path:
-    """A new `<output-dir>/<date>/<time>` folder; a suffix keeps same-second runs apart."""
-    stamp = datetime.now()
-    base = output_dir / stamp.strftime("%Y-%m-%d") / stamp.strftime("%H-%M-%S")
-    for attempt in range(100):
-        run_dir = base if attempt == 0 else base.with_name(f"{base.name}-{attempt}")
-        try:
-            run_dir.parent.mkdir(parents=True, exist_ok=True)
-            run_dir.mkdir(mode=0o700)  # its user's only, as every file in it
-            return run_dir
-        except FileExistsError:
-            continue
-    raise RuntimeError(f"could not create a fresh run folder under {base.parent}")
 
 
 def save_model(path: Path, arrays: ArrayRecord) -> None:

@@ -17,11 +17,19 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from pytorch_example.files import save_atomically
+from pytorch_example.names import (
+    CENTRAL_ACCURACY,
+    CENTRAL_LOSS,
+    CENTRAL_SECTION,
+    CLIENTS_SECTION,
+    GLOBAL_ACCURACY,
+    OWN_ACCURACY,
+    words,
+)
 
 FIGURE_SIZE = (6.4, 4.2)
 WIDE = 1.6  # a two-panel figure, in figure widths
 DPI = 120
-CLIENTS = "evaluate_metrics_clientapp"  # the results.json section of the clients' evaluation
 CHANCE = 0.1  # the accuracy of guessing among Fashion-MNIST's 10 classes
 
 
@@ -99,17 +107,20 @@ def _has(values: list[float]) -> bool:
 def central_figure(rounds: list[dict], run_config: dict) -> Figure | None:
     """The global model's accuracy and loss on the test set."""
     numbers = [entry["round"] for entry in rounds]
-    accuracy = _series(rounds, "evaluate_metrics_serverapp", "accuracy")
-    loss = _series(rounds, "evaluate_metrics_serverapp", "loss")
+    accuracy = _series(rounds, CENTRAL_SECTION, CENTRAL_ACCURACY)
+    loss = _series(rounds, CENTRAL_SECTION, CENTRAL_LOSS)
     if not _has(accuracy):
         return None
     figure = _figure(WIDE, run_config)
     accuracy_axes, loss_axes = figure.subplots(1, 2)
     accuracy_axes.plot(numbers, accuracy, marker="o", label="global model")
     _chance(accuracy_axes)
-    accuracy_axes.set(title="Central accuracy (global model, test set)", ylabel="accuracy", ylim=(0, 1))
+    title = f"{words(CENTRAL_SECTION, CENTRAL_ACCURACY).capitalize()} (global model, test set)"
+    accuracy_axes.set(title=title, ylabel="accuracy", ylim=(0, 1))
     loss_axes.plot(numbers, loss, marker="o", color="tab:red")
-    loss_axes.set(title="Central loss (global model, test set)", ylabel="loss")
+    loss_axes.set(
+        title=f"{words(CENTRAL_SECTION, CENTRAL_LOSS).capitalize()} (global model, test set)", ylabel="loss"
+    )
     _per_round(accuracy_axes)
     _per_round(loss_axes)
     _legend_below(figure)
@@ -126,27 +137,31 @@ def personalisation_figure(rounds: list[dict], run_config: dict) -> Figure | Non
     """Own model against global model on the clients' rows; with gain figures, a second
     panel: what the own model adds, in points, and the share of clients it helps."""
     numbers = [entry["round"] for entry in rounds]
-    personal = _series(rounds, CLIENTS, "eval_acc")
+    personal = _series(rounds, CLIENTS_SECTION, OWN_ACCURACY)
     if not _has(personal):
         return None
-    with_gain = _has(_series(rounds, CLIENTS, "eval_gain_points_mean"))
+    with_gain = _has(_series(rounds, CLIENTS_SECTION, "eval_gain_points_mean"))
     figure = _figure(WIDE if with_gain else 1, run_config)
     # A subfigure per panel, so that each gets its own legend below it.
     accuracy_panel, *gain_panel = figure.subfigures(1, 2 if with_gain else 1, squeeze=False)[0]
     axes = accuracy_panel.subplots()
-    low, high = _series(rounds, CLIENTS, "eval_acc_min"), _series(rounds, CLIENTS, "eval_acc_max")
+    low, high = (
+        _series(rounds, CLIENTS_SECTION, "eval_acc_min"),
+        _series(rounds, CLIENTS_SECTION, "eval_acc_max"),
+    )
     own, shared = "tab:blue", "tab:orange"
     if _has(low):
-        band = "own model: min to max over clients"
+        band = f"{words(CLIENTS_SECTION, OWN_ACCURACY)}: lowest to highest client"
         axes.fill_between(numbers, low, high, color=own, alpha=0.15, label=band)
-        median = _series(rounds, CLIENTS, "eval_acc_median")
-        axes.plot(numbers, median, color=own, ls=":", label="own model: median client")
-    axes.plot(numbers, personal, color=own, marker="o", label="own model")
-    global_model = _series(rounds, CLIENTS, "eval_acc_global")
+        median = _series(rounds, CLIENTS_SECTION, "eval_acc_median")
+        axes.plot(numbers, median, color=own, ls=":", label=words(CLIENTS_SECTION, "eval_acc_median"))
+    axes.plot(numbers, personal, color=own, marker="o", label=words(CLIENTS_SECTION, OWN_ACCURACY))
+    global_model = _series(rounds, CLIENTS_SECTION, GLOBAL_ACCURACY)
     if _has(global_model):
         # With private-head the global model keeps the initial model's head all run.
         initial_head = run_config.get("personalisation") == "private-head"
-        label = "global model (the initial model's head)" if initial_head else "global model"
+        label = words(CLIENTS_SECTION, GLOBAL_ACCURACY) + " (global model"
+        label += ", the initial model's head)" if initial_head else ")"
         axes.plot(numbers, global_model, color=shared, marker="s", label=label)
     _chance(axes)
     axes.set(title="Clients' validation accuracy (weighted mean)", ylabel="accuracy", ylim=(0, 1))
@@ -160,20 +175,24 @@ def personalisation_figure(rounds: list[dict], run_config: dict) -> Figure | Non
 def _gain(panel, numbers: list[int], rounds: list[dict]) -> None:
     """Own minus global accuracy per client, in points: mean, min to max, share above 0."""
     axes = panel.subplots()
-    low = _series(rounds, CLIENTS, "eval_gain_points_min")
-    high = _series(rounds, CLIENTS, "eval_gain_points_max")
+    low = _series(rounds, CLIENTS_SECTION, "eval_gain_points_min")
+    high = _series(rounds, CLIENTS_SECTION, "eval_gain_points_max")
     if _has(low):
-        axes.fill_between(numbers, low, high, color="tab:green", alpha=0.15, label="min to max over clients")
-    mean = _series(rounds, CLIENTS, "eval_gain_points_mean")
-    axes.plot(numbers, mean, color="tab:green", marker="o", label="mean over clients")
+        band = "gain in points: lowest to highest client"
+        axes.fill_between(numbers, low, high, color="tab:green", alpha=0.15, label=band)
+    mean = _series(rounds, CLIENTS_SECTION, "eval_gain_points_mean")
+    axes.plot(
+        numbers, mean, color="tab:green", marker="o", label=words(CLIENTS_SECTION, "eval_gain_points_mean")
+    )
     axes.axhline(0, color="grey", lw=0.8)
     axes.set(title="Own model minus global model", ylabel="accuracy gain (points)")
     _per_round(axes)
-    share = _series(rounds, CLIENTS, "eval_gain_share")
+    share = _series(rounds, CLIENTS_SECTION, "eval_gain_share")
     if _has(share):
         share_axes = axes.twinx()
-        share_axes.plot(numbers, share, color="black", ls="--", lw=1, label="share of clients that gain")
-        share_axes.set(ylabel="share of clients that gain", yticks=[0, 0.25, 0.5, 0.75, 1])
+        share_name = words(CLIENTS_SECTION, "eval_gain_share")
+        share_axes.plot(numbers, share, color="black", ls="--", lw=1, label=share_name)
+        share_axes.set(ylabel=share_name, yticks=[0, 0.25, 0.5, 0.75, 1])
         _share_zero(axes, share_axes, top=1.05)
     _legend_below(panel)
 
@@ -199,7 +218,7 @@ def learning_rate_figure(rounds: list[dict], run_config: dict) -> Figure | None:
     figure = _figure(1, run_config)
     axes = figure.subplots()
     axes.step(numbers, rates, where="post", marker="o")
-    axes.set(title="Clients' learning rate", ylabel="learning rate", ylim=(0, None))
+    axes.set(title="Clients' learning rate", ylabel=words(None, "learning_rate"), ylim=(0, None))
     _per_round(axes)
     return figure
 

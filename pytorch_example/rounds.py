@@ -18,6 +18,7 @@ from flwr.serverapp.strategy import Result, Strategy
 
 from pytorch_example.config import AppConfig
 from pytorch_example.gate import ReplyGate
+from pytorch_example.names import CENTRAL_ACCURACY, CENTRAL_SECTION, CLIENTS_SECTION, OWN_ACCURACY, words
 from pytorch_example.outputs import RunOutputs
 from pytorch_example.privacy import PrivacyLedger
 from pytorch_example.trust import too_few_replies
@@ -259,19 +260,21 @@ def log_progress(
     """
     server_round = round_result["round"]
     eta_s = elapsed_s / rounds_done * (num_rounds - server_round)
-    central = round_result["evaluate_metrics_serverapp"].get("accuracy")
-    personal = round_result["evaluate_metrics_clientapp"].get("eval_acc")
+    central = round_result[CENTRAL_SECTION].get(CENTRAL_ACCURACY)
+    own = round_result[CLIENTS_SECTION].get(OWN_ACCURACY)
     privacy = round_result.get("privacy")
     log(
         INFO,
-        "Round %d/%d: %.1fs, %s elapsed, ETA %s | central accuracy %s | own-model accuracy %s%s",
+        "Round %d/%d: %.1fs, %s elapsed, ETA %s | %s %s | %s %s%s",
         server_round,
         num_rounds,
         round_s,
         clock(elapsed_s),
         clock(eta_s),
+        words(CENTRAL_SECTION, CENTRAL_ACCURACY),
         "-" if central is None else f"{central:.4f}",
-        "-" if personal is None else f"{personal:.4f}",
+        words(CLIENTS_SECTION, OWN_ACCURACY),
+        "-" if own is None else f"{own:.4f}",
         "" if privacy is None else f" | epsilon {privacy['epsilon']:.2f} ({epsilon_terms(privacy)})",
     )
 
@@ -291,9 +294,11 @@ def clock(seconds: float) -> str:
 
 
 def last_line(text: str) -> str:
-    """The last non-empty line of a client's error (a traceback ends with its message)."""
+    """The last non-empty line of a client's error (a traceback ends with its message), as
+    the log shows a SuperNode's words: 300 characters at most, control codes escaped."""
     lines = [line.strip() for line in str(text).splitlines() if line.strip()]
-    return lines[-1][:300] if lines else str(text)[:300]
+    line = lines[-1] if lines else str(text)
+    return "".join(char if char.isprintable() else repr(char)[1:-1] for char in line[:300])
 
 
 def send_and_receive(grid: Grid, messages: Iterable[Message], timeout: float) -> list[Message]:

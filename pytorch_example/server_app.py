@@ -10,21 +10,17 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
 from pytorch_example import task
-from pytorch_example.client_app import LINEAGE_KEY
-from pytorch_example.config import (
-    CLIENT_KEYS,
-    PERSONALISATION_SAID,
-    AppConfig,
-    ConfigError,
-    check_server_device,
-    project_dir,
-)
+from pytorch_example.check import check_server_device
+from pytorch_example.config import CLIENT_KEYS, PERSONALISATION_SAID, AppConfig, ConfigError
 from pytorch_example.data import ImageSet, load_test_set, prepare_partitions
 from pytorch_example.data_cache import has_split
+from pytorch_example.files import project_dir
 from pytorch_example.gate import ReplyGate
-from pytorch_example.outputs import RunOutputs, continued_run_config
+from pytorch_example.names import CENTRAL_ACCURACY, CENTRAL_LOSS, LINEAGE_KEY
+from pytorch_example.outputs import RunOutputs
 from pytorch_example.privacy import run_ledger
 from pytorch_example.rounds import RoundLoop, RunFailed
+from pytorch_example.run_folder import resume_run
 from pytorch_example.trust import build_strategy, check_federation
 
 app = ServerApp()
@@ -39,12 +35,13 @@ def main(grid: Grid, context: Context) -> None:
     try:
         run_config = dict(context.run_config)
         config = AppConfig.from_run_config(run_config)
-        if config.resume_from is not None:  # the run it continues has the say
-            run_config = continued_run_config(run_config, config)
-            config = AppConfig.from_run_config(run_config)
-        check_server_device(config.server_device)
         num_supernodes = len(list(grid.get_node_ids()))
         log(INFO, "The federation has %d SuperNodes connected", num_supernodes)
+        resumed = None
+        if config.resume_from is not None:  # the run it continues has the say
+            resumed = resume_run(run_config, config, num_supernodes)
+            run_config, config = resumed.run_config, resumed.config
+        check_server_device(config.server_device)
         check_federation(config, num_supernodes)
         run_ledger(config, grid, num_supernodes)  # DP's budget, before a new run's folder is made
         personalisation = config.personalisation
@@ -62,7 +59,7 @@ def main(grid: Grid, context: Context) -> None:
             prepare_partitions(config.data_source, config.partitioning(num_supernodes))
         torch.manual_seed(config.seed)
         initial_arrays = ArrayRecord(task.Net().state_dict())
-        outputs = RunOutputs.open(config, run_config, num_supernodes, initial_arrays)
+        outputs = RunOutputs.open(config, run_config, num_supernodes, initial_arrays, resumed)
         strategy = build_strategy(config, num_supernodes)
         privacy = run_ledger(config, grid, num_supernodes, outputs)
         gate = ReplyGate.for_run(config, initial_arrays)
@@ -101,6 +98,6 @@ def central_evaluation(test_set: ImageSet, config: AppConfig):
     def evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord:
         net.load_state_dict(arrays.to_torch_state_dict())
         loss, accuracy = task.test(net, test_set, config.eval_batch_size, device)
-        return MetricRecord({"accuracy": accuracy, "loss": loss})
+        return MetricRecord({CENTRAL_ACCURACY: accuracy, CENTRAL_LOSS: loss})
 
     return evaluate

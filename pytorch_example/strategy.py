@@ -16,7 +16,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
-from pytorch_example.client_app import LR_KEY, ROWS_KEY
+from pytorch_example.names import GLOBAL_ACCURACY, LR_KEY, OWN_ACCURACY, ROWS_KEY
 
 
 class CustomFedAvg(FedAvg):
@@ -69,8 +69,8 @@ class CustomFedAvg(FedAvg):
         if not contents:
             return None
         metrics = self.evaluate_metrics_aggr_fn(contents, ROWS_KEY)
-        own = np.array([float(content["metrics"]["eval_acc"]) for content in contents])
-        gains = 100 * (own - np.array([float(content["metrics"]["eval_acc_global"]) for content in contents]))
+        own = np.array([float(content["metrics"][OWN_ACCURACY]) for content in contents])
+        gains = 100 * (own - np.array([float(content["metrics"][GLOBAL_ACCURACY]) for content in contents]))
         metrics["eval_acc_min"] = float(np.min(own))
         metrics["eval_acc_median"] = float(np.median(own))
         metrics["eval_acc_max"] = float(np.max(own))

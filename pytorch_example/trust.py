@@ -30,7 +30,6 @@ from flwr.serverapp.strategy import (
 )
 from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 
-from pytorch_example.client_app import ROWS_KEY
 from pytorch_example.config import AppConfig, ConfigError
 from pytorch_example.gate import (
     EQUAL_WEIGHT_KEY,
@@ -39,6 +38,7 @@ from pytorch_example.gate import (
     update_norm,
     weighs_replies_equally,
 )
+from pytorch_example.names import ROWS_KEY
 from pytorch_example.strategy import CustomFedAvg
 
 

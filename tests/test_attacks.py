@@ -21,7 +21,7 @@ from harness import attacks
 from harness.flower_processes import default_run_config
 from harness.synthetic_fmnist import write_idx_dataset
 from pytorch_example import client_app
-from pytorch_example.client_app import LR_KEY, ROWS_KEY
+from pytorch_example.names import LR_KEY, ROWS_KEY
 from pytorch_example.task import Net
 from tests.scripted import ScriptedGrid, config_for, run_rounds
 

@@ -12,9 +12,10 @@ import pytest
 
 from harness.flower_processes import REPO, default_run_config
 from harness.synthetic_fmnist import write_idx_dataset
-from pytorch_example import config as config_module
-from pytorch_example.config import DEFAULT_CACHE_DIR, AppConfig, ConfigError, project_dir
+from pytorch_example import files as files_module
+from pytorch_example.config import AppConfig, ConfigError
 from pytorch_example.data_cache import DataError
+from pytorch_example.files import DEFAULT_CACHE_DIR, project_dir
 
 
 def test_pyproject_defaults_are_valid():
@@ -146,23 +147,6 @@ def test_resume_from_must_be_a_folder(tmp_path):
         AppConfig.from_run_config({**default_run_config(), "resume-from": str(tmp_path / "nope")})
 
 
-def test_a_resumed_run_must_share_the_data_personalisation_and_privacy_settings():
-    config = AppConfig.from_run_config({**default_run_config(), "dirichlet-alpha": 0.5})
-    assert config.resume_settings() == {
-        "dataset-name": "zalando-datasets/fashion_mnist",
-        "dataset-path": None,
-        "dirichlet-alpha": 0.5,
-        "partition-seed": 42,
-        "val-fraction": 0.2,
-        "personalisation": "refit-head",
-        "central-evaluation": True,
-        "dp-noise-multiplier": 0.0,
-    }
-    # The clipping norm only matters, and is only compared, with DP on.
-    dp_config = AppConfig.from_run_config({**default_run_config(), "dp-noise-multiplier": 1.0})
-    assert dp_config.resume_settings()["dp-clipping-norm"] == 0.1
-
-
 def test_a_run_that_would_measure_its_model_nowhere_is_refused():
     settings = {**default_run_config(), "central-evaluation": False, "fraction-evaluate": 0.0}
     with pytest.raises(
@@ -204,7 +188,7 @@ class FakeDistribution:
 def test_project_dir_of_an_editable_install_is_its_source_folder(tmp_path, monkeypatch):
     source = tmp_path / "my project"
     url = json.dumps({"url": source.as_uri(), "dir_info": {"editable": True}})
-    monkeypatch.setattr(config_module, "distribution", lambda name: FakeDistribution(url))
+    monkeypatch.setattr(files_module, "distribution", lambda name: FakeDistribution(url))
     monkeypatch.chdir(tmp_path)
     assert project_dir() == source
 
@@ -215,7 +199,7 @@ def test_project_dir_of_an_editable_install_is_its_source_folder(tmp_path, monke
     ids=["from an index", "from a wheel"],
 )
 def test_project_dir_of_any_other_install_is_the_working_folder(tmp_path, monkeypatch, direct_url):
-    monkeypatch.setattr(config_module, "distribution", lambda name: FakeDistribution(direct_url))
+    monkeypatch.setattr(files_module, "distribution", lambda name: FakeDistribution(direct_url))
     monkeypatch.chdir(tmp_path)
     assert project_dir() == tmp_path
 
@@ -271,7 +255,7 @@ OK_WITHOUT_DATA = "run-config OK: keys and values; not the partitioner, which ne
 )
 def test_the_config_check_says_in_one_line_what_a_run_would_refuse(pairs, said):
     checked = subprocess.run(
-        [sys.executable, "-m", "pytorch_example.config", *pairs], cwd=REPO, capture_output=True, text=True
+        [sys.executable, "-m", "pytorch_example.check", *pairs], cwd=REPO, capture_output=True, text=True
     )
     assert (checked.stdout + checked.stderr).strip().startswith(said)
     assert len((checked.stdout + checked.stderr).strip().splitlines()) == 1
@@ -284,7 +268,7 @@ def test_with_the_data_at_hand_the_config_check_refuses_an_alpha_the_partitioner
     def check(alpha: float) -> subprocess.CompletedProcess:
         pairs = f"dataset-path='{data}' data-cache-dir='{tmp_path / 'cache'}' dirichlet-alpha={alpha}"
         return subprocess.run(
-            [sys.executable, "-m", "pytorch_example.config", pairs, "--supernodes", "20"],
+            [sys.executable, "-m", "pytorch_example.check", pairs, "--supernodes", "20"],
             cwd=REPO,
             capture_output=True,
             text=True,

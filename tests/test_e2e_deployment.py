@@ -63,7 +63,7 @@ def test_a_run_whose_clientapps_all_fail_ends_failed(idx_dataset, tmp_path):
     assert "node config partition-id=5 num-partitions=2: partition 5 does not exist" in details
     [run_dir] = [path for path in (tmp_path / "outputs").glob("*/*") if path.is_dir()]
     results = trained_rounds(run_dir / "results.json")
-    assert [entry["train_metrics"] for entry in results] == [{}, {}]
+    assert [entry["train_metrics_clientapp"] for entry in results] == [{}, {}]
     assert not (run_dir / "final_model.pt").exists()
     [wandb_run] = (run_dir / "wandb").glob("offline-run-*")
     assert read_offline_run(wandb_run).exit_code == 1
@@ -104,7 +104,7 @@ def test_a_supernode_killed_mid_run_costs_its_replies_and_comes_back_with_its_he
     results = trained_rounds(results_file)
     assert [entry["round"] for entry in results] == [1, 2, 3, 4]
     # The dead node's messages came back as errors; the others' replies were aggregated.
-    assert results[1]["replies"]["train"]["failed"] >= 1 and results[1]["train_metrics"]
+    assert results[1]["replies"]["train"]["failed"] >= 1 and results[1]["train_metrics_clientapp"]
     assert results[-1]["replies"]["train"]["failed"] == 0
     restarted_log = (tmp_path / "deployment" / "supernode-1-restarted.log").read_text()
     assert "Restored this client's head from" in restarted_log and "partition-1-of-3.pt" in restarted_log
@@ -132,7 +132,7 @@ def test_a_supernode_sending_nan_weights_is_left_out_and_dp_rounds_go_on(idx_dat
         assert entry["replies"]["train"] == {
             "expected": 2, "received": 2, "failed": 0, "dropped": 1, "clipped": 0, "capped": 0
         }  # fmt: skip
-        assert entry["train_metrics"] and math.isfinite(entry["evaluate_metrics_serverapp"]["loss"])
+        assert entry["train_metrics_clientapp"] and math.isfinite(entry["evaluate_metrics_serverapp"]["loss"])
     privacy = [entry["privacy"] for entry in results]
     assert [spent["releases"] for spent in privacy] == [1, 2]
     assert 0 < privacy[0]["epsilon"] < privacy[1]["epsilon"]
@@ -224,7 +224,9 @@ def test_supernodes_holding_only_their_own_data_run_stop_and_resume(idx_dataset,
     results = trained_rounds(results_file)
     assert [entry["round"] for entry in results] == [1, 2, 3], done.stdout + done.stderr
     # Every round trained and evaluated on both SuperNodes' own rows.
-    assert all(entry["replies"]["train"]["received"] == 2 and entry["train_metrics"] for entry in results)
+    assert all(
+        entry["replies"]["train"]["received"] == 2 and entry["train_metrics_clientapp"] for entry in results
+    )
     assert all(entry["replies"]["evaluate"]["dropped"] == 0 for entry in results)
     server_paths = [str(path) for path in (server_data, server_cache, outputs, deployment.root, idx_dataset)]
     for name, machine in machines.items():

@@ -13,7 +13,7 @@ import psutil
 import pytest
 
 from harness.flower_processes import REPO, copy_app, free_port, isolated_env, trained_rounds, wait_until
-from pytorch_example.config import project_dir
+from pytorch_example.files import project_dir
 
 INSTALL_CPU_TORCH = "pip install torch torchvision --index-url https://download.pytorch.org/whl/cpu"
 # The warnings docs/runs.md says Flower 1.42 (and its Ray) print on a run, unavoidably:

@@ -25,7 +25,7 @@ RESULT_KEYS = {
     "round",
     "learning_rate",
     "replies",
-    "train_metrics",
+    "train_metrics_clientapp",
     "evaluate_metrics_clientapp",
     "evaluate_metrics_serverapp",
 }
@@ -58,7 +58,7 @@ def test_simulation_writes_every_output(superlink, app_dir, idx_dataset, tmp_pat
     assert [entry["round"] for entry in results] == [1, 2, 3]
     for entry in results:
         assert set(entry) == RESULT_KEYS
-        assert set(entry["train_metrics"]) == {"train_loss"}
+        assert set(entry["train_metrics_clientapp"]) == {"train_loss"}
         assert set(entry["evaluate_metrics_clientapp"]) == {
             "eval_loss",
             "eval_acc",
@@ -292,7 +292,7 @@ def test_replies_unlike_the_clientapps_are_left_out_and_the_run_completes(
         assert entry["replies"]["evaluate"] | BOUNDED_NONE == {
             "expected": 4, "received": 4, "failed": 0, "dropped": 1, **BOUNDED_NONE
         }  # fmt: skip
-        assert set(entry["train_metrics"]) == {"train_loss"}
+        assert set(entry["train_metrics_clientapp"]) == {"train_loss"}
         assert 0 <= entry["evaluate_metrics_clientapp"]["eval_acc"] <= 1
     assert "left out the train reply of node" in log and "are not ['num-examples', 'train_loss']" in log
     assert "left out the evaluate reply of node" in log

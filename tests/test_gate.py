@@ -17,9 +17,9 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, Re
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from pytorch_example.client_app import EVALUATE_METRIC_KEYS, ROWS_KEY, TRAIN_METRIC_KEYS
 from pytorch_example.config import AGGREGATIONS, PRIVATE_HEAD
 from pytorch_example.gate import EQUAL_WEIGHT_KEY, MAX_ROWS, Bounded, ReplyGate
+from pytorch_example.names import EVALUATE_METRIC_KEYS, ROWS_KEY, TRAIN_METRIC_KEYS
 from pytorch_example.rounds import RunFailed
 from pytorch_example.task import HEAD_KEYS, Net
 from pytorch_example.trust import build_strategy, too_few_replies
@@ -199,7 +199,7 @@ def test_no_reply_breaks_a_round_and_every_bad_one_is_counted(tmp_path_factory, 
         assert counts == {"expected": NUM_NODES, "received": NUM_NODES, "failed": 0, "dropped": bad}
         assert set(bounded) == ({"clipped", "capped"} if phase == "train" else {"capped"})
         assert all(count <= NUM_NODES - bad for count in bounded.values())  # of the replies used
-    assert (entry["train_metrics"] != {}) == trainable
+    assert (entry["train_metrics_clientapp"] != {}) == trainable
     saved = torch.load(run_dir / "resume.pt", weights_only=True)["arrays"]
     assert all(torch.isfinite(value).all() for value in saved.values())
     for key, value in entry["evaluate_metrics_clientapp"].items():
@@ -422,3 +422,18 @@ def test_when_half_the_replies_move_nothing_no_update_is_cut(caplog):
         assert gate.bound(gate.screen("train", replies, 1), sent, 1) == Bounded()
     assert "half the train replies or more moved nothing, so no update norm is cut" in caplog.text
     assert float(flat_update(replies[3].content["arrays"], sent).norm()) == pytest.approx(5.0, rel=1e-5)
+
+
+def test_what_a_supernode_names_reaches_the_log_escaped_and_short(caplog):
+    """A metric key of a million characters with a terminal's colour code, and a row
+    count of a million numbers: the warning escapes the code and stays one short line."""
+    sent, [reply] = sent_and_replies([random_update(1.0, 0)], [10])
+    key = "\x1b[31m" + "k" * 1_000_000
+    reply.content["metrics"] = MetricRecord({"train_loss": 1.0, key: 1.0})
+    _, [long_rows] = sent_and_replies([random_update(1.0, 1)], [10])
+    long_rows.content["metrics"][ROWS_KEY] = [1] * 1_000_000
+    with caplog.at_level(logging.WARNING, logger="flwr"):
+        assert ReplyGate.for_run(config_for(), sent).screen("train", [reply, long_rows], 1) == []
+    lines = [record.getMessage() for record in caplog.records]
+    assert len(lines) == 2 and all(len(line) < 500 and "\x1b" not in line for line in lines)
+    assert "\\x1b[31mkkk" in lines[0]

@@ -18,10 +18,12 @@ from PIL import Image
 from harness.flower_processes import default_run_config
 from harness.wandb_offline import read_offline_run
 from pytorch_example import plots
-from pytorch_example.config import DEFAULT_CACHE_DIR, LEGACY_SETTINGS, AppConfig, ConfigError
-from pytorch_example.outputs import RunOutputs, continued_run_config, lock_run_folder
+from pytorch_example.config import AppConfig, ConfigError
+from pytorch_example.files import DEFAULT_CACHE_DIR
+from pytorch_example.outputs import RunOutputs
 from pytorch_example.plots import plot_run
-from pytorch_example.run_folder import ResumeError, _best_problem, load_resume_state, read_run_folder
+from pytorch_example.run_files import LEGACY_SETTINGS, ResumeError, _best_problem, load_resume_state
+from pytorch_example.run_folder import lock_run_folder, read_run_folder, resume_run, resume_settings
 from pytorch_example.task import Net
 
 
@@ -70,7 +72,7 @@ def test_results_json_has_the_reference_shape_after_every_round(tmp_path):
         "round": 2,
         "learning_rate": 0.1,
         "replies": {},
-        "train_metrics": {"train_loss": 1.0},
+        "train_metrics_clientapp": {"train_loss": 1.0},
         "evaluate_metrics_clientapp": dict(result.evaluate_metrics_clientapp[2]),
         "evaluate_metrics_serverapp": {"accuracy": 0.5, "loss": 1.2},
     }
@@ -256,9 +258,8 @@ def killed_dp_run(made_folders, tmp_path) -> Path:
 def resume(run_dir: Path, **settings) -> RunOutputs:
     """What the ServerApp does with `resume-from`: the folder's run-config, then the folder."""
     run_config = {**default_run_config(), "use-wandb": False, "resume-from": str(run_dir), **settings}
-    run_config = continued_run_config(run_config, AppConfig.from_run_config(run_config))
-    config = AppConfig.from_run_config(run_config)
-    return RunOutputs.open(config, run_config, 4, ArrayRecord(Net().state_dict()))
+    resumed = resume_run(run_config, AppConfig.from_run_config(run_config), 4)
+    return RunOutputs.open(resumed.config, resumed.run_config, 4, ArrayRecord(Net().state_dict()), resumed)
 
 
 def folder_bytes(run_dir: Path) -> dict[str, str]:
@@ -287,6 +288,23 @@ def edit_state(run_dir: Path, **changes) -> None:
 
 def edit_json(path: Path, change) -> None:
     path.write_text(json.dumps(change(json.loads(path.read_text()))))
+
+
+def test_a_resumed_run_must_share_the_data_personalisation_and_privacy_settings():
+    config = AppConfig.from_run_config({**default_run_config(), "dirichlet-alpha": 0.5})
+    assert resume_settings(config) == {
+        "dataset-name": "zalando-datasets/fashion_mnist",
+        "dataset-path": None,
+        "dirichlet-alpha": 0.5,
+        "partition-seed": 42,
+        "val-fraction": 0.2,
+        "personalisation": "refit-head",
+        "central-evaluation": True,
+        "dp-noise-multiplier": 0.0,
+    }
+    # The clipping norm only matters, and is only compared, with DP on.
+    dp_config = AppConfig.from_run_config({**default_run_config(), "dp-noise-multiplier": 1.0})
+    assert resume_settings(dp_config)["dp-clipping-norm"] == 0.1
 
 
 def test_every_round_leaves_what_a_restart_needs(tmp_path):
@@ -393,6 +411,26 @@ def test_a_folder_made_before_personalisation_and_dp_existed_resumes_as_stored_h
     with resume(run_dir) as outputs:  # `resume-from` alone takes the legacy setting
         assert outputs.run_config["personalisation"] == "stored-head"
         assert outputs.state.settings == settings  # the next resume.pt says it in full
+
+
+def test_a_folder_whose_rounds_say_train_metrics_resumes_under_flowers_name(tmp_path):
+    run_dir = run_folder(tmp_path)
+    legacy = {"train_metrics_clientapp": "train_metrics"}
+
+    def as_before(entries: list[dict]) -> list[dict]:
+        return [{legacy.get(key, key): value for key, value in entry.items()} for entry in entries]
+
+    round_results = torch.load(run_dir / "resume.pt", weights_only=True)["round_results"]
+    edit_state(run_dir, round_results=as_before(round_results))
+    edit_json(run_dir / "results.json", as_before)
+    assert "train_metrics" in json.loads((run_dir / "results.json").read_text())[1]
+    with resume(run_dir) as outputs:
+        assert outputs.state.round_results == round_results
+    rewritten = json.loads((run_dir / "results.json").read_text())
+    assert [entry.get("train_metrics_clientapp") for entry in rewritten] == [
+        entry["train_metrics_clientapp"] for entry in round_results
+    ]
+    assert not any("train_metrics" in entry for entry in rewritten)
 
 
 def set_best_checkpoint(name: str):
@@ -588,8 +626,8 @@ def state_with(**fields):
             id="own accuracy 1e9",
         ),
         pytest.param(
-            with_metric("train_metrics", "train_loss", -2.0),
-            r"train_metrics train_loss = -2.0, not a number in \[0.0, inf\]",
+            with_metric("train_metrics_clientapp", "train_loss", -2.0),
+            r"train_metrics_clientapp train_loss = -2.0, not a number in \[0.0, inf\]",
             id="negative train loss",
         ),
         pytest.param(
@@ -636,7 +674,7 @@ def test_a_dp_folder_that_understates_its_releases_is_refused(killed_dp_run, dam
 
 
 def test_epsilon_is_recorded_each_round_and_a_resumed_run_counts_its_releases(tmp_path, offline_wandb):
-    with RunOutputs(tmp_path, {}, "pytorch-example-tests", resume_settings=SETTINGS) as outputs:
+    with RunOutputs(tmp_path, {}, "pytorch-example-tests", settings=SETTINGS) as outputs:
         assert outputs.privacy_releases == (0, 0)
         for server_round, epsilon in ((1, 2.5), (2, 3.75)):
             privacy = {"epsilon": epsilon, "delta": 1e-5, "releases": server_round, "credited": 0}

@@ -15,7 +15,7 @@ from pytorch_example.plots import personalisation_figure, plot_run, run_figures
 OLDER_RESULTS = [
     {
         "round": server_round,
-        "train_metrics": {"train_loss": 2.0 / server_round},
+        "train_metrics_clientapp": {"train_loss": 2.0 / server_round},
         "evaluate_metrics_clientapp": {"eval_loss": 1.0, "eval_acc": 0.2 * server_round},
         "evaluate_metrics_serverapp": {"accuracy": 0.1 * server_round, "loss": 2.0},
     }
@@ -75,7 +75,7 @@ def test_the_personalisation_figure_shows_the_gain_when_the_run_has_it():
     rounds = [with_gains(entry) for entry in OLDER_RESULTS]
     assert len(personalisation_figure(OLDER_RESULTS, {}).axes) == 1  # no gain figures: one panel
     accuracy, gain, share = personalisation_figure(rounds, {}).axes
-    assert [line.get_label() for line in gain.get_lines()][0] == "mean over clients"
+    assert [line.get_label() for line in gain.get_lines()][0] == "mean gain in points"  # names.py's words
     assert list(gain.get_lines()[0].get_ydata()) == [15.0, 15.0, 15.0]
     assert list(share.get_lines()[0].get_ydata()) == [0.75, 0.75, 0.75]
     assert accuracy.get_ylabel() == "accuracy" and gain.get_ylabel() == "accuracy gain (points)"
@@ -85,7 +85,7 @@ def test_a_run_that_ended_before_central_evaluation_draws_what_it_has(tmp_path):
     entry = {
         "round": 1,
         "learning_rate": 0.1,
-        "train_metrics": {},
+        "train_metrics_clientapp": {},
         "evaluate_metrics_clientapp": {},
         "evaluate_metrics_serverapp": {},
     }
@@ -146,7 +146,10 @@ def test_every_accuracy_axis_shows_chance_level_from_0_to_1(tmp_path):
 
 @pytest.mark.parametrize(
     ("personalisation", "label"),
-    [("private-head", "global model (the initial model's head)"), ("refit-head", "global model")],
+    [
+        ("private-head", "federated accuracy (global model, the initial model's head)"),
+        ("refit-head", "federated accuracy (global model)"),
+    ],
 )
 def test_a_private_head_figure_says_its_global_head_is_the_initial_one(tmp_path, personalisation, label):
     write_run(tmp_path, DP_RESULTS, {**DP_CONFIG, "personalisation": personalisation})

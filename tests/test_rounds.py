@@ -13,7 +13,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from pytorch_example.gate import ReplyGate
 from pytorch_example.outputs import RunOutputs
-from pytorch_example.rounds import RoundLoop, RunFailed, clock
+from pytorch_example.rounds import RoundLoop, RunFailed, clock, last_line
 from pytorch_example.task import HEAD_KEYS, Net
 from pytorch_example.trust import build_strategy
 from tests.scripted import (
@@ -68,7 +68,7 @@ def test_the_rule_counts_rounds_in_a_row_only(tmp_path):
     run_rounds(tmp_path, config_for(num_server_rounds=6), ScriptedGrid(4, failing_in({1, 2, 4, 5})))
     results = results_of(tmp_path)
     assert [entry["round"] for entry in results] == list(range(1, 7))
-    assert results[0]["train_metrics"] == {} and results[2]["train_metrics"] != {}
+    assert results[0]["train_metrics_clientapp"] == {} and results[2]["train_metrics_clientapp"] != {}
 
 
 def test_a_run_shorter_than_the_limit_fails_when_all_its_rounds_failed(tmp_path):
@@ -221,7 +221,7 @@ def test_a_train_reply_unlike_the_clientapps_is_left_out_and_counted(tmp_path, c
         "train": {"expected": 4, "received": 4, "failed": 0, "dropped": 1, "clipped": 0, "capped": 0},
         "evaluate": {"expected": 4, "received": 4, "failed": 0, "dropped": 0, "capped": 0},
     }
-    assert entry["train_metrics"] == {"train_loss": 1.0}
+    assert entry["train_metrics_clientapp"] == {"train_loss": 1.0}
 
 
 BAD_EVALUATE_REPLIES = [
@@ -346,3 +346,9 @@ def test_central_evaluation_scores_each_rounds_aggregate(tmp_path):
     assert scored == pytest.approx({0: 0.0, 1: 1e-4, 2: 2e-4, 3: 3e-4}, rel=1e-3, abs=1e-9)
     recorded = json.loads((tmp_path / "results.json").read_text())
     assert [entry["evaluate_metrics_serverapp"]["accuracy"] for entry in recorded] == [0.0, 0.1, 0.2, 0.3]
+
+
+def test_a_clients_error_reaches_the_log_as_one_short_printable_line():
+    reason = "Traceback (most recent call last):\n  ...\nValueError: \x1b[2J\x1b[31m" + "x" * 10_000
+    line = last_line(reason)
+    assert line.startswith("ValueError: \\x1b[2J\\x1b[31mxxx") and len(line) < 400 and line.isprintable()

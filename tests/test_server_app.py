@@ -8,14 +8,15 @@ from flwr.app import ArrayRecord, Context, RecordDict
 
 from harness.flower_processes import default_run_config
 from harness.synthetic_fmnist import make_split
-from pytorch_example import server_app
-from pytorch_example.client_app import LINEAGE_KEY
-from pytorch_example.config import CLIENT_KEYS, AppConfig, ConfigError, check_server_device
-from pytorch_example.data import ImageSet
-from pytorch_example.outputs import create_run_dir
+from pytorch_example import server_app, task
+from pytorch_example.check import check_server_device
+from pytorch_example.config import CLIENT_KEYS, AppConfig, ConfigError
+from pytorch_example.data import ImageSet, load_test_set
+from pytorch_example.names import LINEAGE_KEY
+from pytorch_example.run_folder import create_run_dir
 from pytorch_example.server_app import central_evaluation, client_settings
 from pytorch_example.task import Net
-from tests.scripted import ScriptedGrid, honest
+from tests.scripted import ScriptedGrid, honest, is_train, mean_shift, shifted, trained
 
 
 def test_cpu_is_always_a_valid_server_device_and_a_missing_gpu_is_refused_in_one_line():
@@ -37,12 +38,6 @@ def test_the_messages_carry_the_clients_settings_and_none_of_the_servers_paths(t
     sent = client_settings(run_config, "a" * 32)
     assert set(sent) == {*CLIENT_KEYS, LINEAGE_KEY} and sent["local-epochs"] == 3
     assert not any(str(tmp_path) in str(value) for value in sent.values())
-
-
-def test_a_gpu_the_serverapp_cannot_see_fails_in_one_line():
-    missing = f"cuda:{torch.cuda.device_count()}"
-    with pytest.raises(ConfigError, match=f"'server-device' = '{missing}' but the ServerApp sees"):
-        check_server_device(missing)
 
 
 def test_run_folders_are_dated_and_never_reused(tmp_path):
@@ -83,3 +78,48 @@ def test_without_central_evaluation_the_serverapp_reads_no_data(tmp_path):
     assert [entry["evaluate_metrics_serverapp"] for entry in results] == [{}, {}]
     assert [path.name for path in run_dir.glob("best_model_*.pt")] == ["best_model_round_1_acc_0.1000.pt"]
     assert not (tmp_path / "cache").exists()  # nothing decoded, nothing partitioned
+
+
+def test_the_serverapp_scores_each_rounds_model_and_bounds_a_huge_update(tmp_path, idx_dataset):
+    """`server_app.main` end to end on a grid double: every node moves the model a little
+    but node 1, which sends weights a million times off; the gate cuts its update to the
+    round's bound, and central evaluation scores the model each round ends with."""
+    run_config = {
+        **default_run_config(),
+        "num-server-rounds": 2,
+        "fraction-train": 1.0,
+        "fraction-evaluate": 1.0,
+        "round-timeout": 5.0,
+        "dataset-path": str(idx_dataset),
+        "data-cache-dir": str(tmp_path / "cache"),
+        "output-dir": str(tmp_path / "outputs"),
+        "use-wandb": False,
+    }
+
+    def answer(server_round, message):
+        if not is_train(message):
+            return trained(message)
+        return shifted(message, by=1e6 if message.metadata.dst_node_id == 1 else 0.01)
+
+    context = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=run_config)
+    server_app.main(ScriptedGrid(4, answer), context)
+    [run_dir] = [path for path in (tmp_path / "outputs").glob("*/*") if path.is_dir()]
+    results = json.loads((run_dir / "results.json").read_text())
+    assert [entry["round"] for entry in results] == [0, 1, 2]
+    assert [entry["replies"]["train"]["clipped"] for entry in results[1:]] == [1, 1]
+
+    torch.manual_seed(42)  # the run's seed: its initial model
+    initial = ArrayRecord(Net().state_dict())
+    final = ArrayRecord(torch.load(run_dir / "final_model.pt", weights_only=True))
+    # 3 updates of 0.01 and one cut to twice their norm, each round: a mean step of 0.0125.
+    assert mean_shift(initial, final) == pytest.approx(2 * 0.0125, rel=1e-3)
+    config = AppConfig.from_run_config(run_config)
+    test_set = load_test_set(config.data_source)
+    for entry, model in ((results[0], initial), (results[2], final)):
+        net = Net()
+        net.load_state_dict(model.to_torch_state_dict())
+        loss, accuracy = task.test(net, test_set, config.eval_batch_size, torch.device("cpu"))
+        assert entry["evaluate_metrics_serverapp"] == pytest.approx({"accuracy": accuracy, "loss": loss})
+    assert (
+        results[2]["evaluate_metrics_serverapp"]["loss"] != results[0]["evaluate_metrics_serverapp"]["loss"]
+    )

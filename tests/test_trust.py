@@ -289,7 +289,7 @@ def test_a_per_weight_rule_short_of_a_majority_honest_trains_nothing(tmp_path, c
         f"Round 1 trained nothing ('{rule}' with num-malicious=2 needs 5 replies, 2 were usable)"
         in caplog.text
     )
-    assert results_of(tmp_path)[0]["train_metrics"] == {}
+    assert results_of(tmp_path)[0]["train_metrics_clientapp"] == {}
     saved = torch.load(tmp_path / "resume.pt", weights_only=True)["arrays"]
     assert all(torch.equal(saved[key], value) for key, value in start.to_torch_state_dict().items())
 
