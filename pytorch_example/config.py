@@ -110,6 +110,7 @@ class AppConfig:
     multi_krum_keep: int = 0
     dp_noise_multiplier: float = 0.0
     dp_clipping_norm: float = 0.1
+    dp_clipping_quantile: float = 0.0
     dp_delta: float = 1e-5
     dp_max_epsilon: float = 0.0
     dp_population: int = 0
@@ -155,6 +156,7 @@ class AppConfig:
             multi_krum_keep=reader.integer("multi-krum-keep", minimum=0),
             dp_noise_multiplier=reader.nonnegative("dp-noise-multiplier"),
             dp_clipping_norm=reader.positive("dp-clipping-norm"),
+            dp_clipping_quantile=reader.number("dp-clipping-quantile", low=0.0, high=1.0, high_open=True),
             dp_delta=reader.number("dp-delta", low=0.0, high=1.0, low_open=True, high_open=True),
             dp_max_epsilon=reader.nonnegative("dp-max-epsilon"),
             dp_population=reader.integer("dp-population", minimum=0),
@@ -235,6 +237,12 @@ class AppConfig:
             raise ConfigError(
                 f"run-config key 'dp-max-epsilon' = {self.dp_max_epsilon:g} bounds nothing while "
                 "dp-noise-multiplier = 0 (DP off): set dp-noise-multiplier > 0, or dp-max-epsilon = 0"
+            )
+        if self.dp_clipping_quantile and not self.dp_on:
+            raise ConfigError(
+                f"run-config key 'dp-clipping-quantile' = {self.dp_clipping_quantile:g} adapts DP's clipping "
+                "norm while dp-noise-multiplier = 0 (DP off): set dp-noise-multiplier > 0, or "
+                "dp-clipping-quantile = 0"
             )
         if self.dp_population and not self.dp_on:
             raise ConfigError(

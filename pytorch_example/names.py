@@ -61,6 +61,7 @@ NUMBERS = (
     Number(None, "learning_rate", "learning_rate", "learning rate"),
     Number("privacy", "epsilon", "privacy_epsilon", "epsilon"),
     Number("privacy", "credited", "privacy_credited_rounds", "rounds with sampling credited"),
+    Number("privacy", "clipping_norm", "privacy_clipping_norm", "DP clipping norm"),
 )
 _BY_PLACE = {(number.section, number.key): number for number in NUMBERS}
 

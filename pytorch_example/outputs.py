@@ -168,9 +168,17 @@ class RunOutputs:
         """The SuperNodes connected when the run started (None in a folder from before that was kept)."""
         return self.state.num_supernodes
 
-    def save_privacy_releases(self, releases: int, credited: int) -> None:
-        """Note a DP round's release as soon as it happens, before the round is recorded."""
+    @property
+    def clipping_norm(self) -> float | None:
+        """The norm DP's next round clips at, if a round released so far (adaptive
+        clipping moves it; a resumed run goes on from it)."""
+        return self.state.dp_clipping_norm
+
+    def save_privacy_releases(self, releases: int, credited: int, clipping_norm: float) -> None:
+        """Note a DP round's release as soon as it happens, before the round is recorded,
+        and the norm the next round clips at."""
         self.state.privacy_releases, self.state.privacy_credited = releases, credited
+        self.state.dp_clipping_norm = clipping_norm
         self._save_resume_state()
 
     def record_initial_evaluation(self, metrics: dict) -> None:

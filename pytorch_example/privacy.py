@@ -18,10 +18,17 @@ or more connected, a simulation resumed on another size) is the plain Gaussian, 
 when nothing is declared: the sample is then uniform over a set that is not the one
 accounted for. A reply left out keeps the credit: which clients are sampled does not
 depend on anyone's data, and a missing update is a zero one, within the same 2C.
+
+With `dp-clipping-quantile`, C itself follows that quantile of the updates' norms
+(`Clipping`, Andrew et al. 2021): the count of updates within C is released too, with
+noise of its own, and the updates' noise grows to match, so that a round is still the
+Gaussian of sigma / 2 above and its epsilon the same as with C fixed.
 """
 
+import math
 from logging import INFO
 
+import numpy as np
 from dp_accounting import dp_event
 from dp_accounting.privacy_accountant import NeighboringRelation
 from dp_accounting.rdp import RdpAccountant
@@ -29,6 +36,45 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 
 from pytorch_example.config import AppConfig, ConfigError
+
+# Andrew et al.'s defaults, as Flower's adaptive wrappers take them: the norm's step
+# size, and the noise on the count of updates within the norm, per sampled client.
+CLIP_NORM_LR = 0.2
+COUNT_NOISE_PER_CLIENT = 1 / 20
+
+
+class Clipping:
+    """DP's clipping norm C, and the noise multiplier of the updates' mean that goes with
+    it: fixed at `dp-clipping-norm`, or with `dp-clipping-quantile` q adapted after each
+    round, C x exp(-0.2 x (b - q)), where b is the share of the sampled clients' updates
+    within C (a missing one, a zero update, is within), released with Gaussian noise of
+    m / 20. The count's noise costs privacy, so the updates' multiplier rises from sigma
+    to (sigma^-2 - (m / 10)^-2)^-1/2: together, one Gaussian of sigma / 2 (privacy.py's
+    account, unchanged). `norm` is what the next round clips at; `used`, the last round's."""
+
+    def __init__(self, config: AppConfig, sample_size: int, norm: float | None = None) -> None:
+        self.quantile = config.dp_clipping_quantile
+        self.sample_size = sample_size
+        self.norm = norm or config.dp_clipping_norm
+        self.used: float | None = None
+        sigma = config.dp_noise_multiplier
+        self.count_std = sample_size * COUNT_NOISE_PER_CLIENT if self.quantile else 0.0
+        if self.quantile and sigma >= 2 * self.count_std:
+            raise ConfigError(
+                f"run-config key 'dp-clipping-quantile' = {self.quantile:g} needs dp-noise-multiplier "
+                f"below {2 * self.count_std:g} with {sample_size} clients a round (the count its norm "
+                "follows takes noise of its own, m / 20): sample more clients, lower the multiplier, or "
+                "set dp-clipping-quantile=0"
+            )
+        self.noise_multiplier = (sigma**-2 - (2 * self.count_std) ** -2) ** -0.5 if self.quantile else sigma
+
+    def follow(self, within: int) -> None:
+        """After a round that clipped at `norm`, `within` of whose sampled clients' updates
+        were within it: the next round's norm (with a fixed norm, the same)."""
+        self.used = self.norm
+        if self.quantile:
+            share = (within + np.random.normal(0.0, self.count_std)) / self.sample_size
+            self.norm *= math.exp(-CLIP_NORM_LR * (share - self.quantile))
 
 
 def known_population(config: AppConfig, grid: Grid, started_with: int) -> int | None:
@@ -55,25 +101,35 @@ def run_ledger(config: AppConfig, grid: Grid, num_supernodes: int, outputs=None)
     accounted, said in the log."""
     if not config.dp_on:
         return None
-    started_with, spent = num_supernodes, (0, 0)
+    started_with, spent, norm = num_supernodes, (0, 0), None
     if outputs is not None:
-        started_with, spent = outputs.started_with, outputs.privacy_releases
+        started_with, spent, norm = outputs.started_with, outputs.privacy_releases, outputs.clipping_norm
     population = known_population(config, grid, started_with)
-    ledger = privacy_ledger(config, population, config.train_sample_size(num_supernodes), *spent)
+    sample_size = config.train_sample_size(num_supernodes)
+    ledger = privacy_ledger(
+        config, population, sample_size, *spent, clipping=Clipping(config, sample_size, norm)
+    )
     if outputs is not None:
         log(INFO, "DP's epsilon: %s", ledger.accounting())
     return ledger
 
 
 def privacy_ledger(
-    config: AppConfig, population: int | None, sample_size: int, releases: int = 0, credited: int = 0
+    config: AppConfig,
+    population: int | None,
+    sample_size: int,
+    releases: int = 0,
+    credited: int = 0,
+    clipping: Clipping | None = None,
 ) -> "PrivacyLedger | None":
     """The run's epsilon account, `releases` DP rounds in, `credited` of them with their
-    sampling credited (a resumed run goes on from what its folder spent); None without DP.
-    `ConfigError` if no round is left to run."""
+    sampling credited (a resumed run goes on from what its folder spent), and its
+    `clipping` (by default, as a new run's); None without DP. `ConfigError` if no round
+    is left to run, or the clipping cannot run with this noise."""
     if not config.dp_on:
         return None
-    ledger = PrivacyLedger(config, population, sample_size, releases, credited)
+    clipping = clipping or Clipping(config, sample_size)
+    ledger = PrivacyLedger(config, population, sample_size, releases, credited, clipping)
     ledger.check_budget()
     return ledger
 
@@ -90,8 +146,10 @@ class PrivacyLedger:
         sample_size: int,
         releases: int = 0,
         credited: int = 0,
+        clipping: Clipping | None = None,
     ) -> None:
         self.config = config
+        self.clipping = clipping or Clipping(config, sample_size)
         self.population = population
         self.sample_size = sample_size
         self.plain = dp_event.GaussianDpEvent(config.dp_noise_multiplier / 2)
@@ -142,11 +200,14 @@ class PrivacyLedger:
         self.credited += self.round_credited
 
     def spent(self) -> dict:
-        """Epsilon so far at `dp-delta`, the releases it counts, and how many of them had
-        their sampling credited."""
+        """Epsilon so far at `dp-delta`, the releases it counts, how many of them had their
+        sampling credited, and the clipping norm of the last."""
         epsilon = self._epsilon(self.credited, self.releases - self.credited)
-        return {"epsilon": epsilon, "delta": self.config.dp_delta, "releases": self.releases,
-                "credited": self.credited}  # fmt: skip
+        spent = {"epsilon": epsilon, "delta": self.config.dp_delta, "releases": self.releases,
+                 "credited": self.credited}  # fmt: skip
+        if self.clipping.used is not None:  # the norm the last round released clipped at
+            spent["clipping_norm"] = self.clipping.used
+        return spent
 
     def accounting(self) -> str:
         """How this run's epsilon is accounted, and why, in one clause."""

@@ -161,11 +161,13 @@ class RoundLoop:
                 result.arrays = arrays
                 if train_metrics is not None:
                     result.train_metrics_clientapp[server_round] = train_metrics
-                if self.privacy is not None:
-                    self.privacy.release()
+                if (privacy := self.privacy) is not None:
+                    privacy.release()
                     # Saved before the noisy model goes out to be evaluated: a run killed
                     # later in this round still counts this release when resumed.
-                    self.outputs.save_privacy_releases(self.privacy.releases, self.privacy.credited)
+                    self.outputs.save_privacy_releases(
+                        privacy.releases, privacy.credited, privacy.clipping.norm
+                    )
         if why_untrained is not None and messages:
             log(WARNING, "Round %s trained nothing (%s): the global model stays as it was",
                 server_round, why_untrained)  # fmt: skip

@@ -48,6 +48,7 @@ LEGACY_SETTINGS = {
     "dp-delta": 1e-5,
     "dp-max-epsilon": 0.0,
     "dp-population": 0,
+    "dp-clipping-quantile": 0.0,
     "central-evaluation": True,
 }
 
@@ -87,6 +88,7 @@ class ResumeState:
     num_supernodes: int | None = None  # when the run started
     privacy_releases: int = 0  # DP rounds released, the round in progress included
     privacy_credited: int = 0  # of those, the rounds whose sampling epsilon credits (privacy.py)
+    dp_clipping_norm: float | None = None  # the norm DP's next round clips at (privacy.py's `Clipping`)
     initial_evaluation: dict | None = None  # the model's central scores before round 1
 
     def results(self) -> list[dict]:
@@ -197,6 +199,9 @@ def _rounds_problem(saved: dict) -> str | None:
     credited = saved.get("privacy_credited", 0)
     if not _is_integer(credited, low=0, high=privacy_releases):
         return f"holds privacy_credited = {SHOWN.repr(credited)}, not 0 to {privacy_releases}{DAMAGED}"
+    norm = saved.get("dp_clipping_norm")
+    if norm is not None and not _is_norm(norm):
+        return f"holds dp_clipping_norm = {SHOWN.repr(norm)}, not a clipping norm{DAMAGED}"
     releases = [_releases(entry) for entry in round_results if "privacy" in entry]
     if releases != sorted(releases):
         return f"records DP releases that go backwards ({releases}){DAMAGED}"
@@ -247,6 +252,12 @@ def _entry_problem(number: int, entry) -> str | None:
         entry["privacy"].get("credited", 0), low=0, high=_releases(entry)
     ):
         return f"holds privacy {SHOWN.repr(entry['privacy'])}, crediting more rounds than it released"
+    if (
+        "privacy" in entry
+        and "clipping_norm" in entry["privacy"]
+        and not _is_norm(entry["privacy"]["clipping_norm"])
+    ):
+        return f"holds privacy {SHOWN.repr(entry['privacy'])}, with a clipping norm that is none"
     return None
 
 
@@ -402,6 +413,10 @@ def checkpoint_name(server_round: int, accuracy: float) -> str:
 def _is_integer(value, low: int, high: int | None = None) -> bool:
     in_range = is_count(value) and low <= value
     return in_range and (high is None or value <= high)
+
+
+def _is_norm(value) -> bool:
+    return is_number(value) and 0 < value < math.inf
 
 
 def _is_regular_file(path: Path) -> bool:

@@ -48,8 +48,14 @@ RESUME_MUST_MATCH = (
     "dp-clipping-norm",
     "dp-delta",
     "dp-population",
+    "dp-clipping-quantile",
 )
-DP_ONLY = ("dp-clipping-norm", "dp-delta", "dp-population")  # without DP they change nothing
+DP_ONLY = (
+    "dp-clipping-norm",
+    "dp-delta",
+    "dp-population",
+    "dp-clipping-quantile",
+)  # without DP they change nothing
 
 
 def resume_settings(config: AppConfig) -> dict:

@@ -60,8 +60,8 @@ def main(grid: Grid, context: Context) -> None:
         torch.manual_seed(config.seed)
         initial_arrays = ArrayRecord(task.Net().state_dict())
         outputs = RunOutputs.open(config, run_config, num_supernodes, initial_arrays, resumed)
-        strategy = build_strategy(config, num_supernodes)
         privacy = run_ledger(config, grid, num_supernodes, outputs)
+        strategy = build_strategy(config, num_supernodes, privacy.clipping if privacy else None)
         gate = ReplyGate.for_run(config, initial_arrays)
         rounds = RoundLoop(config, strategy, grid, outputs, gate, privacy)
 

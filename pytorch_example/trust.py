@@ -39,6 +39,7 @@ from pytorch_example.gate import (
     weighs_replies_equally,
 )
 from pytorch_example.names import ROWS_KEY
+from pytorch_example.privacy import Clipping
 from pytorch_example.strategy import CustomFedAvg
 
 
@@ -96,22 +97,32 @@ class ClippedNoisyMean(DifferentialPrivacyServerSideFixedClipping):
     """Flower's server-side fixed clipping and noise, as the sum of the sampled clients'
     clipped updates over their number n, plus noise. A sampled client whose reply is
     missing or left out adds a zero update, so one client cannot stop DP rounds, and no
-    client's share is ever more than C / n.
+    client's share is ever more than C / n. C is `clipping`'s (privacy.py): fixed, or
+    adapted after each round to the updates' norms.
 
     The clipping is done here: Flower's divides by the update's norm, so one client that
-    sends the model back unchanged would end the run.
+    sends the model back unchanged would end the run; and Flower's adaptive wrapper, in
+    1.42, moves its norm away from its target and scales a round's noise to the next
+    round's norm (docs/trust.md).
     """
+
+    def __init__(self, strategy: Strategy, clipping: Clipping) -> None:
+        super().__init__(strategy, clipping.noise_multiplier, clipping.norm, clipping.sample_size)
+        self.clipping = clipping
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         replies = list(replies)
+        self.clipping_norm = self.clipping.norm  # this round's, for the clipping and the noise
         # Paired by name: the model sent and each reply (the gate checked their names).
         sent = {key: array.numpy() for key, array in self.current_arrays.items()}
         model = {key: values.astype(np.float64) for key, values in sent.items()}
+        clipped = 0
         for reply in replies:
             norm = update_norm(reply.content["arrays"], model)
             if norm > self.clipping_norm:
+                clipped += 1
                 reply.content["arrays"] = scaled_update(
                     reply.content["arrays"], model, self.clipping_norm / norm
                 )
@@ -121,12 +132,15 @@ class ClippedNoisyMean(DifferentialPrivacyServerSideFixedClipping):
         # The mean of the replies that came, as the sum over all n sampled.
         share = len(replies) / self.num_sampled_clients
         summed = {key: Array(sent[key] + share * (new.numpy() - sent[key])) for key, new in mean.items()}
-        return self._add_noise_to_aggregated_arrays(ArrayRecord(summed)), metrics
+        noisy = self._add_noise_to_aggregated_arrays(ArrayRecord(summed))
+        self.clipping.follow(within=self.num_sampled_clients - clipped)
+        return noisy, metrics
 
 
-def build_strategy(config: AppConfig, num_supernodes: int) -> Strategy:
+def build_strategy(config: AppConfig, num_supernodes: int, clipping: Clipping | None = None) -> Strategy:
     """The strategy `config` asks for, for a federation of `num_supernodes` that
-    `check_federation` accepted."""
+    `check_federation` accepted; with DP, clipping at `clipping`'s norm (by default, as a
+    new run's: privacy.py)."""
     num_sampled = config.train_sample_size(num_supernodes)
     common = {
         "learning_rate_at": config.learning_rate_at,
@@ -145,9 +159,13 @@ def build_strategy(config: AppConfig, num_supernodes: int) -> Strategy:
         weights += f"; each update's norm at most {norm_bound:g} x the round's median (update-norm-bound)"
     elif not config.dp_on:
         weights += "; update norms unbounded (update-norm-bound=0)"
+    norm = f"clipping norm {config.dp_clipping_norm:g}"
+    if config.dp_clipping_quantile:
+        quantile = config.dp_clipping_quantile
+        norm = f"clipping norm from {config.dp_clipping_norm:g} toward the updates' {quantile:g} quantile"
     privacy = (
-        f"client-level DP on (noise multiplier {config.dp_noise_multiplier:g}, clipping norm "
-        f"{config.dp_clipping_norm:g}, {num_sampled} clients a round, delta {config.dp_delta:g}; the "
+        f"client-level DP on (noise multiplier {config.dp_noise_multiplier:g}, {norm}, "
+        f"{num_sampled} clients a round, delta {config.dp_delta:g}; the "
         "epsilon each round reports is all this run has spent, and smaller is more private; Flower's "
         "wrapper logs the noise as 'central DP', for the server adds it)"
         if config.dp_on
@@ -156,12 +174,8 @@ def build_strategy(config: AppConfig, num_supernodes: int) -> Strategy:
     log(INFO, "Aggregation '%s' (%s), %s", config.aggregation, weights, privacy)
     f = config.num_malicious
     if config.dp_on:
-        return ClippedNoisyMean(
-            FixedSampleFedAvg(sample_size=num_sampled, **common),
-            noise_multiplier=config.dp_noise_multiplier,
-            clipping_norm=config.dp_clipping_norm,
-            num_sampled_clients=num_sampled,
-        )
+        clipping = clipping or Clipping(config, num_sampled)
+        return ClippedNoisyMean(FixedSampleFedAvg(sample_size=num_sampled, **common), clipping)
     if config.aggregation == "trimmed-mean":
         return CustomFedTrimmedAvg(**common, beta=config.trim_fraction)
     if config.aggregation == "median":

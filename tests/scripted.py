@@ -9,7 +9,7 @@ from harness.local_grid import LocalGrid
 from pytorch_example.config import AppConfig
 from pytorch_example.gate import ReplyGate
 from pytorch_example.outputs import RunOutputs
-from pytorch_example.privacy import privacy_ledger
+from pytorch_example.privacy import Clipping, privacy_ledger
 from pytorch_example.rounds import RoundLoop
 from pytorch_example.task import Net
 from pytorch_example.trust import build_strategy
@@ -100,6 +100,7 @@ def run_rounds(
     privacy_releases: int = 0,
     initial: ArrayRecord | None = None,
     evaluate_fn=None,
+    clipping_norm: float | None = None,
 ):
     """The app's round loop, strategy and gate over `grid`, recording into `run_dir`."""
     num_nodes = len(grid.node_ids)
@@ -109,8 +110,12 @@ def run_rounds(
     gate = ReplyGate.for_run(config, start)
     # As in a deployment: sampling credited only where dp-population declares the population.
     sample_size = config.train_sample_size(num_nodes)
-    privacy = privacy_ledger(config, config.dp_population or None, sample_size, privacy_releases)
-    rounds = RoundLoop(config, build_strategy(config, num_nodes), grid, outputs, gate, privacy)
+    clipping = Clipping(config, sample_size, clipping_norm) if config.dp_on else None
+    privacy = privacy_ledger(
+        config, config.dp_population or None, sample_size, privacy_releases, clipping=clipping
+    )
+    strategy = build_strategy(config, num_nodes, privacy.clipping if privacy else None)
+    rounds = RoundLoop(config, strategy, grid, outputs, gate, privacy)
     return rounds.run(start, first_round=first_round, evaluate_fn=evaluate_fn)
 
 

@@ -278,6 +278,14 @@ def test_the_head_outlives_its_process_on_the_clients_disk(
         )
     assert "Restored" not in caplog.text  # a new lineage starts fresh
 
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="flwr"):  # a run resumed on a federation of 3
+        evaluate(message("evaluate", arrays), client_context(run_config, partition_id=1, **node_config,
+                                                            **{"num-partitions": 3}))  # fmt: skip
+    assert "Restored" not in caplog.text  # partition 1 of 3 holds other rows than 1 of 2
+    refit = (tmp_path / "heads" / ("a" * 32) / "partition-1-of-3.pt").is_file()
+    assert refit == (personalisation == "refit-head")  # under its own name, beside 1 of 2's
+
 
 # A SuperNode with its own data folder, and none of the server's paths.
 

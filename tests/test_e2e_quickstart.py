@@ -3,17 +3,23 @@ SuperLink `flwr run .` starts by itself, stopped with README's own commands."""
 
 import contextlib
 import json
+import math
 import re
 import shutil
 import subprocess
 import threading
+import tomllib
 from pathlib import Path
 
 import psutil
 import pytest
+import torch
 
 from harness.flower_processes import REPO, copy_app, free_port, isolated_env, trained_rounds, wait_until
+from harness.wandb_offline import read_offline_run
 from pytorch_example.files import project_dir
+from pytorch_example.names import RESULT_SECTIONS
+from pytorch_example.task import Net
 
 INSTALL_CPU_TORCH = "pip install torch torchvision --index-url https://download.pytorch.org/whl/cpu"
 # The warnings docs/runs.md says Flower 1.42 (and its Ray) print on a run, unavoidably:
@@ -47,6 +53,81 @@ def local_superlinks(flwr_home) -> list[psutil.Process]:
         if "flower-superlink" in cmdline and f"{flwr_home}/local-superlink" in cmdline:
             found.append(process)
     return found
+
+
+# A round's sections in results.json, and the keys the clients' evaluation reports.
+RESULT_KEYS = {"round", "learning_rate", "replies", *RESULT_SECTIONS}
+CLIENT_SCORES = {"eval_loss", "eval_acc", "eval_loss_global", "eval_acc_global", "eval_acc_min",
+                 "eval_acc_median", "eval_acc_max", "eval_acc_std", "eval_gain_share",
+                 "eval_gain_points_mean", "eval_gain_points_min", "eval_gain_points_max"}  # fmt: skip
+
+
+def assert_every_output(run_dir: Path, log: str, flwr_home: str, project: Path) -> None:
+    """What a completed run of README's "Configure a run" (5 rounds, 25 of 50 clients,
+    W&B on: offline here) leaves in its folder, its log and the Flower home."""
+    assert "The federation has 50 SuperNodes connected" in log
+    assert "Personalisation 'refit-head': clients train and send the whole model" in log
+    assert (
+        "Aggregation 'fedavg' (replies weigh their rows, at most 3 x the round's median "
+        "(update-weight-bound); each update's norm at most 2 x the round's median "
+        "(update-norm-bound)), DP off"
+    ) in log
+    initial, *results = json.loads((run_dir / "results.json").read_text())
+    # Round 0: the initial model's central scores, near chance.
+    assert initial["round"] == 0 and set(initial["evaluate_metrics_serverapp"]) == {"accuracy", "loss"}
+    assert set(initial) == {"round", "evaluate_metrics_serverapp"}
+    assert initial["evaluate_metrics_serverapp"]["accuracy"] < 0.3
+    assert [entry["round"] for entry in results] == [1, 2, 3, 4, 5]
+    for entry in results:
+        assert set(entry) == RESULT_KEYS
+        assert set(entry["train_metrics_clientapp"]) == {"train_loss"}
+        assert set(entry["evaluate_metrics_clientapp"]) == CLIENT_SCORES
+        assert set(entry["evaluate_metrics_serverapp"]) == {"accuracy", "loss"}
+        for phase in ("train", "evaluate"):
+            counts = entry["replies"][phase]
+            assert (counts["expected"], counts["received"], counts["failed"], counts["dropped"]) == (
+                25,
+                25,
+                0,
+                0,
+            )
+        for section in RESULT_SECTIONS:
+            assert all(math.isfinite(value) for value in entry[section].values())
+    assert [entry["learning_rate"] for entry in results] == [0.02] * 4 + [0.01]  # halved at round 5
+    for server_round in range(1, 6):
+        assert re.search(
+            rf"Round {server_round}/5: [\d.]+s, .* elapsed, ETA .* \| central accuracy [01]\.\d{{4}}", log
+        )
+    for figure in ("central.png", "personalisation.png", "learning_rate.png"):
+        assert (run_dir / figure).read_bytes().startswith(b"\x89PNG")
+    config = json.loads((run_dir / "config.json").read_text())
+    assert (config["num-server-rounds"], config["fraction-train"], config["learning-rate"]) == (5, 0.5, 0.02)
+
+    best_accuracy = max(entry["evaluate_metrics_serverapp"]["accuracy"] for entry in results)
+    checkpoints = sorted(
+        run_dir.glob("best_model_round_*_acc_*.pt"), key=lambda path: int(path.name.split("_")[3])
+    )
+    assert checkpoints and checkpoints[-1].name.endswith(f"_acc_{best_accuracy:.4f}.pt")
+    for model_file in [*checkpoints, run_dir / "final_model.pt"]:
+        Net().load_state_dict(torch.load(model_file, weights_only=True))
+    assert not list(run_dir.rglob(".*.tmp"))
+
+    # No W&B credentials in the fresh HOME: the run is logged offline, next to the rest.
+    [wandb_run] = (run_dir / "wandb").glob("offline-run-*")
+    logged = read_offline_run(wandb_run)
+    assert logged.exit_code == 0 and [step["_step"] for step in logged.history] == [0, 1, 2, 3, 4, 5]
+    # Step 0: the initial model's central scores, as results.json's round 0.
+    assert logged.history[0]["centralized_accuracy"] == initial["evaluate_metrics_serverapp"]["accuracy"]
+
+    # `flwr run .` moved both federations into the Flower Config as SuperLink connections.
+    with open(Path(flwr_home) / "config.toml", "rb") as file:
+        connections = tomllib.load(file)["superlink"]
+    assert connections["default"] == "local-simulation"
+    assert connections["local-simulation"]["options"]["num-supernodes"] == 50
+    gpu = connections["local-sim-gpu"]
+    assert gpu["options"]["num-supernodes"] == 50
+    assert gpu["options"]["backend"]["client-resources"]["num-gpus"] == 0.25
+    assert "# [tool.flwr.federations]" in (project / "pyproject.toml").read_text()
 
 
 @pytest.mark.e2e
@@ -140,9 +221,9 @@ def test_the_quick_start_then_configure_and_resume_run_as_written_in_order(tmp_p
         # "Configure a run", on the SuperLink it starts again: 5 rounds, half the clients.
         configured_dir = completed(configure, list(range(1, 6)))
         rounds = trained_rounds(configured_dir / "results.json")
-        assert [entry["replies"]["train"]["expected"] for entry in rounds] == [25] * 5
         # It learns, and the generated set is as hard as docs' figures: not solved outright.
         assert 0.5 < rounds[-1]["evaluate_metrics_serverapp"]["accuracy"] < 0.99
+        assert_every_output(configured_dir, logs[-1], flwr_home, project)
 
         # The stopped run, resumed as README writes it, goes on after its last round.
         done_before = len(trained_rounds(stopped_dir / "results.json"))

@@ -77,27 +77,3 @@ def test_a_killed_run_resumes_with_every_round_exactly_once(idx_dataset, tmp_pat
     wandb_runs = sorted((run_dir / "wandb").glob("offline-run-*"))
     assert len(wandb_runs) == 2 and len({path.name.rsplit("-", 1)[1] for path in wandb_runs}) == 1
     assert read_offline_run(wandb_runs[-1]).exit_code == 0
-
-
-def test_a_run_resumed_on_a_larger_federation_gives_no_client_another_clients_head(tmp_path, base_run_config):
-    """4 SuperNodes, then 6: partition 0 of 6 holds other rows than partition 0 of 4."""
-    output_dir = tmp_path / "outputs"
-    run_config = {**base_run_config, "num-server-rounds": 1, "fraction-train": 1.0, "fraction-evaluate": 1.0}
-    app_dir = copy_app(tmp_path / "app")
-    federation = LocalFederation(tmp_path / "federation")
-    try:
-        _, record = federation.run(app_dir, run_config, {"num-supernodes": 4})
-        assert record["status"] == "finished:completed", record
-        [run_dir] = [path for path in output_dir.glob("*/*") if path.is_dir()]
-        [lineage] = (tmp_path / "cache" / "heads").iterdir()
-        assert sorted(path.name for path in lineage.iterdir()) == [f"partition-{i}-of-4.pt" for i in range(4)]
-        resumed = {**run_config, "num-server-rounds": 2, "resume-from": str(run_dir)}
-        log, record = federation.run(app_dir, resumed, {"num-supernodes": 6})
-    finally:
-        federation.stop()
-    assert record["status"] == "finished:completed", log
-    assert "This run started with 4 SuperNodes and goes on with 6" in log
-    assert "Each client restores its own head as it is first sampled: 0 of 6 kept" in log
-    assert sorted(path.name for path in lineage.iterdir()) == sorted(
-        [f"partition-{i}-of-4.pt" for i in range(4)] + [f"partition-{i}-of-6.pt" for i in range(6)]
-    )

@@ -37,12 +37,13 @@ def test_every_number_a_round_records_has_a_name_and_reaches_wandb_under_it(tmp_
         for section, values in entry.items()
         if isinstance(values, dict) and section != "replies"
         for key in values
-        if section != "privacy" or key in ("epsilon", "credited")
+        if section != "privacy" or key in ("epsilon", "credited", "clipping_norm")
     ] + [(None, "learning_rate")]
     assert all(number_at(section, key) for section, key in recorded)  # KeyError names the stray one
     series = wandb_series(entry)
     assert len(series) == len(recorded)
     assert series["privacy_epsilon"] == entry["privacy"]["epsilon"]
+    assert series["privacy_clipping_norm"] == entry["privacy"]["clipping_norm"] == 0.1
     assert series["federated_evaluate_accuracy"] == entry["evaluate_metrics_clientapp"]["eval_acc"]
 
 

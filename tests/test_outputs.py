@@ -2,6 +2,7 @@
 
 import hashlib
 import json
+import logging
 import math
 import os
 import re
@@ -23,7 +24,7 @@ from pytorch_example.files import DEFAULT_CACHE_DIR
 from pytorch_example.outputs import RunOutputs
 from pytorch_example.plots import plot_run
 from pytorch_example.run_files import LEGACY_SETTINGS, ResumeError, _best_problem, load_resume_state
-from pytorch_example.run_folder import lock_run_folder, read_run_folder, resume_run, resume_settings
+from pytorch_example.run_folder import DP_ONLY, lock_run_folder, read_run_folder, resume_run, resume_settings
 from pytorch_example.task import Net
 
 
@@ -411,6 +412,24 @@ def test_a_folder_made_before_personalisation_and_dp_existed_resumes_as_stored_h
     with resume(run_dir) as outputs:  # `resume-from` alone takes the legacy setting
         assert outputs.run_config["personalisation"] == "stored-head"
         assert outputs.state.settings == settings  # the next resume.pt says it in full
+
+
+def test_a_run_resumed_on_another_federation_size_says_its_clients_start_new_heads(tmp_path, caplog):
+    cache = tmp_path / "cache"
+    run_dir = run_folder(tmp_path / "outputs", **{"data-cache-dir": str(cache)})  # 4 SuperNodes
+    heads = cache / "heads" / read_run_folder(run_dir, MODEL_SHAPES).state.lineage
+    heads.mkdir(parents=True)
+    for partition in range(4):
+        (heads / f"partition-{partition}-of-4.pt").write_bytes(b"")
+    for num_supernodes, kept in ((4, "4 of 4 kept"), (6, "0 of 6 kept")):
+        caplog.clear()
+        run_config = {**default_run_config(), "resume-from": str(run_dir), "data-cache-dir": str(cache)}
+        with caplog.at_level(logging.INFO, logger="flwr"):
+            resumed = resume_run(run_config, AppConfig.from_run_config(run_config), num_supernodes)
+        os.close(resumed.lock)
+        assert f"Each client restores its own head as it is first sampled: {kept} for this run" in caplog.text
+        grew = "This run started with 4 SuperNodes and goes on with 6" in caplog.text
+        assert grew == (num_supernodes == 6)
 
 
 def test_a_folder_whose_rounds_say_train_metrics_resumes_under_flowers_name(tmp_path):
@@ -801,8 +820,7 @@ def test_a_folder_whose_config_has_dp_off_but_whose_rounds_record_releases_is_re
     train without noise a run whose rounds record epsilon."""
     edit_json(killed_dp_run / "config.json", lambda config: {**config, "dp-noise-multiplier": 0.0})
     settings = torch.load(killed_dp_run / "resume.pt", weights_only=True)["settings"]
-    dp_only = ("dp-clipping-norm", "dp-delta", "dp-population")
-    edit_state(killed_dp_run, settings={**{k: v for k, v in settings.items() if k not in dp_only},
+    edit_state(killed_dp_run, settings={**{k: v for k, v in settings.items() if k not in DP_ONLY},
                                         "dp-noise-multiplier": 0.0})  # fmt: skip
     assert_refused(killed_dp_run, "records DP releases, but its config.json has DP off")
 

@@ -7,6 +7,7 @@ import json
 import logging
 import re
 
+import numpy as np
 import pytest
 import torch
 from dp_accounting import dp_event, rdp
@@ -18,7 +19,8 @@ from hypothesis import strategies as st
 
 from harness.flower_processes import default_run_config
 from pytorch_example.config import AppConfig, ConfigError
-from pytorch_example.privacy import privacy_ledger
+from pytorch_example.outputs import RunOutputs
+from pytorch_example.privacy import Clipping, privacy_ledger, run_ledger
 from pytorch_example.rounds import RunFailed
 from pytorch_example.task import Net
 from pytorch_example.trust import build_strategy, check_federation, check_sample
@@ -572,3 +574,81 @@ def test_krum_takes_one_reply_whole_where_multi_krum_averages(tmp_path):
         moved[rule] = mean_shift(start, result.arrays)
     assert moved["krum"] == pytest.approx(20e-5, rel=1e-4)
     assert moved["multi-krum"] == pytest.approx((20e-5 + 22e-5 + 17e-5) / 3, rel=1e-4)
+
+
+# Adaptive clipping (dp-clipping-quantile): the norm follows a quantile of the updates'.
+
+
+def adaptive(**overrides) -> AppConfig:
+    return dp_config(**{"dp_clipping_quantile": 0.5, "dp_noise_multiplier": 0.1, **overrides})
+
+
+@pytest.mark.parametrize("quantile", [0.2, 0.5, 0.9])
+def test_adaptive_clipping_settles_at_the_quantile_of_fixed_update_norms(quantile):
+    """20 clients a round whose updates' norms are 1 to 20, from a norm of 100: the norm
+    falls, then holds where about `quantile` of the updates are within it."""
+    np.random.seed(0)
+    norms = np.arange(1, 21)
+    clipping = Clipping(adaptive(dp_clipping_quantile=quantile, dp_clipping_norm=100.0), sample_size=20)
+    within = []
+    for _ in range(300):
+        clipping.follow(within=int((norms <= clipping.norm).sum()))
+        within.append(float((norms <= clipping.norm).mean()))
+    assert np.mean(within[100:]) == pytest.approx(quantile, abs=0.1)
+
+
+def test_adaptive_clipping_costs_no_more_epsilon_than_the_fixed_norm():
+    """The count the norm follows takes noise m / 20 of its own, and the updates' mean a
+    multiplier that much higher: together, the fixed norm's Gaussian of sigma / 2."""
+    clipping = Clipping(adaptive(dp_noise_multiplier=1.0), sample_size=100)
+    assert (clipping.count_std, clipping.noise_multiplier) == (5.0, pytest.approx((1 - 0.01) ** -0.5))
+
+    def epsilon(*events) -> float:
+        accountant = rdp.RdpAccountant(neighboring_relation=NeighboringRelation.REPLACE_ONE)
+        for event in events:
+            accountant.compose(event, 30)
+        return accountant.get_epsilon(1e-5)
+
+    # One client replaced moves the sum of updates by 2C and the count by 1.
+    both = epsilon(dp_event.GaussianDpEvent(clipping.noise_multiplier / 2), dp_event.GaussianDpEvent(5.0))
+    assert both == pytest.approx(epsilon(dp_event.GaussianDpEvent(0.5)), rel=1e-6)
+    with pytest.raises(
+        ConfigError, match=r"'dp-clipping-quantile' = 0.5 needs dp-noise-multiplier below 0.4 with 4"
+    ):
+        Clipping(adaptive(dp_noise_multiplier=0.5), sample_size=4)
+    with pytest.raises(ConfigError, match=r"'dp-clipping-quantile' = 0.5 adapts DP's clipping norm while"):
+        AppConfig.from_run_config({**default_run_config(), "dp-clipping-quantile": 0.5})
+
+
+def test_adaptive_noise_has_its_higher_multiplier_times_the_rounds_norm(tmp_path):
+    config = adaptive(num_server_rounds=1, dp_noise_multiplier=1.0, dp_clipping_norm=0.5)
+    start = ArrayRecord(Net().state_dict())
+    result = run_rounds(
+        tmp_path, config, ScriptedGrid(20, lambda _, message: trained(message)), initial=start
+    )
+    before, after = start.to_torch_state_dict(), result.arrays.to_torch_state_dict()
+    noise = torch.cat([(after[key] - before[key]).flatten() for key in before]).double()
+    multiplier = (1.0 - 1.0 / 4) ** -0.5  # sigma 1 beside a count noise of 20 / 20
+    assert noise.std().item() == pytest.approx(multiplier * 0.5 / 20, rel=0.02)
+
+
+def test_each_rounds_norm_is_recorded_and_a_resumed_run_goes_on_from_the_next(tmp_path):
+    """Every update is far longer than the norm: it grows each round, by exp(0.2 x 0.5)
+    give or take the count's noise; a resumed run clips at the norm its folder saved."""
+    run_rounds(tmp_path, adaptive(), ScriptedGrid(4, all_move_by_one))
+    norms = [entry["privacy"]["clipping_norm"] for entry in results_of(tmp_path)]
+    assert norms[0] == 0.5 and norms[0] < norms[1] < norms[2]
+    saved = torch.load(tmp_path / "resume.pt", weights_only=True)["dp_clipping_norm"]
+    assert saved > norms[2]
+    (tmp_path / "resumed").mkdir()
+    run_rounds(tmp_path / "resumed", adaptive(num_server_rounds=4), ScriptedGrid(4, all_move_by_one),
+               first_round=4, privacy_releases=3, clipping_norm=saved)  # fmt: skip
+    assert results_of(tmp_path / "resumed")[0]["privacy"]["clipping_norm"] == saved
+
+
+def test_a_resumed_run_clips_at_the_norm_its_folder_saved(tmp_path):
+    outputs = RunOutputs(tmp_path, {}, wandb_project=None)
+    outputs.state.dp_clipping_norm = 0.37
+    ledger = run_ledger(adaptive(), ScriptedGrid(4, all_move_by_one), 4, outputs)
+    assert ledger.clipping.norm == 0.37
+    assert run_ledger(adaptive(), ScriptedGrid(4, all_move_by_one), 4).clipping.norm == 0.5
