@@ -182,11 +182,11 @@ def test_the_flower_internals_the_script_writes_connections_with_still_work(tmp_
 # -- The script, run for real -------------------------------------------------------
 
 
-def two_rounds(idx_dataset: Path, tmp_path: Path) -> str:
-    """--run-config for 2 quick rounds on the generated data, every node every round."""
+def quick_rounds(idx_dataset: Path, tmp_path: Path, rounds: int = 2) -> str:
+    """--run-config for quick `rounds` on the generated data, every node every round."""
     return pairs(
         {
-            "num-server-rounds": 2,
+            "num-server-rounds": rounds,
             "fraction-train": 1.0,
             "fraction-evaluate": 1.0,
             "dataset-path": str(idx_dataset),
@@ -197,12 +197,12 @@ def two_rounds(idx_dataset: Path, tmp_path: Path) -> str:
     )
 
 
-def assert_two_rounds_ran(done: subprocess.CompletedProcess, tmp_path: Path) -> None:
+def assert_rounds_ran(done: subprocess.CompletedProcess, tmp_path: Path, rounds: int) -> None:
     log = done.stdout + done.stderr
     assert done.returncode == 0, log
     assert "Sampled 2 nodes (out of 2)" in log
     [results_file] = (tmp_path / "outputs").glob("*/*/results.json")
-    assert [entry["round"] for entry in trained_rounds(results_file)] == [1, 2]
+    assert [entry["round"] for entry in trained_rounds(results_file)] == list(range(1, rounds + 1))
 
 
 @pytest.fixture
@@ -330,10 +330,10 @@ def test_up_run_down_then_a_restart_still_lists_the_run(deployment, idx_dataset,
         "local-deployment",
         "--stream",
         "--run-config",
-        two_rounds(idx_dataset, tmp_path),
+        quick_rounds(idx_dataset, tmp_path, rounds=1),
         cwd=app_dir,
     )
-    assert_two_rounds_ran(done, tmp_path)
+    assert_rounds_ran(done, tmp_path, rounds=1)
     assert open_to_others(deployment.folder) == []
     [run] = json.loads(deployment.flwr("ls", "local-deployment", "--format", "json").stdout)["runs"]
     assert run["status"] == "finished:completed"
@@ -623,7 +623,7 @@ def test_a_public_address_serves_supernodes_only(deployment, idx_dataset, tmp_pa
     assert_disguises_refused(public_address, deployment.folder / "ca.pem")
 
     # Meanwhile the operator runs the app, and it trains through the proxy under a burst.
-    run = ("run", ".", "local-deployment", "--run-config", two_rounds(idx_dataset, tmp_path))
+    run = ("run", ".", "local-deployment", "--run-config", quick_rounds(idx_dataset, tmp_path))
     result = run_under_burst(deployment, run, public_address, tmp_path, requests=2000, half_open=200)
     assert_the_proxy_refused_the_burst(result, half_open=200)
     refused_log = (deployment.folder / "logs" / "proxy-refused.log").read_text()
@@ -826,7 +826,7 @@ def test_readme_recipe_for_several_machines(tmp_path, idx_dataset):
                     assert tunnel.poll() is None, (tmp_path / "sshd" / "sshd.log").read_text()
                     assert time.monotonic() < deadline, "the SSH tunnel never carried `flwr ls`"
                     time.sleep(1)
-                run = ("run", ".", "my-federation", "--run-config", two_rounds(idx_dataset, tmp_path))
+                run = ("run", ".", "my-federation", "--run-config", quick_rounds(idx_dataset, tmp_path))
                 # The full burst is test_a_public_address_serves_supernodes_only's; this
                 # one checks that an outsider's host gets the same refusals.
                 result = run_under_burst(
