@@ -22,11 +22,9 @@ from dp_accounting.privacy_accountant import NeighboringRelation
 from dp_accounting.rdp import RdpAccountant
 
 from benchmarks.round_cost import SIMULATION_CPUS_PER_CLIENT, run_app
-from harness.flower_processes import default_run_config
-from harness.synthetic_fmnist import write_idx_dataset
+from benchmarks.scale import population_run_config
 
 DELTA = 1e-5
-ALPHA = 2.0  # as benchmarks/scale.py: 1,000 partitions of at least 10 images each
 
 
 def epsilon(population: int, sampled: int, rounds: int, multiplier: float) -> float:
@@ -65,14 +63,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="dp-curve-") as tmp:
         work = args.work_dir or Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
-        dataset = write_idx_dataset(work / "fmnist-idx", num_train=args.train_images, num_test=10_000)
         base = {
-            **default_run_config(),
-            "num-server-rounds": args.rounds,
-            "dirichlet-alpha": ALPHA,
-            "dataset-path": str(dataset),
+            **population_run_config(work, args.rounds, args.train_images),
             "data-cache-dir": str(work / "cache"),  # shared: the partitions are cut once
-            "use-wandb": False,
             # FedAvg samples int(nodes x fraction): half a node of slack against rounding.
             "fraction-train": (args.sampled + 0.5) / args.population,
             "fraction-evaluate": 0.0,  # central evaluation scores every round

@@ -51,6 +51,19 @@ def lookup_ms(config: AppConfig, num_partitions: int, calls: int = 200) -> float
     return 1000 * float(np.median(durations))
 
 
+def population_run_config(work: Path, rounds: int, train_images: int) -> dict:
+    """The run-config of a run on a large simulated population: `rounds` rounds on a
+    generated set of `train_images` written into `work`, W&B off."""
+    dataset = write_idx_dataset(work / "fmnist-idx", num_train=train_images, num_test=10_000)
+    return {
+        **default_run_config(),
+        "num-server-rounds": rounds,
+        "dirichlet-alpha": ALPHA,
+        "dataset-path": str(dataset),
+        "use-wandb": False,
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -67,14 +80,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="scale-") as tmp:
         work = args.work_dir or Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
-        dataset = write_idx_dataset(work / "fmnist-idx", num_train=args.train_images, num_test=10_000)
-        base = {
-            **default_run_config(),
-            "num-server-rounds": args.rounds,
-            "dirichlet-alpha": ALPHA,
-            "dataset-path": str(dataset),
-            "use-wandb": False,
-        }
+        base = population_run_config(work, args.rounds, args.train_images)
         rows = []
         for index, size in enumerate(args.sizes):
             # FedAvg samples int(nodes x fraction): half a node of slack against rounding.

@@ -722,7 +722,10 @@ def test_a_damaged_results_entry_is_refused_in_one_line(killed_run):
         return state
 
     edit_state(
-        killed_run, round_results=central_as_a_number(torch.load(killed_run / "resume.pt"))["round_results"]
+        killed_run,
+        round_results=central_as_a_number(torch.load(killed_run / "resume.pt", weights_only=True))[
+            "round_results"
+        ],
     )
     assert_refused(killed_run, r"round_results entry 2 that holds evaluate_metrics_serverapp = 0.5, not")
 

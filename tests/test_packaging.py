@@ -39,3 +39,16 @@ def test_the_fab_holds_the_app_package_only(tmp_path):
 def test_readme_reads_in_one_sitting():
     """README is the first hour's guide; the depth lives in docs/."""
     assert len((REPO / "README.md").read_text().splitlines()) <= 250
+
+
+def test_every_torch_load_refuses_pickled_code():
+    """A run folder, a head or a checkpoint is read with `weights_only=True` everywhere,
+    benchmarks and tests included: a crafted file runs no code."""
+    loads = [
+        f"{path.relative_to(REPO)}:{number}"
+        for folder in ("pytorch_example", "harness", "benchmarks", "deploy", "tests")
+        for path in sorted((REPO / folder).rglob("*.py"))
+        for number, line in enumerate(path.read_text().splitlines(), start=1)
+        if "torch.load(" in line and "weights_only=True" not in line
+    ]
+    assert loads == []
