@@ -17,6 +17,7 @@ import torch
 from flwr.common.config import flatten_dict, get_project_config, parse_config_args
 
 from pytorch_example.config import AppConfig, ConfigError
+from pytorch_example.privacy import Clipping
 
 
 def check_server_device(server_device: str) -> None:
@@ -49,6 +50,8 @@ def main() -> None:
     try:
         config = checked_run_config(" ".join(args.pairs))
         checked = "keys and values"
+        if config.dp_on:  # DP's clipping, at the sample the federation's size gives
+            Clipping(config, config.train_sample_size(args.supernodes))
         if config.dataset_path is not None:  # as the run checks it before round 1
             from pytorch_example.data import prepare_partitions  # noqa: PLC0415 (torch and datasets: slow)
 

@@ -51,9 +51,9 @@ def weighs_replies_equally(config: AppConfig) -> bool:
 def influence_bounds(config: AppConfig) -> tuple[float, float]:
     """The multiples of the round's median update norm and median row count that the
     gate cuts each train reply's update and weight to (0: not cut). No norm bound under
-    DP, which clips to its own fixed norm: a bound taken from the other clients' updates
-    would let one client's data change another's share, past DP's sensitivity. No weight
-    bound where every reply weighs the same."""
+    DP, which clips to its own norm (fixed, or adapted from a noisy count): a bound taken
+    from the other clients' updates would let one client's data change another's share,
+    past DP's sensitivity. No weight bound where every reply weighs the same."""
     norm_bound = 0.0 if config.dp_on else config.update_norm_bound
     weight_bound = 0.0 if weighs_replies_equally(config) else config.update_weight_bound
     return norm_bound, weight_bound

@@ -84,7 +84,7 @@ class RunOutputs:
         wandb_project = config.wandb_project if config.use_wandb else None
         if resumed is not None:
             outputs = cls(config.resume_from, run_config, wandb_project, resumed=resumed.state)
-            outputs.run_lock = resumed.lock
+            outputs.run_lock = resumed.take_lock()
             return outputs
         run_dir = create_run_dir(config.output_dir)
         log(INFO, "Outputs of this run go to %s", run_dir)

@@ -70,7 +70,7 @@ def settings_title(run_config: dict) -> str:
     lines = [", ".join(f"{key}={run_config[key]}" for key in shown if key in run_config)]
     noise = run_config.get("dp-noise-multiplier")
     if isinstance(noise, int | float):
-        dp_keys = ("dp-noise-multiplier", "dp-clipping-norm")
+        dp_keys = ("dp-noise-multiplier", "dp-clipping-norm", "dp-clipping-quantile")
         dp = [f"{key}={run_config[key]}" for key in dp_keys if key in run_config]
         lines.append(f"DP on: {', '.join(dp)}" if noise > 0 else "DP off")
     return "\n".join(line for line in lines if line)

@@ -55,8 +55,10 @@ class Clipping:
     def __init__(self, config: AppConfig, sample_size: int, norm: float | None = None) -> None:
         self.quantile = config.dp_clipping_quantile
         self.sample_size = sample_size
-        self.norm = norm or config.dp_clipping_norm
+        # A resumed run's adapted norm goes on; a fixed one is the run-config's.
+        self.norm = norm if self.quantile and norm else config.dp_clipping_norm
         self.used: float | None = None
+        self.within: int | None = None
         sigma = config.dp_noise_multiplier
         self.count_std = sample_size * COUNT_NOISE_PER_CLIENT if self.quantile else 0.0
         if self.quantile and sigma >= 2 * self.count_std:
@@ -68,13 +70,18 @@ class Clipping:
             )
         self.noise_multiplier = (sigma**-2 - (2 * self.count_std) ** -2) ** -0.5 if self.quantile else sigma
 
-    def follow(self, within: int) -> None:
-        """After a round that clipped at `norm`, `within` of whose sampled clients' updates
-        were within it: the next round's norm (with a fixed norm, the same)."""
-        self.used = self.norm
-        if self.quantile:
-            share = (within + np.random.normal(0.0, self.count_std)) / self.sample_size
+    def clipped(self, within: int) -> None:
+        """Note a round's aggregation at `norm`: `within` of its sampled clients' updates
+        were within it."""
+        self.used, self.within = self.norm, within
+
+    def follow(self) -> None:
+        """The next round's norm, once the round's model is released (the noisy count is
+        released with it, and accounted with it): with a fixed norm, the same."""
+        if self.quantile and self.within is not None:
+            share = (self.within + np.random.normal(0.0, self.count_std)) / self.sample_size
             self.norm *= math.exp(-CLIP_NORM_LR * (share - self.quantile))
+        self.within = None
 
 
 def known_population(config: AppConfig, grid: Grid, started_with: int) -> int | None:
@@ -96,9 +103,9 @@ def known_population(config: AppConfig, grid: Grid, started_with: int) -> int | 
 
 def run_ledger(config: AppConfig, grid: Grid, num_supernodes: int, outputs=None) -> "PrivacyLedger | None":
     """This run's epsilon account on `grid`, None without DP; `ConfigError` if no round is
-    left to run. Without `outputs`, as a new run would start (the check before its folder
-    is made); with them (`RunOutputs`), from what the run's folder spent, as it was
-    accounted, said in the log."""
+    left to run, or its clipping cannot run with its noise. Without `outputs`, as a new
+    run would start (the check before its folder is made); with them (`RunOutputs`), from
+    what the run's folder spent, as it was accounted, said in the log."""
     if not config.dp_on:
         return None
     started_with, spent, norm = num_supernodes, (0, 0), None
@@ -195,9 +202,11 @@ class PrivacyLedger:
             )
 
     def release(self) -> None:
-        """Count a round whose noisy model left the aggregation, as its draw was."""
+        """Count a round whose noisy model left the aggregation, as its draw was; its
+        clipping norm moves on."""
         self.releases += 1
         self.credited += self.round_credited
+        self.clipping.follow()
 
     def spent(self) -> dict:
         """Epsilon so far at `dp-delta`, the releases it counts, how many of them had their

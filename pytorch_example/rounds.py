@@ -300,7 +300,7 @@ def last_line(text: str) -> str:
     the log shows a SuperNode's words: 300 characters at most, control codes escaped."""
     lines = [line.strip() for line in str(text).splitlines() if line.strip()]
     line = lines[-1] if lines else str(text)
-    return "".join(char if char.isprintable() else repr(char)[1:-1] for char in line[:300])
+    return "".join(char if char.isprintable() else repr(char)[1:-1] for char in line[:300])[:300]
 
 
 def send_and_receive(grid: Grid, messages: Iterable[Message], timeout: float) -> list[Message]:

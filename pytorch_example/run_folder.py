@@ -70,7 +70,7 @@ def resume_error(config: AppConfig, err: Exception) -> ConfigError:
     return ConfigError(f"run-config key 'resume-from' = '{config.resume_from}' {line}")
 
 
-@dataclass(frozen=True)
+@dataclass
 class Resumed:
     """The folder `resume-from` names, locked for this run and read back once: what the
     run goes on with."""
@@ -78,7 +78,18 @@ class Resumed:
     run_config: dict  # the run-config the run goes on with (`continued_run_config`)
     config: AppConfig  # the same, typed
     state: ResumeState  # where the folder stood
-    lock: int  # see `lock_run_folder`
+    lock: int | None  # see `lock_run_folder`; None once the run's outputs hold it
+
+    def take_lock(self) -> int | None:
+        """The folder's lock, now the caller's to release (`RunOutputs` holds it to its end)."""
+        lock, self.lock = self.lock, None
+        return lock
+
+    def release(self) -> None:
+        """Free the folder, if no one took its lock: a run refused after it was read."""
+        if self.lock is not None:
+            os.close(self.lock)
+            self.lock = None
 
 
 def resume_run(run_config: dict, config: AppConfig, num_supernodes: int) -> Resumed:

@@ -32,12 +32,12 @@ def main(grid: Grid, context: Context) -> None:
     # A local SuperLink started from another environment runs its own Python: say which.
     log(INFO, "ServerApp on %s, app from %s, paths relative to %s",
         sys.executable, Path(__file__).parent, project_dir())  # fmt: skip
+    resumed = None
     try:
         run_config = dict(context.run_config)
         config = AppConfig.from_run_config(run_config)
         num_supernodes = len(list(grid.get_node_ids()))
         log(INFO, "The federation has %d SuperNodes connected", num_supernodes)
-        resumed = None
         if config.resume_from is not None:  # the run it continues has the say
             resumed = resume_run(run_config, config, num_supernodes)
             run_config, config = resumed.run_config, resumed.config
@@ -81,6 +81,9 @@ def main(grid: Grid, context: Context) -> None:
         # ends with the run), so the reason is the line above Flower's `Exit Code`.
         sys.tracebacklimit = 0
         raise
+    finally:
+        if resumed is not None:
+            resumed.release()  # refused before its outputs took the folder: free again
 
 
 def client_settings(run_config: dict, lineage: str) -> ConfigRecord:

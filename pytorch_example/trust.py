@@ -132,9 +132,8 @@ class ClippedNoisyMean(DifferentialPrivacyServerSideFixedClipping):
         # The mean of the replies that came, as the sum over all n sampled.
         share = len(replies) / self.num_sampled_clients
         summed = {key: Array(sent[key] + share * (new.numpy() - sent[key])) for key, new in mean.items()}
-        noisy = self._add_noise_to_aggregated_arrays(ArrayRecord(summed))
-        self.clipping.follow(within=self.num_sampled_clients - clipped)
-        return noisy, metrics
+        self.clipping.clipped(within=self.num_sampled_clients - clipped)
+        return self._add_noise_to_aggregated_arrays(ArrayRecord(summed)), metrics
 
 
 def build_strategy(config: AppConfig, num_supernodes: int, clipping: Clipping | None = None) -> Strategy:
@@ -159,10 +158,13 @@ def build_strategy(config: AppConfig, num_supernodes: int, clipping: Clipping | 
         weights += f"; each update's norm at most {norm_bound:g} x the round's median (update-norm-bound)"
     elif not config.dp_on:
         weights += "; update norms unbounded (update-norm-bound=0)"
+    if config.dp_on:
+        clipping = clipping or Clipping(config, num_sampled)
     norm = f"clipping norm {config.dp_clipping_norm:g}"
     if config.dp_clipping_quantile:
-        quantile = config.dp_clipping_quantile
-        norm = f"clipping norm from {config.dp_clipping_norm:g} toward the updates' {quantile:g} quantile"
+        norm = (f"clipping norm from {config.dp_clipping_norm:g} toward the updates' "
+                f"{config.dp_clipping_quantile:g} quantile, so the updates' noise multiplier "
+                f"{clipping.noise_multiplier:.3g}")  # fmt: skip
     privacy = (
         f"client-level DP on (noise multiplier {config.dp_noise_multiplier:g}, {norm}, "
         f"{num_sampled} clients a round, delta {config.dp_delta:g}; the "
@@ -174,7 +176,6 @@ def build_strategy(config: AppConfig, num_supernodes: int, clipping: Clipping | 
     log(INFO, "Aggregation '%s' (%s), %s", config.aggregation, weights, privacy)
     f = config.num_malicious
     if config.dp_on:
-        clipping = clipping or Clipping(config, num_sampled)
         return ClippedNoisyMean(FixedSampleFedAvg(sample_size=num_sampled, **common), clipping)
     if config.aggregation == "trimmed-mean":
         return CustomFedTrimmedAvg(**common, beta=config.trim_fraction)

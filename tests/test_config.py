@@ -251,6 +251,12 @@ OK_WITHOUT_DATA = "run-config OK: keys and values; not the partitioner, which ne
         ),
         (["num-server-rounds=3 learning-rate=0.05"], OK_WITHOUT_DATA),
         (["num-server-rounds=3", "aggregation='median'"], OK_WITHOUT_DATA),
+        (
+            ["dp-noise-multiplier=2.0 dp-clipping-quantile=0.5"],  # 12 of the 50 clients a round
+            "error: run-config key 'dp-clipping-quantile' = 0.5 needs dp-noise-multiplier below 1.2 with 12 "
+            "clients a round (the count its norm follows takes noise of its own, m / 20): sample more "
+            "clients, lower the multiplier, or set dp-clipping-quantile=0",
+        ),
     ],
 )
 def test_the_config_check_says_in_one_line_what_a_run_would_refuse(pairs, said):

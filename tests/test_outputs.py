@@ -452,6 +452,18 @@ def test_a_folder_whose_rounds_say_train_metrics_resumes_under_flowers_name(tmp_
     assert not any("train_metrics" in entry for entry in rewritten)
 
 
+def edit_round_norm(norm: float):
+    """resume.pt's rounds say they clipped at `norm` (results.json is rewritten from them)."""
+
+    def edit(run_dir: Path) -> None:
+        round_results = torch.load(run_dir / "resume.pt", weights_only=True)["round_results"]
+        for entry in round_results:
+            entry["privacy"]["clipping_norm"] = norm
+        edit_state(run_dir, round_results=round_results)
+
+    return edit
+
+
 def set_best_checkpoint(name: str):
     return lambda run_dir: edit_state(run_dir, best_checkpoint=name)
 
@@ -684,6 +696,14 @@ def test_a_damaged_or_crafted_folder_is_refused_and_left_as_it_was(killed_run, d
             state_with(privacy_releases=0, round_results=[]),
             "resume.pt holds round_results that are not rounds 1 to 2",
             id="rounds gone",
+        ),
+        pytest.param(
+            state_with(dp_clipping_norm=-0.1),
+            r"holds dp_clipping_norm = -0.1, not a clipping norm",
+            id="norm",
+        ),
+        pytest.param(
+            edit_round_norm(float("inf")), r"with a clipping norm that is none", id="a round's norm"
         ),
     ],
 )

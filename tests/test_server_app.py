@@ -1,6 +1,7 @@
 """The ServerApp's pieces: device check, run folders, central evaluation."""
 
 import json
+import os
 
 import pytest
 import torch
@@ -13,7 +14,7 @@ from pytorch_example.check import check_server_device
 from pytorch_example.config import CLIENT_KEYS, AppConfig, ConfigError
 from pytorch_example.data import ImageSet, load_test_set
 from pytorch_example.names import LINEAGE_KEY
-from pytorch_example.run_folder import create_run_dir
+from pytorch_example.run_folder import create_run_dir, lock_run_folder
 from pytorch_example.server_app import central_evaluation, client_settings
 from pytorch_example.task import Net
 from tests.scripted import ScriptedGrid, honest, is_train, mean_shift, shifted, trained
@@ -123,3 +124,59 @@ def test_the_serverapp_scores_each_rounds_model_and_bounds_a_huge_update(tmp_pat
     assert (
         results[2]["evaluate_metrics_serverapp"]["loss"] != results[0]["evaluate_metrics_serverapp"]["loss"]
     )
+
+
+def dp_run(tmp_path, **settings) -> tuple[dict, Context]:
+    run_config = {
+        **default_run_config(),
+        "central-evaluation": False,
+        "fraction-train": 1.0,
+        "fraction-evaluate": 1.0,
+        "round-timeout": 5.0,
+        "data-cache-dir": str(tmp_path / "cache"),
+        "output-dir": str(tmp_path / "outputs"),
+        "use-wandb": False,
+        "dp-noise-multiplier": 0.1,
+        "dp-clipping-quantile": 0.5,
+        **settings,
+    }
+    return run_config, Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=run_config)
+
+
+def every_update_far_past_the_norm(server_round, message):
+    return shifted(message, by=1.0) if is_train(message) else trained(message)
+
+
+def test_an_adaptive_dp_run_resumes_at_the_norm_its_folder_saved(tmp_path):
+    """Through `server_app.main`: each update is far longer than the norm, which grows
+    each round; the resumed run clips its first round at the norm resume.pt kept."""
+    grid = ScriptedGrid(4, every_update_far_past_the_norm)
+    run_config, context = dp_run(tmp_path, **{"num-server-rounds": 2})
+    server_app.main(grid, context)
+    [run_dir] = [path for path in (tmp_path / "outputs").glob("*/*") if path.is_dir()]
+    norms = [
+        entry["privacy"]["clipping_norm"] for entry in json.loads((run_dir / "results.json").read_text())
+    ]
+    assert norms[0] == 0.1 and norms[1] > norms[0]
+    saved = torch.load(run_dir / "resume.pt", weights_only=True)["dp_clipping_norm"]
+    assert saved > norms[1]
+    _, context = dp_run(tmp_path, **{"num-server-rounds": 3, "resume-from": str(run_dir)})
+    server_app.main(grid, context)
+    results = json.loads((run_dir / "results.json").read_text())
+    assert [entry["round"] for entry in results] == [1, 2, 3] and results[2]["privacy"][
+        "clipping_norm"
+    ] == saved
+
+
+def test_a_resume_refused_after_its_folder_was_read_leaves_the_folder_free(tmp_path):
+    grid = ScriptedGrid(4, every_update_far_past_the_norm)
+    _, context = dp_run(tmp_path, **{"num-server-rounds": 1})
+    server_app.main(grid, context)
+    [run_dir] = [path for path in (tmp_path / "outputs").glob("*/*") if path.is_dir()]
+    missing = f"cuda:{torch.cuda.device_count()}"  # refused once the folder's settings are known
+    _, context = dp_run(
+        tmp_path, **{"num-server-rounds": 2, "resume-from": str(run_dir), "server-device": missing}
+    )
+    with pytest.raises(ConfigError, match="'server-device'"):
+        server_app.main(grid, context)
+    os.close(lock_run_folder(run_dir, create=False))  # free: no "still going" refusal

@@ -592,7 +592,8 @@ def test_adaptive_clipping_settles_at_the_quantile_of_fixed_update_norms(quantil
     clipping = Clipping(adaptive(dp_clipping_quantile=quantile, dp_clipping_norm=100.0), sample_size=20)
     within = []
     for _ in range(300):
-        clipping.follow(within=int((norms <= clipping.norm).sum()))
+        clipping.clipped(within=int((norms <= clipping.norm).sum()))
+        clipping.follow()
         within.append(float((norms <= clipping.norm).mean()))
     assert np.mean(within[100:]) == pytest.approx(quantile, abs=0.1)
 
