@@ -61,18 +61,7 @@ def test_central_evaluation_scores_the_given_model():
 def test_without_central_evaluation_the_serverapp_reads_no_data(tmp_path):
     """central-evaluation=false, dataset-path empty and the Hub out of reach: the run
     reads no image, and its best checkpoint follows the clients' scores."""
-    run_config = {
-        **default_run_config(),
-        "central-evaluation": False,
-        "num-server-rounds": 2,
-        "fraction-train": 1.0,
-        "fraction-evaluate": 1.0,
-        "round-timeout": 5.0,
-        "data-cache-dir": str(tmp_path / "cache"),
-        "output-dir": str(tmp_path / "outputs"),
-        "use-wandb": False,
-    }
-    context = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=run_config)
+    context = scripted_run(tmp_path, **{"num-server-rounds": 2})
     server_app.main(ScriptedGrid(3, honest), context)
     [run_dir] = [path for path in (tmp_path / "outputs").glob("*/*") if path.is_dir()]
     results = json.loads((run_dir / "results.json").read_text())
@@ -126,7 +115,9 @@ def test_the_serverapp_scores_each_rounds_model_and_bounds_a_huge_update(tmp_pat
     )
 
 
-def dp_run(tmp_path, **settings) -> tuple[dict, Context]:
+def scripted_run(tmp_path, **settings) -> Context:
+    """The ServerApp's context for a run on the grid double: every node every round, no
+    central evaluation (no data), W&B off, `settings` over that."""
     run_config = {
         **default_run_config(),
         "central-evaluation": False,
@@ -136,11 +127,14 @@ def dp_run(tmp_path, **settings) -> tuple[dict, Context]:
         "data-cache-dir": str(tmp_path / "cache"),
         "output-dir": str(tmp_path / "outputs"),
         "use-wandb": False,
-        "dp-noise-multiplier": 0.1,
-        "dp-clipping-quantile": 0.5,
         **settings,
     }
-    return run_config, Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=run_config)
+    return Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=run_config)
+
+
+def dp_run(tmp_path, **settings) -> Context:
+    """An adaptive-clipping DP run on the grid double."""
+    return scripted_run(tmp_path, **{"dp-noise-multiplier": 0.1, "dp-clipping-quantile": 0.5, **settings})
 
 
 def every_update_far_past_the_norm(server_round, message):
@@ -151,7 +145,7 @@ def test_an_adaptive_dp_run_resumes_at_the_norm_its_folder_saved(tmp_path):
     """Through `server_app.main`: each update is far longer than the norm, which grows
     each round; the resumed run clips its first round at the norm resume.pt kept."""
     grid = ScriptedGrid(4, every_update_far_past_the_norm)
-    run_config, context = dp_run(tmp_path, **{"num-server-rounds": 2})
+    context = dp_run(tmp_path, **{"num-server-rounds": 2})
     server_app.main(grid, context)
     [run_dir] = [path for path in (tmp_path / "outputs").glob("*/*") if path.is_dir()]
     norms = [
@@ -160,7 +154,7 @@ def test_an_adaptive_dp_run_resumes_at_the_norm_its_folder_saved(tmp_path):
     assert norms[0] == 0.1 and norms[1] > norms[0]
     saved = torch.load(run_dir / "resume.pt", weights_only=True)["dp_clipping_norm"]
     assert saved > norms[1]
-    _, context = dp_run(tmp_path, **{"num-server-rounds": 3, "resume-from": str(run_dir)})
+    context = dp_run(tmp_path, **{"num-server-rounds": 3, "resume-from": str(run_dir)})
     server_app.main(grid, context)
     results = json.loads((run_dir / "results.json").read_text())
     assert [entry["round"] for entry in results] == [1, 2, 3] and results[2]["privacy"][
@@ -170,11 +164,11 @@ def test_an_adaptive_dp_run_resumes_at_the_norm_its_folder_saved(tmp_path):
 
 def test_a_resume_refused_after_its_folder_was_read_leaves_the_folder_free(tmp_path):
     grid = ScriptedGrid(4, every_update_far_past_the_norm)
-    _, context = dp_run(tmp_path, **{"num-server-rounds": 1})
+    context = dp_run(tmp_path, **{"num-server-rounds": 1})
     server_app.main(grid, context)
     [run_dir] = [path for path in (tmp_path / "outputs").glob("*/*") if path.is_dir()]
     missing = f"cuda:{torch.cuda.device_count()}"  # refused once the folder's settings are known
-    _, context = dp_run(
+    context = dp_run(
         tmp_path, **{"num-server-rounds": 2, "resume-from": str(run_dir), "server-device": missing}
     )
     with pytest.raises(ConfigError, match="'server-device'"):
