@@ -113,38 +113,22 @@ def run_ledger(config: AppConfig, grid: Grid, num_supernodes: int, outputs=None)
         started_with, spent, norm = outputs.started_with, outputs.privacy_releases, outputs.clipping_norm
     population = known_population(config, grid, started_with)
     sample_size = config.train_sample_size(num_supernodes)
-    ledger = privacy_ledger(
-        config, population, sample_size, *spent, clipping=Clipping(config, sample_size, norm)
-    )
+    ledger = PrivacyLedger(config, population, sample_size, *spent, Clipping(config, sample_size, norm))
     if outputs is not None:
         log(INFO, "DP's epsilon: %s", ledger.accounting())
-    return ledger
-
-
-def privacy_ledger(
-    config: AppConfig,
-    population: int | None,
-    sample_size: int,
-    releases: int = 0,
-    credited: int = 0,
-    clipping: Clipping | None = None,
-) -> "PrivacyLedger | None":
-    """The run's epsilon account, `releases` DP rounds in, `credited` of them with their
-    sampling credited (a resumed run goes on from what its folder spent), and its
-    `clipping` (by default, as a new run's); None without DP. `ConfigError` if no round
-    is left to run, or the clipping cannot run with this noise."""
-    if not config.dp_on:
-        return None
-    clipping = clipping or Clipping(config, sample_size)
-    ledger = PrivacyLedger(config, population, sample_size, releases, credited, clipping)
-    ledger.check_budget()
     return ledger
 
 
 class PrivacyLedger:
     """Epsilon at `dp-delta` after each released round, each accounted as it ran: the
     counts of credited and plain rounds are all it keeps, and epsilon is composed from
-    them when asked (milliseconds, once a round)."""
+    them when asked (milliseconds, once a round).
+
+    It starts `releases` DP rounds in, `credited` of them with their sampling credited (a
+    resumed run goes on from what its folder spent), clipping as `clipping` says (by
+    default, as a new run's); `ConfigError` if no round is left to run, or the clipping
+    cannot run with this noise.
+    """
 
     def __init__(
         self,
@@ -166,6 +150,7 @@ class PrivacyLedger:
         self.releases, self.credited = releases, credited
         # This round's: credited until a draw says otherwise (`draw`).
         self.round_credited = self.sampled is not None
+        self.check_budget()
 
     def _epsilon(self, credited: int, plain: int) -> float:
         """Epsilon after `credited` sampled rounds and `plain` uncredited ones (a Python

@@ -9,7 +9,7 @@ from harness.local_grid import LocalGrid
 from pytorch_example.config import AppConfig
 from pytorch_example.gate import ReplyGate
 from pytorch_example.outputs import RunOutputs
-from pytorch_example.privacy import Clipping, privacy_ledger
+from pytorch_example.privacy import Clipping, PrivacyLedger
 from pytorch_example.rounds import RoundLoop
 from pytorch_example.task import Net
 from pytorch_example.trust import build_strategy
@@ -110,10 +110,11 @@ def run_rounds(
     gate = ReplyGate.for_run(config, start)
     # As in a deployment: sampling credited only where dp-population declares the population.
     sample_size = config.train_sample_size(num_nodes)
-    clipping = Clipping(config, sample_size, clipping_norm) if config.dp_on else None
-    privacy = privacy_ledger(
-        config, config.dp_population or None, sample_size, privacy_releases, clipping=clipping
-    )
+    privacy = None
+    if config.dp_on:
+        clipping = Clipping(config, sample_size, clipping_norm)
+        population = config.dp_population or None
+        privacy = PrivacyLedger(config, population, sample_size, privacy_releases, 0, clipping)
     strategy = build_strategy(config, num_nodes, privacy.clipping if privacy else None)
     rounds = RoundLoop(config, strategy, grid, outputs, gate, privacy)
     return rounds.run(start, first_round=first_round, evaluate_fn=evaluate_fn)

@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 from harness.flower_processes import default_run_config
 from pytorch_example.config import AppConfig, ConfigError
 from pytorch_example.outputs import RunOutputs
-from pytorch_example.privacy import Clipping, privacy_ledger, run_ledger
+from pytorch_example.privacy import Clipping, PrivacyLedger, run_ledger
 from pytorch_example.rounds import RunFailed
 from pytorch_example.task import Net
 from pytorch_example.trust import build_strategy, check_federation, check_sample
@@ -435,10 +435,10 @@ def test_settings_a_federation_cannot_serve_are_refused_in_one_line():
     with pytest.raises(
         ConfigError, match=r"'dp-max-epsilon' = 1 leaves no round to run: epsilon is 0 after 0"
     ):
-        privacy_ledger(dp_config(dp_max_epsilon=1.0), None, 4)
-    two_rounds = privacy_ledger(dp_config(), None, 4, releases=2).spent()["epsilon"]
+        PrivacyLedger(dp_config(dp_max_epsilon=1.0), None, 4)
+    two_rounds = PrivacyLedger(dp_config(), None, 4, releases=2).spent()["epsilon"]
     with pytest.raises(ConfigError, match=rf"leaves no round to run: epsilon is {two_rounds:.3g} after 2"):
-        privacy_ledger(dp_config(dp_max_epsilon=two_rounds + 0.1), None, 4, releases=2)
+        PrivacyLedger(dp_config(dp_max_epsilon=two_rounds + 0.1), None, 4, releases=2)
 
 
 def test_dp_samples_the_same_number_of_clients_as_supernodes_come_and_go():
