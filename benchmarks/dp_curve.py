@@ -3,13 +3,16 @@ fixed clipping norm and with adaptive clipping, beside the same run without DP.
 
     python -m benchmarks.dp_curve [--population 1000] [--sampled 100] [--rounds 30]
                                   [--epsilons 1 2 4 8] [--seeds 0] [--quantile 0.5]
+                                  [--clippings fixed adaptive] [--no-no-dp]
+                                  [--server-steps 1:0 0.3:0.9]
 
 For each target epsilon it finds the noise multiplier whose credited epsilon after
 `--rounds` rounds (a uniform `--sampled` of `--population`, delta 1e-5: privacy.py's
 account) is that target, then runs the real `flwr run` on the generated set: without
 DP, then at each multiplier with `dp-clipping-norm` fixed at its default and with
-`dp-clipping-quantile`. It prints one row per run and, at the end, the table for
-benchmarks/README.md: central accuracy after the last round, and the best.
+`dp-clipping-quantile`; each of those once per `server-learning-rate:server-momentum`
+pair (1:0, FedAvg's step, by default). It prints one row per run and, at the end, the
+table for benchmarks/README.md: central accuracy after the last round, and the best.
 """
 
 import argparse
@@ -46,6 +49,14 @@ def multiplier_for(target: float, population: int, sampled: int, rounds: int) ->
     return high
 
 
+def server_step(text: str) -> tuple[str, dict]:
+    """`"1:0.9"` -> the label it adds to a run's name, and its run-config."""
+    learning_rate, momentum = (float(part) for part in text.split(":"))
+    fedavg = (learning_rate, momentum) == (1.0, 0.0)
+    label = "" if fedavg else f", server {learning_rate:g} momentum {momentum:g}"
+    return label, {"server-learning-rate": learning_rate, "server-momentum": momentum}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -56,6 +67,15 @@ def main() -> None:
     parser.add_argument("--epsilons", type=float, nargs="+", default=[1.0, 2.0, 4.0, 8.0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--quantile", type=float, default=0.5, help="adaptive clipping's target quantile")
+    parser.add_argument(
+        "--clippings", nargs="+", choices=["fixed", "adaptive"], default=["fixed", "adaptive"]
+    )
+    parser.add_argument("--no-dp", action=argparse.BooleanOptionalAction, default=True,
+                        help="run the baseline without DP too")  # fmt: skip
+    parser.add_argument(
+        "--server-steps", nargs="+", default=["1:0"], metavar="LR:MOMENTUM",
+        help="server-learning-rate:server-momentum pairs, each run for every cell (1:0, FedAvg)",
+    )  # fmt: skip
     parser.add_argument("--train-images", type=int, default=60_000, help="generated train images")
     parser.add_argument("--work-dir", type=Path, default=None, help="keep files here (default: a temp dir)")
     args = parser.parse_args()
@@ -71,14 +91,19 @@ def main() -> None:
             "fraction-evaluate": 0.0,  # central evaluation scores every round
             "lr-decay-rounds": "",
         }
-        cells = [("no DP", None, {})]
+        steps = [server_step(text) for text in args.server_steps]
+        cells = [("no DP", None, {})] if args.no_dp else []
         for target in args.epsilons:
             sigma = multiplier_for(target, args.population, args.sampled, args.rounds)
             dp = {"dp-noise-multiplier": round(sigma, 4), "dp-delta": DELTA}
-            cells.append((f"epsilon {target:g}, fixed", sigma, dp))
-            cells.append(
-                (f"epsilon {target:g}, adaptive", sigma, {**dp, "dp-clipping-quantile": args.quantile})
-            )
+            for clipping in args.clippings:
+                adaptive = {"dp-clipping-quantile": args.quantile} if clipping == "adaptive" else {}
+                cells.append((f"epsilon {target:g}, {clipping}", sigma, {**dp, **adaptive}))
+        cells = [
+            (label + step_label, sigma, {**settings, **step})
+            for label, sigma, settings in cells
+            for step_label, step in steps
+        ]
         rows = []
         for seed in args.seeds:
             for label, sigma, settings in cells:
@@ -101,7 +126,7 @@ def main() -> None:
                              privacy.get("clipping_norm"), app["steady_s"]))  # fmt: skip
                 spent = privacy.get("epsilon", 0.0)
                 print(
-                    f"{label:<24} seed {seed}: sigma {sigma or 0:.3f}, epsilon {spent:.2f}, accuracy last "
+                    f"{label:<44} seed {seed}: sigma {sigma or 0:.3f}, epsilon {spent:.2f}, accuracy last "
                     f"{accuracy[-1]:.4f} best {max(accuracy):.4f}, last clipping norm "
                     f"{privacy.get('clipping_norm', '-')}, {app['steady_s']:.2f} s/round",
                     flush=True,

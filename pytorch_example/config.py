@@ -116,6 +116,8 @@ class AppConfig:
     dp_population: int = 0
     lr_decay_rounds: tuple[int, ...] = (5,)
     lr_decay_factor: float = 0.5
+    server_learning_rate: float = 1.0
+    server_momentum: float = 0.0
     server_device: str = "cpu"
     central_evaluation: bool = True
     seed: int = 42
@@ -162,6 +164,8 @@ class AppConfig:
             dp_population=reader.integer("dp-population", minimum=0),
             lr_decay_rounds=reader.rounds("lr-decay-rounds"),
             lr_decay_factor=reader.positive("lr-decay-factor"),
+            server_learning_rate=reader.positive("server-learning-rate"),
+            server_momentum=reader.number("server-momentum", low=0.0, high=1.0, high_open=True),
             server_device=reader.device("server-device"),
             central_evaluation=reader.boolean("central-evaluation"),
             seed=reader.integer("seed", minimum=0),

@@ -174,6 +174,11 @@ class RunOutputs:
         clipping moves it; a resumed run goes on from it)."""
         return self.state.dp_clipping_norm
 
+    @property
+    def server_velocity(self) -> dict | None:
+        """server-momentum's buffer after the last completed round (a resumed run goes on from it)."""
+        return self.state.server_velocity
+
     def save_privacy_releases(self, releases: int, credited: int, clipping_norm: float) -> None:
         """Note a DP round's release as soon as it happens, before the round is recorded,
         and the norm the next round clips at."""
@@ -195,13 +200,15 @@ class RunOutputs:
         learning_rate: float,
         replies: dict | None = None,
         privacy: dict | None = None,
+        server_velocity: dict | None = None,
     ) -> dict:
         """Append the round to results.json, checkpoint a new best model, log to W&B.
 
         `replies` counts, per phase, the messages sent and the replies received, failed
         and left out (and for train, those the gate's bound cut); `privacy` (with DP on)
-        is epsilon so far, its delta, and the private rounds it counts. Returns the
-        round's results.json entry.
+        is epsilon so far, its delta, and the private rounds it counts;
+        `server_velocity`, server-momentum's buffer that goes with the round's model.
+        Returns the round's results.json entry.
         """
         round_result = {"round": server_round, "learning_rate": learning_rate, "replies": replies or {}}
         if privacy is not None:
@@ -212,6 +219,8 @@ class RunOutputs:
             log(DEBUG, "\t%s: %s", section, round_result[section])
         state = self.state
         state.round, state.arrays = server_round, result.arrays
+        # A copy: the round's velocity stays with the round's model, whatever the step does next.
+        state.server_velocity = {key: value.clone() for key, value in (server_velocity or {}).items()} or None
         if privacy is not None:
             state.privacy_releases, state.privacy_credited = privacy["releases"], privacy["credited"]
         state.round_results = [*state.round_results, round_result]

@@ -21,6 +21,7 @@ from pytorch_example.gate import ReplyGate
 from pytorch_example.names import CENTRAL_ACCURACY, CENTRAL_SECTION, CLIENTS_SECTION, OWN_ACCURACY, words
 from pytorch_example.outputs import RunOutputs
 from pytorch_example.privacy import PrivacyLedger
+from pytorch_example.server_step import ServerStep
 from pytorch_example.trust import too_few_replies
 
 # A speed-up: how often the ServerApp asks for replies. Flower's own `send_and_receive`
@@ -61,6 +62,8 @@ class RoundLoop:
         What a reply must be to be used, and how far a train reply may move the model.
     privacy : PrivacyLedger | None
         With DP on: epsilon so far; a round that would pass `dp-max-epsilon` is not run.
+    server_step : ServerStep | None
+        How far the model moves toward each round's aggregate; by default all the way.
     """
 
     def __init__(
@@ -71,6 +74,7 @@ class RoundLoop:
         outputs: RunOutputs,
         gate: ReplyGate,
         privacy: PrivacyLedger | None = None,
+        server_step: ServerStep | None = None,
     ) -> None:
         self.config = config
         self.strategy = strategy
@@ -78,6 +82,7 @@ class RoundLoop:
         self.outputs = outputs
         self.gate = gate
         self.privacy = privacy
+        self.server_step = server_step or ServerStep(config)
 
     def run(
         self,
@@ -128,6 +133,7 @@ class RoundLoop:
                     self.config.learning_rate_at(server_round),
                     counts,
                     self.privacy.spent() if self.privacy is not None else None,
+                    self.server_step.velocity,
                 )
                 finished = time.monotonic()
                 rounds_here = server_round - first_round + 1
@@ -152,11 +158,14 @@ class RoundLoop:
         why_untrained = self._untrained(messages, replies, usable)
         if why_untrained is None:
             arrays, train_metrics = self.strategy.aggregate_train(server_round, usable)
+            if arrays is not None:
+                arrays = self.server_step(result.arrays, arrays)
             if arrays is None:
                 why_untrained = f"the strategy aggregated none of the {len(usable)} usable replies"
             elif not all(np.isfinite(array.numpy()).all() for array in arrays.values()):
-                # Finite replies can still overflow a mean (float32 tops out at 3.4e38).
-                why_untrained = "the aggregate of the usable replies holds NaN or Inf"
+                # Finite replies can still overflow a mean, or the server's step (float32
+                # tops out at 3.4e38).
+                why_untrained = "the new model from the usable replies holds NaN or Inf"
             else:
                 result.arrays = arrays
                 if train_metrics is not None:

@@ -50,6 +50,8 @@ LEGACY_SETTINGS = {
     "dp-population": 0,
     "dp-clipping-quantile": 0.0,
     "central-evaluation": True,
+    "server-learning-rate": 1.0,
+    "server-momentum": 0.0,
 }
 
 
@@ -89,6 +91,7 @@ class ResumeState:
     privacy_releases: int = 0  # DP rounds released, the round in progress included
     privacy_credited: int = 0  # of those, the rounds whose sampling epsilon credits (privacy.py)
     dp_clipping_norm: float | None = None  # the norm DP's next round clips at (privacy.py's `Clipping`)
+    server_velocity: dict | None = None  # server-momentum's buffer, per model entry (server_step.py)
     initial_evaluation: dict | None = None  # the model's central scores before round 1
 
     def results(self) -> list[dict]:
@@ -142,6 +145,7 @@ def load_resume_state(run_dir: Path, settings: dict, model_shapes: dict[str, tup
     problem = (
         _fields_problem(saved)
         or _arrays_problem(saved["arrays"], model_shapes)
+        or _velocity_problem(saved.get("server_velocity"), model_shapes)
         or _rounds_problem(saved)
         or _initial_problem(saved.get("initial_evaluation"))
         or _best_problem(saved, run_dir)
@@ -174,6 +178,13 @@ def _arrays_problem(arrays, model_shapes: dict[str, tuple]) -> str | None:
         if not torch.isfinite(array).all():
             return f"holds {key} with NaN or infinite values{DAMAGED}"
     return None
+
+
+def _velocity_problem(velocity, model_shapes: dict[str, tuple]) -> str | None:
+    """None, or server-momentum's buffer: one finite tensor per model entry, as the model's."""
+    if velocity is None or _arrays_problem(velocity, model_shapes) is None:
+        return None
+    return f"holds a server_velocity that is not one finite tensor per model entry{DAMAGED}"
 
 
 def _rounds_problem(saved: dict) -> str | None:

@@ -21,6 +21,7 @@ from pytorch_example.outputs import RunOutputs
 from pytorch_example.privacy import run_ledger
 from pytorch_example.rounds import RoundLoop, RunFailed
 from pytorch_example.run_folder import resume_run
+from pytorch_example.server_step import ServerStep
 from pytorch_example.trust import build_strategy, check_federation
 
 app = ServerApp()
@@ -63,7 +64,10 @@ def main(grid: Grid, context: Context) -> None:
         privacy = run_ledger(config, grid, num_supernodes, outputs)
         strategy = build_strategy(config, num_supernodes, privacy.clipping if privacy else None)
         gate = ReplyGate.for_run(config, initial_arrays)
-        rounds = RoundLoop(config, strategy, grid, outputs, gate, privacy)
+        server_step = ServerStep(config, outputs.server_velocity)
+        if not server_step.moves_all_the_way:
+            log(INFO, "Server step: %s", server_step.description())
+        rounds = RoundLoop(config, strategy, grid, outputs, gate, privacy, server_step)
 
         # Central evaluation overlaps the ClientApps' (rounds.py): one CPU thread keeps it
         # from fighting them for cores, at little cost on this small model.

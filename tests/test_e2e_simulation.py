@@ -135,6 +135,8 @@ def test_a_dp_run_reports_epsilon_each_round_and_stops_at_its_budget(
     # Noise of 1 x clipping norm / 2 clients per weight: at a norm of 1 it wrecks the model
     # in one round and the clients diverge; epsilon does not depend on the norm.
     run_config |= {"dp-noise-multiplier": 1.0, "dp-clipping-norm": 0.01, "dp-max-epsilon": budget}
+    # DP-FedAvgM: the server's momentum steps on the released models only, at no epsilon.
+    run_config |= {"server-learning-rate": 0.5, "server-momentum": 0.9}
     log, record = superlink.run(app_dir, run_config, federation_config={"num-supernodes": 4})
     assert record["status"] == "finished:completed", log
     assert "DP's epsilon: sampling credited: a uniform 2 of a fixed population of 4 SuperNodes" in log
@@ -147,4 +149,8 @@ def test_a_dp_run_reports_epsilon_each_round_and_stops_at_its_budget(
     # What epsilon means, said where DP is said to be on.
     assert "the epsilon each round reports is all this run has spent, and smaller is more private" in log
     assert "Round 3 not run, so the run ends here" in log
-    assert (next(output_dir.glob("*/*")) / "final_model.pt").exists()
+    assert "Server step: SGD on model minus aggregate, learning rate 0.5, momentum 0.9" in log
+    run_dir = next(output_dir.glob("*/*"))
+    assert (run_dir / "final_model.pt").exists()
+    velocity = torch.load(run_dir / "resume.pt", weights_only=True)["server_velocity"]
+    assert velocity.keys() == Net().state_dict().keys() and all(v.abs().sum() > 0 for v in velocity.values())

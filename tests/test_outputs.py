@@ -614,6 +614,11 @@ def state_with(**fields):
             id="float64",
         ),
         pytest.param(
+            state_with(server_velocity={"conv1.weight": torch.zeros(3)}),
+            "resume.pt holds a server_velocity that is not one finite tensor per model entry",
+            id="velocity",
+        ),
+        pytest.param(
             state_with(settings={**SETTINGS, "dirichlet-alpha": 0.5}),
             "resume.pt and its config.json disagree on",
             id="settings",
