@@ -219,8 +219,7 @@ class RunOutputs:
             log(DEBUG, "\t%s: %s", section, round_result[section])
         state = self.state
         state.round, state.arrays = server_round, result.arrays
-        # A copy: the round's velocity stays with the round's model, whatever the step does next.
-        state.server_velocity = {key: value.clone() for key, value in (server_velocity or {}).items()} or None
+        state.server_velocity = server_velocity or None
         if privacy is not None:
             state.privacy_releases, state.privacy_credited = privacy["releases"], privacy["credited"]
         state.round_results = [*state.round_results, round_result]

@@ -24,7 +24,8 @@ class ServerStep:
     """SGD with momentum on the server's pseudo-gradient, model minus aggregate.
 
     `velocity` (the momentum buffer, per model entry) goes on from a resumed run's; with
-    `server-momentum` 0 there is none.
+    `server-momentum` 0 there is none. A velocity once kept is never changed in place (each
+    step works on copies), so the run's outputs may hold it beside its round's model.
     """
 
     def __init__(self, config: AppConfig, velocity: dict[str, torch.Tensor] | None = None) -> None:

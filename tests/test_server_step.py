@@ -58,6 +58,16 @@ def test_a_step_to_a_non_finite_model_keeps_the_velocity_it_had():
     assert torch.equal(step.velocity["w"], velocity)
 
 
+def test_a_velocity_once_kept_is_never_changed_in_place():
+    """The run's outputs hold the velocity beside its round's model, without a copy."""
+    step = ServerStep(config_for(server_momentum=0.9))
+    model = ArrayRecord({"w": Array(np.zeros(3, dtype=np.float32))})
+    model = step(model, ArrayRecord({"w": Array(np.ones(3, dtype=np.float32))}))
+    kept, before = step.velocity, step.velocity["w"].clone()
+    step(model, ArrayRecord({"w": Array(np.full(3, 5, dtype=np.float32))}))
+    assert torch.equal(kept["w"], before) and not torch.equal(step.velocity["w"], before)
+
+
 def every_node_moves_the_model(by: float):
     def answer(server_round, message):
         return shifted(message, by=by) if is_train(message) else trained(message)
