@@ -86,6 +86,16 @@ def honest(server_round: int, message: Message) -> RecordDict:
     return trained(message)
 
 
+def every_node_moves_the_model(by: float):
+    """The answer of a federation whose every train reply moves each weight of the model
+    it got by `by`; evaluate replies as `trained` says."""
+
+    def answer(server_round: int, message: Message) -> RecordDict:
+        return shifted(message, by=by) if is_train(message) else trained(message)
+
+    return answer
+
+
 def config_for(**overrides) -> AppConfig:
     """Test settings: 3 rounds, the learning rate halved at round 2, a 5 s round timeout."""
     settings = {"num_server_rounds": 3, "round_timeout": 5.0, "lr_decay_rounds": (2,), **overrides}

@@ -19,6 +19,7 @@ from pytorch_example.trust import build_strategy
 from tests.scripted import (
     ScriptedGrid,
     config_for,
+    every_node_moves_the_model,
     honest,
     is_train,
     mean_shift,
@@ -314,14 +315,11 @@ def test_the_config_clients_get_holds_the_run_config(tmp_path):
 
 
 def test_a_round_whose_mean_overflows_trains_nothing_and_keeps_the_model(tmp_path, caplog):
-    def near_float32_max(server_round, message):
-        return shifted(message, 3e38) if is_train(message) else trained(message)
-
     start = ArrayRecord(Net().state_dict())
     # The trimmed mean of 5 (one cut at each end) sums 3 such replies in float32: Inf.
     config = config_for(num_server_rounds=1, fraction_train=1.0, aggregation="trimmed-mean")
     with caplog.at_level(logging.WARNING, logger="flwr"), pytest.raises(RunFailed):
-        run_rounds(tmp_path, config, ScriptedGrid(5, near_float32_max), initial=start)
+        run_rounds(tmp_path, config, ScriptedGrid(5, every_node_moves_the_model(by=3e38)), initial=start)
     assert "the new model from the usable replies holds NaN or Inf" in caplog.text
     saved = torch.load(tmp_path / "resume.pt", weights_only=True)["arrays"]
     assert all(torch.equal(saved[key], value) for key, value in start.to_torch_state_dict().items())
@@ -337,12 +335,8 @@ def test_central_evaluation_scores_each_rounds_aggregate(tmp_path):
         scored[server_round] = mean_shift(start, arrays)
         return MetricRecord({"accuracy": 0.1 * server_round, "loss": 1.0})
 
-    def moves(server_round, message):
-        return shifted(message, 1e-4) if is_train(message) else trained(message)
-
-    run_rounds(
-        tmp_path, config_for(fraction_train=1.0), ScriptedGrid(4, moves), initial=start, evaluate_fn=evaluate
-    )
+    grid = ScriptedGrid(4, every_node_moves_the_model(by=1e-4))
+    run_rounds(tmp_path, config_for(fraction_train=1.0), grid, initial=start, evaluate_fn=evaluate)
     assert scored == pytest.approx({0: 0.0, 1: 1e-4, 2: 2e-4, 3: 3e-4}, rel=1e-3, abs=1e-9)
     recorded = json.loads((tmp_path / "results.json").read_text())
     assert [entry["evaluate_metrics_serverapp"]["accuracy"] for entry in recorded] == [0.0, 0.1, 0.2, 0.3]

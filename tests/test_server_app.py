@@ -17,7 +17,15 @@ from pytorch_example.names import LINEAGE_KEY
 from pytorch_example.run_folder import create_run_dir, lock_run_folder
 from pytorch_example.server_app import central_evaluation, client_settings
 from pytorch_example.task import Net
-from tests.scripted import ScriptedGrid, honest, is_train, mean_shift, shifted, trained
+from tests.scripted import (
+    ScriptedGrid,
+    every_node_moves_the_model,
+    honest,
+    is_train,
+    mean_shift,
+    shifted,
+    trained,
+)
 
 
 def test_cpu_is_always_a_valid_server_device_and_a_missing_gpu_is_refused_in_one_line():
@@ -137,14 +145,10 @@ def dp_run(tmp_path, **settings) -> Context:
     return scripted_run(tmp_path, **{"dp-noise-multiplier": 0.1, "dp-clipping-quantile": 0.5, **settings})
 
 
-def every_update_far_past_the_norm(server_round, message):
-    return shifted(message, by=1.0) if is_train(message) else trained(message)
-
-
 def test_an_adaptive_dp_run_resumes_at_the_norm_its_folder_saved(tmp_path):
     """Through `server_app.main`: each update is far longer than the norm, which grows
     each round; the resumed run clips its first round at the norm resume.pt kept."""
-    grid = ScriptedGrid(4, every_update_far_past_the_norm)
+    grid = ScriptedGrid(4, every_node_moves_the_model(by=1.0))
     context = dp_run(tmp_path, **{"num-server-rounds": 2})
     server_app.main(grid, context)
     [run_dir] = [path for path in (tmp_path / "outputs").glob("*/*") if path.is_dir()]
@@ -163,7 +167,7 @@ def test_an_adaptive_dp_run_resumes_at_the_norm_its_folder_saved(tmp_path):
 
 
 def test_a_resume_refused_after_its_folder_was_read_leaves_the_folder_free(tmp_path):
-    grid = ScriptedGrid(4, every_update_far_past_the_norm)
+    grid = ScriptedGrid(4, every_node_moves_the_model(by=1.0))
     context = dp_run(tmp_path, **{"num-server-rounds": 1})
     server_app.main(grid, context)
     [run_dir] = [path for path in (tmp_path / "outputs").glob("*/*") if path.is_dir()]

@@ -12,7 +12,7 @@ from pytorch_example import server_app
 from pytorch_example.rounds import RunFailed
 from pytorch_example.server_step import ServerStep
 from pytorch_example.task import Net
-from tests.scripted import ScriptedGrid, config_for, is_train, mean_shift, run_rounds, shifted, trained
+from tests.scripted import ScriptedGrid, config_for, every_node_moves_the_model, mean_shift, run_rounds
 from tests.test_server_app import scripted_run
 
 
@@ -66,13 +66,6 @@ def test_a_velocity_once_kept_is_never_changed_in_place():
     kept, before = step.velocity, step.velocity["w"].clone()
     step(model, ArrayRecord({"w": Array(np.full(3, 5, dtype=np.float32))}))
     assert torch.equal(kept["w"], before) and not torch.equal(step.velocity["w"], before)
-
-
-def every_node_moves_the_model(by: float):
-    def answer(server_round, message):
-        return shifted(message, by=by) if is_train(message) else trained(message)
-
-    return answer
 
 
 def test_a_resumed_run_goes_on_with_the_velocity_its_folder_saved(tmp_path):

@@ -24,7 +24,16 @@ from pytorch_example.privacy import Clipping, PrivacyLedger, run_ledger
 from pytorch_example.rounds import RunFailed
 from pytorch_example.task import Net
 from pytorch_example.trust import build_strategy, check_federation, check_sample
-from tests.scripted import ScriptedGrid, config_for, is_train, mean_shift, run_rounds, shifted, trained
+from tests.scripted import (
+    ScriptedGrid,
+    config_for,
+    every_node_moves_the_model,
+    is_train,
+    mean_shift,
+    run_rounds,
+    shifted,
+    trained,
+)
 
 
 def results_of(run_dir) -> list[dict]:
@@ -321,8 +330,7 @@ def dp_config(**overrides):
     return config_for(**settings)
 
 
-def all_move_by_one(server_round, message):
-    return shifted(message, 1.0) if is_train(message) else trained(message)
+all_move_by_one = every_node_moves_the_model(by=1.0)
 
 
 def test_dp_clips_each_update_and_averages_clients_equally(tmp_path):
